@@ -1,0 +1,3 @@
+from aibox.celery import app as celery_app
+
+__all__ = ["celery_app"]

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+from django.core.exceptions import ValidationError
+from django.shortcuts import get_object_or_404
+from rest_framework import serializers, status
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from apps.accounts import selectors, services
+from apps.accounts.models import ApiKey, Role, Scope, User
+from apps.accounts.permissions import role_and_scope
+
+
+class UserSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = User
+        fields = ["id", "username", "first_name", "last_name", "email", "role", "is_active"]
+
+
+class ApiKeySerializer(serializers.ModelSerializer):
+    owner = serializers.CharField(source="user.username", read_only=True)
+
+    class Meta:
+        model = ApiKey
+        fields = [
+            "id", "name", "prefix", "owner", "scopes", "deployments",
+            "created_at", "expires_at", "revoked_at", "last_used_at", "status",
+        ]
+
+
+class ApiKeyCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=100)
+    scopes = serializers.ListField(child=serializers.ChoiceField(choices=Scope.choices))
+    deployments = serializers.ListField(
+        child=serializers.CharField(max_length=100), required=False, default=list
+    )
+    expires_at = serializers.DateTimeField(required=False, allow_null=True, default=None)
+
+
+def _validation_error(exc: ValidationError) -> Response:
+    return Response({"detail": " ".join(exc.messages)}, status=status.HTTP_400_BAD_REQUEST)
+
+
+class MeView(APIView):
+    permission_classes = [IsAuthenticated]
+
+    def get(self, request: Request) -> Response:
+        body = UserSerializer(request.user).data
+        if isinstance(request.auth, ApiKey):
+            body["api_key"] = {"prefix": request.auth.prefix, "scopes": request.auth.scopes}
+        return Response(body)
+
+
+class UserListView(APIView):
+    permission_classes = [role_and_scope(Role.ADMIN, scopes=(Scope.ADMIN,))]
+
+    def get(self, request: Request) -> Response:
+        return Response(UserSerializer(selectors.user_list(), many=True).data)
+
+
+class ApiKeyListView(APIView):
+    """Your own keys (GET) and a new one (POST: the secret is in this response only)."""
+
+    permission_classes = [IsAuthenticated]
+
+    def get(self, request: Request) -> Response:
+        keys = selectors.api_key_list(user=request.user)
+        return Response(ApiKeySerializer(keys, many=True).data)
+
+    def post(self, request: Request) -> Response:
+        # A key can mint keys only if it is an admin key; otherwise a leaked inference
+        # key could be used to widen its own access.
+        if isinstance(request.auth, ApiKey) and Scope.ADMIN not in request.auth.scopes:
+            return Response(
+                {"detail": "Only a key with the admin scope can create API keys."},
+                status=status.HTTP_403_FORBIDDEN,
+            )
+        serializer = ApiKeyCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        try:
+            issued = services.api_key_create(
+                actor=request.user, owner=request.user, **serializer.validated_data
+            )
+        except ValidationError as exc:
+            return _validation_error(exc)
+        body = ApiKeySerializer(issued.api_key).data | {"key": issued.secret}
+        return Response(body, status=status.HTTP_201_CREATED, headers={"Cache-Control": "no-store"})
+
+
+class ApiKeyRevokeView(APIView):
+    permission_classes = [IsAuthenticated]
+
+    def post(self, request: Request, pk: int) -> Response:
+        api_key = get_object_or_404(ApiKey.objects.visible_to(request.user), pk=pk)
+        services.api_key_revoke(actor=request.user, api_key=api_key)
+        return Response(ApiKeySerializer(api_key).data)

@@ -1,0 +1,270 @@
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.contrib.auth.hashers import make_password
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.utils import timezone
+
+from apps.accounts.models import SYSTEM_USERNAME, ApiKey, Role, Scope, User
+from apps.audit.models import Outcome
+from apps.audit.services import audit_record
+
+# Which scopes each role may put on its own keys.
+ROLE_SCOPES: dict[str, frozenset[str]] = {
+    Role.ADMIN: frozenset(Scope.values),
+    Role.DATA_SCIENTIST: frozenset({Scope.INFERENCE, Scope.REGISTRY_READ}),
+    Role.APP_DEVELOPER: frozenset({Scope.INFERENCE, Scope.REGISTRY_READ}),
+    Role.COMPLIANCE_OFFICER: frozenset({Scope.REGISTRY_READ, Scope.AUDIT_READ}),
+}
+
+API_KEY_PREFIX = "aibox"
+# Refresh last_used_at at most this often, so a busy key does not write on every call.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+def system_user() -> User:
+    """The actor for Celery tasks and management commands; it can never log in."""
+    user, _ = User.objects.get_or_create(
+        username=SYSTEM_USERNAME,
+        defaults={
+            "is_system": True,
+            "is_active": False,
+            "role": Role.ADMIN,
+            "first_name": "AIBox",
+            "last_name": "system",
+            "password": make_password(None),
+        },
+    )
+    return user
+
+
+def _user_snapshot(user: User) -> dict[str, object]:
+    return {
+        "username": user.username,
+        "email": user.email,
+        "first_name": user.first_name,
+        "last_name": user.last_name,
+        "role": user.role,
+        "is_active": user.is_active,
+    }
+
+
+@transaction.atomic
+def user_create(
+    *,
+    actor: User,
+    username: str,
+    role: Role,
+    password: str,
+    email: str = "",
+    first_name: str = "",
+    last_name: str = "",
+) -> User:
+    """Create an active user with a role and an initial password."""
+    if username.lower() == SYSTEM_USERNAME:
+        raise ValidationError(f"The username {SYSTEM_USERNAME!r} is reserved.")
+    user = User(
+        username=username, role=role, email=email, first_name=first_name, last_name=last_name
+    )
+    user.set_password(password)
+    user.full_clean()
+    user.save()
+    audit_record(actor=actor, action="user.create", target=user, details=_user_snapshot(user))
+    return user
+
+
+@transaction.atomic
+def user_update(
+    *,
+    actor: User,
+    user: User,
+    role: Role,
+    is_active: bool,
+    email: str = "",
+    first_name: str = "",
+    last_name: str = "",
+) -> User:
+    """Change a user's profile, role or active flag; records exactly what changed.
+
+    Admins cannot demote or deactivate themselves, so the box always keeps an admin
+    who can log in.
+    """
+    if user.pk == actor.pk and (role != Role.ADMIN or not is_active):
+        raise ValidationError("You cannot remove your own admin role or deactivate yourself.")
+    if user.is_system:
+        raise ValidationError("The built-in system user cannot be edited.")
+    before = _user_snapshot(user)
+    user.role, user.is_active = role, is_active
+    user.email, user.first_name, user.last_name = email, first_name, last_name
+    user.full_clean()
+    user.save()
+    after = _user_snapshot(user)
+    changes = {k: {"from": before[k], "to": after[k]} for k in after if before[k] != after[k]}
+    if not changes:
+        return user
+    if "role" in changes:
+        action = "user.role_change"
+    elif "is_active" in changes:
+        action = "user.deactivate" if not is_active else "user.reactivate"
+    else:
+        action = "user.update"
+    audit_record(actor=actor, action=action, target=user, details={"changes": changes})
+    return user
+
+
+@transaction.atomic
+def user_set_password(*, actor: User, user: User, password: str) -> None:
+    """Set a new password (the caller validated it); the hash never reaches the log."""
+    user.set_password(password)
+    user.save(update_fields=["password"])
+    action = "user.password_change" if actor.pk == user.pk else "user.password_reset"
+    audit_record(actor=actor, action=action, target=user)
+
+
+def auth_login_succeeded(*, user: User) -> None:
+    audit_record(actor=user, action="auth.login", target=user)
+
+
+def auth_login_failed(*, username: str, locked_out: bool) -> None:
+    user = User.objects.filter(username=username).first()
+    audit_record(
+        actor=None,
+        actor_label=f"anonymous (as {username!r})"[:200],
+        action="auth.login_failed",
+        target=user,
+        target_type="" if user else "accounts.user",
+        target_label="" if user else username[:300],
+        outcome=Outcome.DENIED if locked_out else Outcome.FAILURE,
+        details={"locked_out": locked_out, "known_user": user is not None},
+    )
+
+
+def auth_logout(*, user: User) -> None:
+    audit_record(actor=user, action="auth.logout", target=user)
+
+
+# --- API keys ---------------------------------------------------------------
+
+
+def _key_hash(raw_key: str) -> str:
+    return hmac.new(
+        settings.API_KEY_HMAC_KEY.encode(), raw_key.encode(), hashlib.sha256
+    ).hexdigest()
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    api_key: ApiKey
+    secret: str  # the full key; shown to the user once and never stored
+
+
+@transaction.atomic
+def api_key_create(
+    *,
+    actor: User,
+    owner: User,
+    name: str,
+    scopes: list[str],
+    deployments: list[str] | None = None,
+    expires_at: datetime | None = None,
+) -> IssuedKey:
+    """Issue a key for ``owner`` (themselves, or anyone when ``actor`` is an admin).
+
+    The returned secret is ``aibox_<prefix>_<random>``; the database keeps the prefix
+    and an HMAC-SHA256 of the whole key under a server-side key, never the secret.
+    """
+    if owner.pk != actor.pk and actor.role != Role.ADMIN:
+        raise ValidationError("Only admins can create keys for other users.")
+    if not name.strip():
+        raise ValidationError("Give the key a name.")
+    scopes = sorted(set(scopes))
+    if not scopes:
+        raise ValidationError("Choose at least one scope.")
+    unknown = set(scopes) - set(Scope.values)
+    if unknown:
+        raise ValidationError(f"Unknown scope(s): {', '.join(sorted(unknown))}.")
+    not_allowed = set(scopes) - ROLE_SCOPES[owner.role]
+    if not_allowed:
+        raise ValidationError(
+            f"A {owner.get_role_display().lower()} cannot hold the scope(s): "
+            f"{', '.join(sorted(not_allowed))}."
+        )
+    deployments = sorted({d.strip() for d in deployments or [] if d.strip()})
+    if deployments and Scope.INFERENCE not in scopes:
+        raise ValidationError("Deployment names only apply to the inference scope.")
+    if expires_at is not None and expires_at <= timezone.now():
+        raise ValidationError("The expiry must be in the future.")
+    prefix = secrets.token_hex(6)
+    secret = f"{API_KEY_PREFIX}_{prefix}_{secrets.token_urlsafe(32)}"
+    api_key = ApiKey.objects.create(
+        user=owner,
+        name=name.strip(),
+        prefix=prefix,
+        secret_hash=_key_hash(secret),
+        scopes=scopes,
+        deployments=deployments,
+        expires_at=expires_at,
+    )
+    audit_record(
+        actor=actor,
+        action="apikey.create",
+        target=api_key,
+        details={
+            "owner": owner.username,
+            "prefix": prefix,
+            "scopes": scopes,
+            "deployments": deployments,
+            "expires_at": expires_at.isoformat() if expires_at else None,
+        },
+    )
+    return IssuedKey(api_key=api_key, secret=secret)
+
+
+@transaction.atomic
+def api_key_revoke(*, actor: User, api_key: ApiKey) -> ApiKey:
+    """Revoke a key at once; revoking twice is a no-op that writes nothing."""
+    if api_key.revoked_at is not None:
+        return api_key
+    api_key.revoked_at = timezone.now()
+    api_key.save(update_fields=["revoked_at"])
+    audit_record(
+        actor=actor,
+        action="apikey.revoke",
+        target=api_key,
+        details={"owner": api_key.user.username, "prefix": api_key.prefix},
+    )
+    return api_key
+
+
+class ApiKeyRejected(Exception):
+    """The presented key is unusable; the message is safe to show the caller."""
+
+
+def api_key_authenticate(*, raw_key: str) -> ApiKey:
+    """Resolve a presented key to its row, or raise ApiKeyRejected saying why."""
+    parts = raw_key.split("_", 2)
+    if len(parts) != 3 or parts[0] != API_KEY_PREFIX:
+        raise ApiKeyRejected("Malformed API key.")
+    api_key = ApiKey.objects.select_related("user").filter(prefix=parts[1]).first()
+    # Compare against a hash even when the prefix is unknown, so timing says nothing.
+    expected = api_key.secret_hash if api_key else "0" * 64
+    if not hmac.compare_digest(expected, _key_hash(raw_key)) or api_key is None:
+        raise ApiKeyRejected("Invalid API key.")
+    if api_key.revoked_at is not None:
+        raise ApiKeyRejected("This API key has been revoked.")
+    if api_key.is_expired:
+        raise ApiKeyRejected("This API key has expired.")
+    if not api_key.user.is_active:
+        raise ApiKeyRejected("The owner of this API key is deactivated.")
+    now = timezone.now()
+    if api_key.last_used_at is None or now - api_key.last_used_at > LAST_USED_RESOLUTION:
+        ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
+        api_key.last_used_at = now
+    return api_key

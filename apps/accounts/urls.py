@@ -1,0 +1,16 @@
+from django.urls import path
+
+from apps.accounts import views
+
+app_name = "accounts"
+
+urlpatterns = [
+    path("login/", views.LoginView.as_view(), name="login"),
+    path("logout/", views.logout_view, name="logout"),
+    path("account/password/", views.password_change, name="password_change"),
+    path("account/api-keys/", views.api_key_list, name="api_keys"),
+    path("account/api-keys/<int:pk>/revoke/", views.api_key_revoke, name="api_key_revoke"),
+    path("users/", views.user_list, name="user_list"),
+    path("users/new/", views.user_create, name="user_create"),
+    path("users/<int:pk>/", views.user_edit, name="user_edit"),
+]

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+from django.conf import settings
+from django.db import connection
+
+from aibox.celery import app as celery_app
+
+
+@dataclass(frozen=True)
+class Readiness:
+    database: str
+    redis: str
+    workers: list[str]
+
+    @property
+    def ready(self) -> bool:
+        return self.database == "ok" and self.redis == "ok"
+
+
+def _check_database() -> str:
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready; say which
+        return f"error: {type(exc).__name__}"
+
+
+def _check_redis() -> str:
+    try:
+        client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=1, socket_connect_timeout=1)
+        client.ping()
+        return "ok"
+    except redis.RedisError as exc:
+        return f"error: {type(exc).__name__}"
+
+
+def live_workers(timeout: float = 0.5) -> list[str]:
+    """Names of Celery workers that answer a broadcast ping within ``timeout`` seconds."""
+    try:
+        replies = celery_app.control.ping(timeout=timeout) or []
+    except Exception:  # noqa: BLE001 - broker down: no worker is reachable
+        return []
+    return sorted(name for reply in replies for name in reply)
+
+
+def readiness() -> Readiness:
+    redis_state = _check_redis()
+    workers = live_workers() if redis_state == "ok" else []
+    return Readiness(database=_check_database(), redis=redis_state, workers=workers)

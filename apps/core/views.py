@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import render
+from django.views.decorators.cache import never_cache
+
+from apps.accounts.access import login_required
+from apps.accounts.models import ApiKey, Role, User
+from apps.audit.models import AuditEvent
+from apps.audit.selectors import audit_can_view
+from apps.core.selectors import live_workers, readiness
+
+
+@login_required
+def home(request: HttpRequest) -> HttpResponse:
+    user = request.user
+    context: dict = {
+        "my_active_keys": ApiKey.objects.filter(user=user).usable().count(),
+        "show_audit": audit_can_view(user=user),
+    }
+    if user.role == Role.ADMIN:
+        context["user_count"] = User.objects.filter(is_system=False, is_active=True).count()
+        context["workers"] = live_workers()
+    if context["show_audit"]:
+        context["recent_events"] = AuditEvent.objects.order_by("-seq")[:8]
+    return render(request, "core/home.html", context)
+
+
+@never_cache
+def healthz(request: HttpRequest) -> JsonResponse:
+    """Liveness: the process answers. Touches nothing else."""
+    return JsonResponse({"status": "ok"})
+
+
+@never_cache
+def readyz(request: HttpRequest) -> JsonResponse:
+    """Readiness: database and Redis reachable; reports live Celery workers."""
+    state = readiness()
+    body = {
+        "status": "ready" if state.ready else "not ready",
+        "database": state.database,
+        "redis": state.redis,
+        "workers": len(state.workers),
+    }
+    return JsonResponse(body, status=200 if state.ready else 503)

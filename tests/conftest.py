@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import pytest
+from django.test import Client
+
+from apps.accounts.models import Role, User
+
+PASSWORD = "correct horse battery staple"
+
+# One named user per role, used across the suite.
+ROLE_USERS = {
+    Role.ADMIN: "ada",
+    Role.DATA_SCIENTIST: "dana",
+    Role.APP_DEVELOPER: "devon",
+    Role.COMPLIANCE_OFFICER: "cora",
+}
+
+
+@pytest.fixture(autouse=True)
+def _test_settings(settings):
+    # A deliberately slow password hash is the point in production, not in tests.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    # Production uses whitenoise's manifest storage, which needs collectstatic first.
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
+
+
+def make_user(role: Role, username: str | None = None, **extra) -> User:
+    user = User(username=username or ROLE_USERS[role], role=role, **extra)
+    user.set_password(PASSWORD)
+    user.save()
+    return user
+
+
+@pytest.fixture
+def users(db) -> dict[Role, User]:
+    return {role: make_user(role) for role in ROLE_USERS}
+
+
+@pytest.fixture
+def admin_user(users) -> User:
+    return users[Role.ADMIN]
+
+
+def client_for(user: User) -> Client:
+    client = Client(HTTP_USER_AGENT="pytest-client", REMOTE_ADDR="10.9.8.7")
+    client.force_login(user)
+    return client
