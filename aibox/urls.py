@@ -7,7 +7,9 @@ api_v1 = [
     path("me", accounts_api.MeView.as_view(), name="me"),
     path("users/", accounts_api.UserListView.as_view(), name="users"),
     path("api-keys/", accounts_api.ApiKeyListView.as_view(), name="api_keys"),
-    path("api-keys/<int:pk>/revoke", accounts_api.ApiKeyRevokeView.as_view(), name="api_key_revoke"),
+    path(
+        "api-keys/<int:pk>/revoke", accounts_api.ApiKeyRevokeView.as_view(), name="api_key_revoke"
+    ),
     path("audit/events/", audit_api.AuditEventListView.as_view(), name="audit_events"),
 ]
 

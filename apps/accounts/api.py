@@ -25,8 +25,17 @@ class ApiKeySerializer(serializers.ModelSerializer):
     class Meta:
         model = ApiKey
         fields = [
-            "id", "name", "prefix", "owner", "scopes", "deployments",
-            "created_at", "expires_at", "revoked_at", "last_used_at", "status",
+            "id",
+            "name",
+            "prefix",
+            "owner",
+            "scopes",
+            "deployments",
+            "created_at",
+            "expires_at",
+            "revoked_at",
+            "last_used_at",
+            "status",
         ]
 
 

@@ -52,9 +52,7 @@ class UserEditForm(forms.Form):
 
 class ApiKeyCreateForm(forms.Form):
     name = forms.CharField(max_length=100, help_text="What uses this key, e.g. 'helpdesk bot'.")
-    scopes = forms.MultipleChoiceField(
-        choices=Scope.choices, widget=forms.CheckboxSelectMultiple
-    )
+    scopes = forms.MultipleChoiceField(choices=Scope.choices, widget=forms.CheckboxSelectMultiple)
     deployments = forms.CharField(
         required=False,
         help_text="Inference only: comma-separated deployment names. Empty means all.",

@@ -32,8 +32,7 @@ def role_and_scope(*roles: Role, scopes: tuple[Scope, ...] = ()) -> type[BasePer
             if Scope.ADMIN in key.scopes or set(scopes) & set(key.scopes):
                 return True
             self.message = (
-                f"This API key lacks the scope for this action (needs one of: "
-                f"{', '.join(scopes)})."
+                f"This API key lacks the scope for this action (needs one of: {', '.join(scopes)})."
             )
             return False
 

@@ -13,9 +13,19 @@ class AuditEventSerializer(serializers.ModelSerializer):
     class Meta:
         model = AuditEvent
         fields = [
-            "seq", "created_at", "actor_label", "action", "target_type", "target_id",
-            "target_label", "outcome", "source_ip", "user_agent", "details",
-            "prev_hash", "hash",
+            "seq",
+            "created_at",
+            "actor_label",
+            "action",
+            "target_type",
+            "target_id",
+            "target_label",
+            "outcome",
+            "source_ip",
+            "user_agent",
+            "details",
+            "prev_hash",
+            "hash",
         ]
 
 

@@ -20,7 +20,10 @@ class AuditEvent(models.Model):
     seq = models.BigIntegerField(unique=True, help_text="Position in the chain, from 1.")
     created_at = models.DateTimeField()
     actor = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
         related_name="+",
     )
     actor_label = models.CharField(max_length=200)

@@ -66,9 +66,12 @@ def test_secrets_in_details_are_redacted(admin_user):
 )
 def test_database_refuses_to_change_or_delete_events(admin_user, statement):
     record_some(admin_user, 3)
-    with pytest.raises(DatabaseError, match="append-only"):
-        with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute(statement)
+    with (
+        pytest.raises(DatabaseError, match="append-only"),
+        transaction.atomic(),
+        connection.cursor() as cursor,
+    ):
+        cursor.execute(statement)
     assert AuditEvent.objects.get(seq=2).action == "test.event"
     assert AuditEvent.objects.count() == 3
 
@@ -119,9 +122,7 @@ def test_audit_verify_names_the_first_broken_link(admin_user, sql, message):
         row = AuditEvent.objects.values().get(seq=3)
         row["action"] = "forged"
         forged_hash = compute_hash(row["prev_hash"], row)
-        sql = (
-            f"UPDATE audit_auditevent SET action = 'forged', hash = '{forged_hash}' WHERE seq = 3"
-        )
+        sql = f"UPDATE audit_auditevent SET action = 'forged', hash = '{forged_hash}' WHERE seq = 3"  # noqa: S608
     _tamper(sql)
     with pytest.raises(CommandError, match="BROKEN") as excinfo:
         call_command("audit_verify")

@@ -21,8 +21,22 @@ def celery_worker():
     """A real Celery worker process on the real Redis broker."""
     name = f"test-{uuid.uuid4().hex[:8]}@localhost"
     process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "aibox", "worker", "--pool", "solo",
-         "--hostname", name, "--loglevel", "WARNING", "--without-mingle", "--without-gossip"],
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "aibox",
+            "worker",
+            "--pool",
+            "solo",
+            "--hostname",
+            name,
+            "--loglevel",
+            "WARNING",
+            "--without-mingle",
+            "--without-gossip",
+        ],
         env={**os.environ},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -10,7 +10,8 @@ class Command(BaseCommand):
         result = audit_chain_verify()
         if not result.ok:
             raise CommandError(
-                f"Audit chain BROKEN at {result.error} ({result.checked} events verified before it)."
+                f"Audit chain BROKEN at {result.error} "
+                f"({result.checked} events verified before it)."
             )
         self.stdout.write(
             self.style.SUCCESS(

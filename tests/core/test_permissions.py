@@ -1,0 +1,138 @@
+"""Every role × every action, against the running application and docs/permissions.md."""
+
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.test import Client
+from rest_framework.test import APIClient
+
+from apps.accounts.models import ApiKey, Role
+from apps.accounts.services import api_key_create
+from tests.conftest import make_user
+
+ADMIN, DS, DEV, CO = (
+    Role.ADMIN,
+    Role.DATA_SCIENTIST,
+    Role.APP_DEVELOPER,
+    Role.COMPLIANCE_OFFICER,
+)
+ROLES = (ADMIN, DS, DEV, CO)
+
+# action: (docs row, method, path template, {role: expected status})
+# "{victim}" is another user's id, "{victim_key}" another user's API key id.
+MATRIX = {
+    "dashboard": ("View the dashboard", "get", "/", dict.fromkeys(ROLES, 200)),
+    "password": ("Change own password", "get", "/account/password/", dict.fromkeys(ROLES, 200)),
+    "own_keys": (
+        "List, create and revoke own API keys",
+        "get",
+        "/account/api-keys/",
+        dict.fromkeys(ROLES, 200),
+    ),
+    "revoke_other_key": (
+        "See and revoke other users' API keys",
+        "post",
+        "/account/api-keys/{victim_key}/revoke/",
+        {ADMIN: 302, DS: 404, DEV: 404, CO: 404},
+    ),
+    "user_list": ("List users", "get", "/users/", {ADMIN: 200, DS: 403, DEV: 403, CO: 403}),
+    "user_create": (
+        "Create users",
+        "post",
+        "/users/new/",
+        {ADMIN: 302, DS: 403, DEV: 403, CO: 403},
+    ),
+    "user_edit": (
+        "Edit users, set roles, deactivate",
+        "post",
+        "/users/{victim}/",
+        {ADMIN: 302, DS: 403, DEV: 403, CO: 403},
+    ),
+    "audit_list": (
+        "View the audit log",
+        "get",
+        "/audit/",
+        {ADMIN: 200, DS: 403, DEV: 403, CO: 200},
+    ),
+    "api_me": (
+        "API: who am I (`GET /api/v1/me`)",
+        "get",
+        "/api/v1/me",
+        dict.fromkeys(ROLES, 200),
+    ),
+    "api_users": (
+        "API: list users (`GET /api/v1/users/`)",
+        "get",
+        "/api/v1/users/",
+        {ADMIN: 200, DS: 403, DEV: 403, CO: 403},
+    ),
+    "api_audit": (
+        "API: read audit events (`GET /api/v1/audit/events/`)",
+        "get",
+        "/api/v1/audit/events/",
+        {ADMIN: 200, DS: 403, DEV: 403, CO: 200},
+    ),
+}
+
+POST_DATA = {
+    "user_create": {"username": "newbie", "role": DEV, "password": "long enough password"},
+    "user_edit": {"role": DEV, "is_active": "on"},
+}
+ROLE_COLUMNS = {
+    "Admin": ADMIN,
+    "Data scientist": DS,
+    "App developer": DEV,
+    "Compliance officer": CO,
+}
+
+
+@pytest.fixture
+def world(users):
+    victim = make_user(Role.APP_DEVELOPER, username="victim")
+    key = api_key_create(actor=victim, owner=victim, name="victim-key", scopes=["inference"])
+    return {"victim": victim.pk, "victim_key": key.api_key.pk}
+
+
+@pytest.mark.parametrize("role", ROLES, ids=[r.value for r in ROLES])
+@pytest.mark.parametrize("action", MATRIX)
+def test_role_action(users, world, role, action):
+    _, method, path, expected = MATRIX[action]
+    path = path.format(**world)
+    client = APIClient() if path.startswith("/api/") else Client()
+    client.force_login(users[role])
+    response = getattr(client, method)(path, POST_DATA.get(action, {}))
+    assert response.status_code == expected[role], response.content[:300]
+    if action == "revoke_other_key":
+        revoked = ApiKey.objects.get(pk=world["victim_key"]).revoked_at is not None
+        assert revoked == (expected[role] == 302)
+
+
+@pytest.mark.parametrize("action", MATRIX)
+def test_anonymous_callers_are_turned_away(db, world, action):
+    _, method, path, _ = MATRIX[action]
+    path = path.format(**world)
+    response = getattr(Client(), method)(path)
+    if path.startswith("/api/"):
+        assert response.status_code == 401
+    else:
+        assert response.status_code == 302 and response["Location"].startswith("/login/")
+
+
+def test_docs_table_matches_this_matrix():
+    text = (Path(settings.BASE_DIR) / "docs" / "permissions.md").read_text()
+    section = text.split("## Permission matrix", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    documented = {}
+    for line in rows[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        documented[cells[0]] = {
+            ROLE_COLUMNS[column]: cell.startswith("yes")
+            for column, cell in zip(header[1:], cells[1:], strict=True)
+        }
+    tested = {
+        label: {role: status < 400 for role, status in expected.items()}
+        for label, _, _, expected in MATRIX.values()
+    }
+    assert documented == tested
