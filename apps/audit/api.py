@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from rest_framework import serializers
 from rest_framework.generics import ListAPIView
+from rest_framework.pagination import CursorPagination
 
 from apps.accounts.models import Scope
 from apps.accounts.permissions import role_and_scope
@@ -29,11 +30,17 @@ class AuditEventSerializer(serializers.ModelSerializer):
         ]
 
 
+class AuditCursorPagination(CursorPagination):
+    ordering = ("-seq",)
+    page_size = 50
+
+
 class AuditEventListView(ListAPIView):
     """Audit events, newest first, cursor-paginated; filters as query parameters."""
 
     permission_classes = [role_and_scope(*AUDIT_READER_ROLES, scopes=(Scope.AUDIT_READ,))]
     serializer_class = AuditEventSerializer
+    pagination_class = AuditCursorPagination
 
     def get_queryset(self):
         params = self.request.query_params
@@ -45,10 +52,3 @@ class AuditEventListView(ListAPIView):
             text=params.get("text", ""),
         )
         return audit_event_list(filters=filters)
-
-    @property
-    def paginator(self):
-        paginator = super().paginator
-        if paginator is not None:
-            paginator.ordering = "-seq"
-        return paginator

@@ -1,3 +1,5 @@
+import json
+
 from django.conf import settings
 from django.db import models
 
@@ -49,3 +51,7 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.seq} {self.action} by {self.actor_label}"
+
+    @property
+    def details_text(self) -> str:
+        return json.dumps(self.details, ensure_ascii=False, sort_keys=True) if self.details else ""
