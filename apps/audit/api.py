@@ -6,28 +6,22 @@ from rest_framework.pagination import CursorPagination
 
 from apps.accounts.models import Scope
 from apps.accounts.permissions import role_and_scope
+from apps.audit.chain import HASHED_FIELDS, format_timestamp
 from apps.audit.models import AuditEvent
 from apps.audit.selectors import AUDIT_READER_ROLES, AuditFilters, audit_event_list
 
 
 class AuditEventSerializer(serializers.ModelSerializer):
+    # The chain's own timestamp form, so a client can recompute each hash as served.
+    created_at = serializers.SerializerMethodField()
+
     class Meta:
         model = AuditEvent
-        fields = [
-            "seq",
-            "created_at",
-            "actor_label",
-            "action",
-            "target_type",
-            "target_id",
-            "target_label",
-            "outcome",
-            "source_ip",
-            "user_agent",
-            "details",
-            "prev_hash",
-            "hash",
-        ]
+        # Everything the hash covers, plus the links: enough to re-verify offline.
+        fields = [*HASHED_FIELDS, "prev_hash", "hash"]
+
+    def get_created_at(self, event: AuditEvent) -> str:
+        return format_timestamp(event.created_at)
 
 
 class AuditCursorPagination(CursorPagination):

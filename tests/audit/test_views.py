@@ -73,3 +73,16 @@ def test_api_pages_with_a_cursor_and_filters(log):
     following = client.get(page["next"]).json()
     assert following["results"][0]["seq"] == 20
     assert all(e["action"] == "model.upload" for e in following["results"])
+
+
+def test_api_events_verify_offline_as_served(log):
+    from apps.audit.chain import verify_events
+
+    client = APIClient()
+    client.force_login(log[Role.ADMIN])
+    events = client.get("/api/v1/audit/events/").json()["results"]
+    result = verify_events(reversed(events), expected_prev_hash=None, expected_first_seq=None)
+    assert result.ok and result.checked == 50
+    events[10]["details"]["n"] = -1
+    broken = verify_events(reversed(events), expected_prev_hash=None, expected_first_seq=None)
+    assert not broken.ok and broken.error.seq == events[10]["seq"]
