@@ -6,4 +6,8 @@ from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "aibox.settings")
 
-application = get_asgi_application()
+django_application = get_asgi_application()
+
+from aibox.limits import BodySizeLimit  # noqa: E402 - needs settings configured
+
+application = BodySizeLimit(django_application)

@@ -32,6 +32,8 @@ ENVIRONMENT_VARIABLES = (
     "AIBOX_LOGIN_FAILURE_LIMIT",
     "AIBOX_LOGIN_COOLOFF_MINUTES",
     "AIBOX_LOG_LEVEL",
+    "AIBOX_UPLOAD_MAX_BYTES",
+    "AIBOX_IMPORT_DIRS",
 )
 
 DEBUG = env.bool("AIBOX_DEBUG", default=False)
@@ -79,6 +81,10 @@ if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
 
 ARTIFACT_ROOT = Path(env.str("AIBOX_ARTIFACT_ROOT", default=str(BASE_DIR / "var" / "artifacts")))
+# Largest model or dataset file accepted by upload or import.
+UPLOAD_MAX_BYTES = env.int("AIBOX_UPLOAD_MAX_BYTES", default=50 * 1024**3)
+# Server directories that admins may import files from (none by default).
+IMPORT_DIRS = [Path(p) for p in env.list("AIBOX_IMPORT_DIRS", default=[])]
 
 # Keyed hash for API keys. Derived from the secret key unless set; rotating either
 # invalidates every issued API key (docs/operator-guide.md).
@@ -98,6 +104,7 @@ INSTALLED_APPS = [
     "apps.core",
     "apps.accounts",
     "apps.audit",
+    "apps.registry",
 ]
 
 MIDDLEWARE = [

@@ -2,6 +2,7 @@ from django.urls import include, path
 
 from apps.accounts import api as accounts_api
 from apps.audit import api as audit_api
+from apps.registry import api as registry_api
 
 api_v1 = [
     path("me", accounts_api.MeView.as_view(), name="me"),
@@ -11,12 +12,36 @@ api_v1 = [
         "api-keys/<int:pk>/revoke", accounts_api.ApiKeyRevokeView.as_view(), name="api_key_revoke"
     ),
     path("audit/events/", audit_api.AuditEventListView.as_view(), name="audit_events"),
+    path("registry/repos/", registry_api.RepoListView.as_view(), name="repos"),
+    path("registry/repos/<str:name>/", registry_api.RepoDetailView.as_view(), name="repo"),
+    path(
+        "registry/repos/<str:name>/versions/",
+        registry_api.VersionUploadView.as_view(),
+        name="version_upload",
+    ),
+    path(
+        "registry/repos/<str:name>/import-path",
+        registry_api.VersionImportPathView.as_view(),
+        name="version_import_path",
+    ),
+    path("registry/versions/<int:pk>/", registry_api.VersionDetailView.as_view(), name="version"),
+    path(
+        "registry/versions/<int:pk>/approve",
+        registry_api.VersionStateView.as_view(transition="approve"),
+        name="version_approve",
+    ),
+    path(
+        "registry/versions/<int:pk>/deprecate",
+        registry_api.VersionStateView.as_view(transition="deprecate"),
+        name="version_deprecate",
+    ),
 ]
 
 urlpatterns = [
     path("", include("apps.core.urls")),
     path("", include("apps.accounts.urls")),
     path("audit/", include("apps.audit.urls")),
+    path("registry/", include("apps.registry.urls")),
     path("api/v1/", include((api_v1, "api"))),
 ]
 

@@ -8,6 +8,7 @@ from apps.accounts.models import Role
 # (label, url name, roles that see it; empty = everyone signed in)
 NAVIGATION: tuple[tuple[str, str, tuple[Role, ...]], ...] = (
     ("Dashboard", "core:home", ()),
+    ("Models", "registry:repos", ()),
     ("API keys", "accounts:api_keys", ()),
     ("Users", "accounts:user_list", (Role.ADMIN,)),
     ("Audit log", "audit:list", (Role.ADMIN, Role.COMPLIANCE_OFFICER)),
@@ -19,7 +20,13 @@ def navigation(request: HttpRequest) -> dict:
     if user is None or not user.is_authenticated:
         return {"nav_items": []}
     items = [
-        {"label": label, "url": reverse(name), "active": request.path == reverse(name)}
+        {
+            "label": label,
+            "url": reverse(name),
+            "active": request.path.startswith(reverse(name))
+            if name != "core:home"
+            else request.path == "/",
+        }
         for label, name, roles in NAVIGATION
         if not roles or user.has_role(*roles)
     ]

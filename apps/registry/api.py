@@ -1,0 +1,204 @@
+from __future__ import annotations
+
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.http import Http404
+from rest_framework import serializers, status
+from rest_framework.parsers import MultiPartParser
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from apps.accounts.models import Role, Scope
+from apps.accounts.permissions import role_and_scope
+from apps.registry import selectors, services
+from apps.registry.models import WRITER_ROLES, ModelRepo, ModelVersion, SourceKind
+from apps.registry.uploads import ArtifactUploadHandler, StagedUpload, discard_uploads
+from workers.artifacts import ArtifactError
+
+READERS = role_and_scope(*Role, scopes=(Scope.REGISTRY_READ,))
+
+
+class ModelVersionSerializer(serializers.ModelSerializer):
+    repo = serializers.CharField(source="repo.name")
+    sha256 = serializers.CharField()
+    size = serializers.IntegerField()
+    created_by = serializers.CharField(source="created_by.username", default=None)
+    state_changed_by = serializers.CharField(source="state_changed_by.username", default=None)
+    parents = serializers.PrimaryKeyRelatedField(many=True, read_only=True)
+
+    class Meta:
+        model = ModelVersion
+        fields = [
+            "id",
+            "repo",
+            "number",
+            "file_name",
+            "sha256",
+            "size",
+            "format",
+            "architecture",
+            "parameter_count",
+            "quantization",
+            "context_length",
+            "layers",
+            "embedding_size",
+            "vocab_size",
+            "has_chat_template",
+            "metadata",
+            "source_kind",
+            "source",
+            "parents",
+            "created_by",
+            "created_at",
+            "state",
+            "state_changed_by",
+            "state_changed_at",
+            "state_reason",
+        ]
+
+
+class ModelRepoSerializer(serializers.ModelSerializer):
+    owner = serializers.CharField(source="owner.username", default=None, read_only=True)
+
+    class Meta:
+        model = ModelRepo
+        fields = ["name", "description", "owner", "licence", "licence_url", "tags", "created_at"]
+        read_only_fields = ["created_at"]
+
+
+def _error(exc: ValidationError | ArtifactError, code: int = 400) -> Response:
+    message = " ".join(exc.messages) if isinstance(exc, ValidationError) else str(exc)
+    return Response({"detail": message}, status=code)
+
+
+def _repo(request: Request, name: str) -> ModelRepo:
+    try:
+        return selectors.model_repo_get(user=request.user, name=name)
+    except ModelRepo.DoesNotExist as exc:
+        raise Http404("No such model.") from exc
+
+
+def _version(request: Request, pk: int) -> ModelVersion:
+    try:
+        return selectors.model_version_get(user=request.user, pk=pk)
+    except ModelVersion.DoesNotExist as exc:
+        raise Http404("No such model version.") from exc
+
+
+class RepoListView(APIView):
+    permission_classes = [READERS]
+
+    def get(self, request: Request) -> Response:
+        repos = selectors.model_repo_list(user=request.user)
+        return Response(ModelRepoSerializer(repos, many=True).data)
+
+    def post(self, request: Request) -> Response:
+        serializer = ModelRepoSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        try:
+            repo = services.model_repo_create(actor=request.user, **serializer.validated_data)
+        except ValidationError as exc:
+            return _error(exc)
+        return Response(ModelRepoSerializer(repo).data, status=status.HTTP_201_CREATED)
+
+    def get_permissions(self):
+        if self.request.method == "POST":
+            return [role_and_scope(*WRITER_ROLES, scopes=(Scope.ADMIN,))()]
+        return super().get_permissions()
+
+
+class RepoDetailView(APIView):
+    permission_classes = [READERS]
+
+    def get(self, request: Request, name: str) -> Response:
+        repo = _repo(request, name)
+        body = ModelRepoSerializer(repo).data
+        versions = selectors.model_version_list(repo=repo)
+        body["versions"] = ModelVersionSerializer(versions, many=True).data
+        return Response(body)
+
+
+class VersionUploadView(APIView):
+    """POST multipart ``file``: streamed to disk, hashed, parsed, stored once."""
+
+    permission_classes = [role_and_scope(*WRITER_ROLES, scopes=(Scope.ADMIN,))]
+    parser_classes = [MultiPartParser]
+
+    def initialize_request(self, request, *args, **kwargs):
+        # Must be set before anything reads the body.
+        self.upload_handler = ArtifactUploadHandler(request)
+        request.upload_handlers = [self.upload_handler]
+        return super().initialize_request(request, *args, **kwargs)
+
+    def post(self, request: Request, name: str) -> Response:
+        repo = _repo(request, name)
+        upload = request.FILES.get("file")
+        if self.upload_handler.too_large:
+            limit = self.upload_handler.max_bytes
+            return Response(
+                {"detail": f"The file is larger than the upload limit of {limit:,} bytes."},
+                status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+            )
+        if not isinstance(upload, StagedUpload):
+            discard_uploads(request.FILES)
+            return Response({"detail": "Send the model as a multipart field named 'file'."}, 400)
+        try:
+            result = services.model_version_ingest(
+                actor=request.user,
+                repo=repo,
+                staged=upload.staged,
+                file_name=upload.original_name,
+                source_kind=SourceKind.UPLOAD,
+                source={"client_file_name": upload.original_name[:255], "via": "api"},
+            )
+        except ValidationError as exc:
+            return _error(exc)
+        finally:
+            discard_uploads(request.FILES)
+        code = status.HTTP_201_CREATED if result.created else status.HTTP_200_OK
+        return Response(ModelVersionSerializer(result.version).data, status=code)
+
+
+class VersionImportPathView(APIView):
+    permission_classes = [role_and_scope(Role.ADMIN, scopes=(Scope.ADMIN,))]
+
+    def post(self, request: Request, name: str) -> Response:
+        repo = _repo(request, name)
+        path = request.data.get("path")
+        if not isinstance(path, str) or not path:
+            return Response({"detail": "Give the server-side 'path' to import."}, status=400)
+        try:
+            result = services.model_version_import_path(actor=request.user, repo=repo, path=path)
+        except (ValidationError, ArtifactError) as exc:
+            return _error(exc)
+        code = status.HTTP_201_CREATED if result.created else status.HTTP_200_OK
+        return Response(ModelVersionSerializer(result.version).data, status=code)
+
+
+class VersionDetailView(APIView):
+    permission_classes = [READERS]
+
+    def get(self, request: Request, pk: int) -> Response:
+        return Response(ModelVersionSerializer(_version(request, pk)).data)
+
+
+class VersionStateView(APIView):
+    """POST ``{"reason": …}`` to approve or deprecate."""
+
+    permission_classes = [IsAuthenticated]
+    transition = ""
+
+    def post(self, request: Request, pk: int) -> Response:
+        version = _version(request, pk)
+        service = {
+            "approve": services.model_version_approve,
+            "deprecate": services.model_version_deprecate,
+        }[self.transition]
+        try:
+            service(actor=request.user, version=version, reason=str(request.data.get("reason", "")))
+        except PermissionDenied as exc:
+            return Response({"detail": str(exc)}, status=status.HTTP_403_FORBIDDEN)
+        except ValidationError as exc:
+            return _error(exc)
+        return Response(ModelVersionSerializer(version).data)

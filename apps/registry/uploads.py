@@ -1,0 +1,84 @@
+"""Streaming uploads straight into the artifact store's staging area.
+
+Django hands each received chunk to this handler: it is hashed and written to disk at
+once, so a multi-gigabyte model never sits in memory, and an upload over the limit is
+cut off as soon as it crosses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from django.conf import settings
+from django.core.files.uploadedfile import UploadedFile
+from django.core.files.uploadhandler import FileUploadHandler, StopUpload
+
+from apps.registry.services import artifact_store
+from workers.artifacts import Staged
+
+
+class StagedUpload(UploadedFile):
+    """What lands in ``request.FILES``: the staged file plus its sha256."""
+
+    def __init__(self, staged: Staged, name: str) -> None:
+        # A File with no name is falsy, and Django drops falsy uploads.
+        super().__init__(file=None, name=name or "unnamed", size=staged.size)
+        self.staged = staged
+        self.original_name = name  # unchecked client input: services validate it
+
+
+class ArtifactUploadHandler(FileUploadHandler):
+    def __init__(self, request=None, max_bytes: int | None = None) -> None:
+        super().__init__(request)
+        self.max_bytes = settings.UPLOAD_MAX_BYTES if max_bytes is None else max_bytes
+        self.too_large = False
+        self._fh = None
+        self._staged: Staged | None = None
+
+    def new_file(self, *args, **kwargs) -> None:
+        super().new_file(*args, **kwargs)
+        self._discard()
+        fd, path = artifact_store().new_temp_file()
+        self._fh = os.fdopen(fd, "wb")
+        self._staged = Staged(path=path, sha256="", size=0)
+        self._digest = hashlib.sha256()
+
+    def receive_data_chunk(self, raw_data: bytes, start: int) -> None:
+        assert self._staged is not None and self._fh is not None
+        self._staged.size += len(raw_data)
+        if self._staged.size > self.max_bytes:
+            self.too_large = True
+            self._discard()
+            raise StopUpload(connection_reset=True)
+        self._digest.update(raw_data)
+        self._fh.write(raw_data)
+        return None
+
+    def file_complete(self, file_size: int) -> StagedUpload | None:
+        if self._staged is None or self._fh is None:
+            return None
+        self._fh.close()
+        self._fh = None
+        self._staged.sha256 = self._digest.hexdigest()
+        upload = StagedUpload(self._staged, self.file_name or "")
+        self._staged = None
+        return upload
+
+    def upload_interrupted(self) -> None:
+        self._discard()
+
+    def _discard(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._staged is not None:
+            self._staged.discard()
+            self._staged = None
+
+
+def discard_uploads(files) -> None:
+    """Remove staged files that a view did not hand to a service (bad form, say)."""
+    for upload in files.values():
+        if isinstance(upload, StagedUpload):
+            upload.staged.discard()

@@ -1,0 +1,13 @@
+from django.urls import path
+
+from apps.registry import views
+
+app_name = "registry"
+
+urlpatterns = [
+    path("", views.repo_list, name="repos"),
+    path("models/<str:name>/", views.repo_detail, name="repo"),
+    path("models/<str:name>/upload", views.version_upload, name="upload"),
+    path("models/<str:name>/import-path", views.version_import_path, name="import_path"),
+    path("versions/<int:pk>/", views.version_detail, name="version"),
+]

@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib import messages
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.views.decorators.csrf import csrf_exempt, csrf_protect
+from django.views.decorators.http import require_http_methods, require_POST
+
+from apps.accounts.access import login_required, role_required
+from apps.accounts.models import Role
+from apps.registry import selectors, services
+from apps.registry.forms import ImportPathForm, ModelRepoForm, ReasonForm
+from apps.registry.models import APPROVER_ROLES, WRITER_ROLES, ModelRepo, ModelVersion, SourceKind
+from apps.registry.uploads import ArtifactUploadHandler, StagedUpload, discard_uploads
+from workers.artifacts import ArtifactError
+
+
+def _repo_or_404(request: HttpRequest, name: str) -> ModelRepo:
+    try:
+        return selectors.model_repo_get(user=request.user, name=name)
+    except ModelRepo.DoesNotExist as exc:
+        raise Http404("No such model.") from exc
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def repo_list(request: HttpRequest) -> HttpResponse:
+    can_write = request.user.has_role(*WRITER_ROLES)
+    form = ModelRepoForm(request.POST or None)
+    if request.method == "POST":
+        if not can_write:
+            raise PermissionDenied("Your role does not allow you to create models.")
+        if form.is_valid():
+            data = form.cleaned_data
+            try:
+                repo = services.model_repo_create(
+                    actor=request.user,
+                    name=data["name"],
+                    licence=data["licence"],
+                    licence_url=data["licence_url"],
+                    description=data["description"],
+                    tags=form.tag_list(),
+                )
+            except ValidationError as exc:
+                form.add_error(None, exc)
+            else:
+                messages.success(request, f"Model {repo.name} created. Add its first version.")
+                return redirect("registry:repo", name=repo.name)
+    context = {
+        "repos": selectors.model_repo_list(user=request.user),
+        "form": form,
+        "can_write": can_write,
+    }
+    return render(request, "registry/repo_list.html", context)
+
+
+@login_required
+def repo_detail(request: HttpRequest, name: str) -> HttpResponse:
+    repo = _repo_or_404(request, name)
+    context = {
+        "repo": repo,
+        "versions": selectors.model_version_list(repo=repo),
+        "can_write": request.user.has_role(*WRITER_ROLES),
+        "can_import_path": request.user.has_role(Role.ADMIN),
+        "import_form": ImportPathForm(),
+        "upload_limit": settings.UPLOAD_MAX_BYTES,
+    }
+    return render(request, "registry/repo_detail.html", context)
+
+
+def _upload_request(request: HttpRequest) -> ArtifactUploadHandler:
+    handler = ArtifactUploadHandler(request)
+    request.upload_handlers = [handler]
+    return handler
+
+
+@csrf_exempt  # checked below, once the streaming upload handler is in place
+@role_required(*WRITER_ROLES)
+@require_POST
+def version_upload(request: HttpRequest, name: str) -> HttpResponse:
+    """The upload form posts here (with a progress bar); answers JSON for the page's script."""
+    handler = _upload_request(request)
+    try:
+        return csrf_protect(_version_upload)(request, name, handler)
+    finally:
+        # Whatever the outcome (a CSRF refusal too), no staged file outlives the request.
+        discard_uploads(getattr(request, "_files", None) or {})
+
+
+def _version_upload(
+    request: HttpRequest, name: str, handler: ArtifactUploadHandler
+) -> HttpResponse:
+    repo = _repo_or_404(request, name)
+    upload = request.FILES.get("file")
+    if handler.too_large:
+        return JsonResponse(
+            {"error": f"The file is larger than the upload limit of {handler.max_bytes:,} bytes."},
+            status=413,
+        )
+    if not isinstance(upload, StagedUpload):
+        discard_uploads(request.FILES)
+        return JsonResponse({"error": "Choose a file to upload."}, status=400)
+    try:
+        result = services.model_version_ingest(
+            actor=request.user,
+            repo=repo,
+            staged=upload.staged,
+            file_name=upload.original_name,
+            source_kind=SourceKind.UPLOAD,
+            source={"client_file_name": upload.original_name[:255], "via": "web"},
+        )
+    except ValidationError as exc:
+        return JsonResponse({"error": " ".join(exc.messages)}, status=400)
+    finally:
+        discard_uploads(request.FILES)
+    version = result.version
+    note = "created" if result.created else "already exists (identical file)"
+    messages.success(request, f"{version} {note}.")
+    return JsonResponse(
+        {
+            "version": version.pk,
+            "created": result.created,
+            "url": reverse("registry:version", args=[version.pk]),
+        },
+        status=201 if result.created else 200,
+    )
+
+
+@role_required(Role.ADMIN)
+@require_POST
+def version_import_path(request: HttpRequest, name: str) -> HttpResponse:
+    repo = _repo_or_404(request, name)
+    form = ImportPathForm(request.POST)
+    if form.is_valid():
+        try:
+            result = services.model_version_import_path(
+                actor=request.user, repo=repo, path=form.cleaned_data["path"]
+            )
+        except (ValidationError, ArtifactError) as exc:
+            text = " ".join(exc.messages) if isinstance(exc, ValidationError) else str(exc)
+            messages.error(request, text)
+        else:
+            messages.success(request, f"Imported {result.version}.")
+            return redirect("registry:version", pk=result.version.pk)
+    return redirect("registry:repo", name=repo.name)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def version_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    try:
+        version = selectors.model_version_get(user=request.user, pk=pk)
+    except ModelVersion.DoesNotExist as exc:
+        raise Http404("No such model version.") from exc
+    form = ReasonForm(request.POST or None)
+    if request.method == "POST":
+        action = request.POST.get("action")
+        service = {
+            "approve": services.model_version_approve,
+            "deprecate": services.model_version_deprecate,
+        }.get(action)
+        if service is None:
+            return HttpResponse("Unknown action.", status=400)
+        if form.is_valid():
+            try:
+                service(actor=request.user, version=version, reason=form.cleaned_data["reason"])
+            except ValidationError as exc:
+                form.add_error(None, exc)
+            else:
+                messages.success(request, f"{version} is now {version.get_state_display()}.")
+                return redirect("registry:version", pk=version.pk)
+    context = {
+        "version": version,
+        "form": form,
+        "can_change_state": request.user.has_role(*APPROVER_ROLES),
+    }
+    return render(request, "registry/version_detail.html", context)
