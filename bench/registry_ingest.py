@@ -188,9 +188,8 @@ def main() -> None:
         print(f"AIBox upload (HTTP, hash, GGUF) {mb / upload_s:10.1f} MiB/s  ({upload_s:.1f} s)")
         print(f"ratio upload / copy             {copy_s / upload_s:10.2f}")
         print(f"server peak RSS before upload   {rss_before:10.0f} MiB")
-        print(
-            f"server peak RSS after upload    {rss_after:10.0f} MiB  (+{rss_after - rss_before:.0f} MiB for a {mb:.0f} MiB file)"
-        )
+        growth = rss_after - rss_before
+        print(f"server peak RSS after upload    {rss_after:10.0f} MiB  (+{growth:.0f} MiB)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
