@@ -12,8 +12,13 @@ from rest_framework.views import APIView
 from apps.accounts.models import Role, Scope
 from apps.accounts.permissions import role_and_scope
 from apps.registry import selectors, services
-from apps.registry.models import WRITER_ROLES, ModelRepo, ModelVersion, SourceKind
-from apps.registry.uploads import ArtifactUploadHandler, StagedUpload, discard_uploads
+from apps.registry.models import WRITER_ROLES, ModelRepo, ModelVersion
+from apps.registry.uploads import (
+    ArtifactUploadHandler,
+    StagedUpload,
+    discard_uploads,
+    ingest_upload,
+)
 from workers.artifacts import ArtifactError
 
 READERS = role_and_scope(*Role, scopes=(Scope.REGISTRY_READ,))
@@ -144,14 +149,7 @@ class VersionUploadView(APIView):
             discard_uploads(request.FILES)
             return Response({"detail": "Send the model as a multipart field named 'file'."}, 400)
         try:
-            result = services.model_version_ingest(
-                actor=request.user,
-                repo=repo,
-                staged=upload.staged,
-                file_name=upload.original_name,
-                source_kind=SourceKind.UPLOAD,
-                source={"client_file_name": upload.original_name[:255], "via": "api"},
-            )
+            result = ingest_upload(actor=request.user, repo=repo, upload=upload, via="api")
         except ValidationError as exc:
             return _error(exc)
         finally:

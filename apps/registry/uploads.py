@@ -82,3 +82,18 @@ def discard_uploads(files) -> None:
     for upload in files.values():
         if isinstance(upload, StagedUpload):
             upload.staged.discard()
+
+
+def ingest_upload(*, actor, repo, upload: StagedUpload, via: str):
+    """Hand a streamed upload to the registry, recording how it arrived."""
+    from apps.registry.models import SourceKind
+    from apps.registry.services import model_version_ingest
+
+    return model_version_ingest(
+        actor=actor,
+        repo=repo,
+        staged=upload.staged,
+        file_name=upload.original_name,
+        source_kind=SourceKind.UPLOAD,
+        source={"client_file_name": upload.original_name[:255], "via": via},
+    )

@@ -13,8 +13,13 @@ from apps.accounts.access import login_required, role_required
 from apps.accounts.models import Role
 from apps.registry import selectors, services
 from apps.registry.forms import ImportPathForm, ModelRepoForm, ReasonForm
-from apps.registry.models import APPROVER_ROLES, WRITER_ROLES, ModelRepo, ModelVersion, SourceKind
-from apps.registry.uploads import ArtifactUploadHandler, StagedUpload, discard_uploads
+from apps.registry.models import APPROVER_ROLES, WRITER_ROLES, ModelRepo, ModelVersion
+from apps.registry.uploads import (
+    ArtifactUploadHandler,
+    StagedUpload,
+    discard_uploads,
+    ingest_upload,
+)
 from workers.artifacts import ArtifactError
 
 
@@ -104,14 +109,7 @@ def _version_upload(
         discard_uploads(request.FILES)
         return JsonResponse({"error": "Choose a file to upload."}, status=400)
     try:
-        result = services.model_version_ingest(
-            actor=request.user,
-            repo=repo,
-            staged=upload.staged,
-            file_name=upload.original_name,
-            source_kind=SourceKind.UPLOAD,
-            source={"client_file_name": upload.original_name[:255], "via": "web"},
-        )
+        result = ingest_upload(actor=request.user, repo=repo, upload=upload, via="web")
     except ValidationError as exc:
         return JsonResponse({"error": " ".join(exc.messages)}, status=400)
     finally:
