@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -117,13 +116,6 @@ class ArtifactStore:
                 f"Artifact {sha256[:12]}… has changed on disk (now {actual[:12]}…); refusing it."
             )
         return path
-
-    def copy_out(self, sha256: str, destination: Path) -> Path:
-        """Copy a verified artifact elsewhere (a worker's local cache, say)."""
-        source = self.verify(sha256)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, destination)
-        return destination
 
 
 def file_sha256(path: Path) -> str:

@@ -49,10 +49,6 @@ def audit_event_list(*, filters: AuditFilters, before_seq: int | None = None) ->
     return qs
 
 
-def audit_action_names() -> list[str]:
-    return list(AuditEvent.objects.order_by("action").values_list("action", flat=True).distinct())
-
-
 def audit_chain_verify() -> VerifyResult:
     """Recompute the whole chain from the first event, streaming in chain order."""
     events = (

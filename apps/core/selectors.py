@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import redis
 from django.conf import settings
+from django.core.cache import cache
 from django.db import connection
 
 from aibox.celery import app as celery_app
@@ -47,6 +48,21 @@ def live_workers(timeout: float = 0.5) -> list[str]:
     except Exception:  # noqa: BLE001 - broker down: no worker is reachable
         return []
     return sorted(name for reply in replies for name in reply)
+
+
+LIVE_WORKERS_CACHE_KEY = "core:live_workers"
+
+
+def live_workers_recent(max_age: int = 10) -> list[str]:
+    """The workers for a page: a ping waits its whole timeout, so reuse a recent answer."""
+    try:
+        workers = cache.get(LIVE_WORKERS_CACHE_KEY)
+    except redis.RedisError:
+        return []
+    if workers is None:
+        workers = live_workers()
+        cache.set(LIVE_WORKERS_CACHE_KEY, workers, max_age)
+    return workers
 
 
 def readiness() -> Readiness:

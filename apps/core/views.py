@@ -8,7 +8,7 @@ from apps.accounts.access import login_required
 from apps.accounts.models import ApiKey, Role, User
 from apps.audit.models import AuditEvent
 from apps.audit.selectors import audit_can_view
-from apps.core.selectors import live_workers, readiness
+from apps.core.selectors import live_workers_recent, readiness
 
 
 @login_required
@@ -20,7 +20,7 @@ def home(request: HttpRequest) -> HttpResponse:
     }
     if user.role == Role.ADMIN:
         context["user_count"] = User.objects.filter(is_system=False, is_active=True).count()
-        context["workers"] = live_workers()
+        context["workers"] = live_workers_recent()
     if context["show_audit"]:
         context["recent_events"] = AuditEvent.objects.order_by("-seq")[:8]
     return render(request, "core/home.html", context)

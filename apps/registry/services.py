@@ -213,6 +213,10 @@ def model_version_import_path(*, actor: User, repo: ModelRepo, path: str) -> Ing
 
 
 def _set_state(*, actor: User, version: ModelVersion, state: State, reason: str, action: str):
+    reason = reason.strip()
+    if not reason:
+        verb = "approved" if state == State.APPROVED else "deprecated"
+        raise ValidationError(f"Say why this version is {verb}.")
     previous = version.state
     version.state = state
     version.state_changed_by = actor
@@ -232,15 +236,13 @@ def _set_state(*, actor: User, version: ModelVersion, state: State, reason: str,
 def model_version_approve(*, actor: User, version: ModelVersion, reason: str) -> ModelVersion:
     """Approve a draft for deployment (admins and compliance officers, with a reason)."""
     _require_role(actor, APPROVER_ROLES, "approve model versions")
-    if not reason.strip():
-        raise ValidationError("Say why this version is approved.")
     if version.state != State.DRAFT:
         raise ValidationError(f"Only a draft can be approved; this version is {version.state}.")
     return _set_state(
         actor=actor,
         version=version,
         state=State.APPROVED,
-        reason=reason.strip(),
+        reason=reason,
         action="model_version.approve",
     )
 
@@ -249,15 +251,13 @@ def model_version_approve(*, actor: User, version: ModelVersion, reason: str) ->
 def model_version_deprecate(*, actor: User, version: ModelVersion, reason: str) -> ModelVersion:
     """Retire a version: it stays on record but can no longer be deployed."""
     _require_role(actor, APPROVER_ROLES, "deprecate model versions")
-    if not reason.strip():
-        raise ValidationError("Say why this version is deprecated.")
     if version.state == State.DEPRECATED:
         raise ValidationError("This version is already deprecated.")
     return _set_state(
         actor=actor,
         version=version,
         state=State.DEPRECATED,
-        reason=reason.strip(),
+        reason=reason,
         action="model_version.deprecate",
     )
 
