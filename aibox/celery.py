@@ -6,10 +6,51 @@ training) lives in ``workers/``, which never imports Django.
 
 import os
 
-from celery import Celery
+from celery import Celery, bootsteps
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "aibox.settings")
 
 app = Celery("aibox")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+class InferenceRuntime(bootsteps.StartStopStep):
+    """Gives each worker process its inference runtime and heartbeat.
+
+    Models stay resident in the worker process, so only pools that run tasks in that
+    process (threads, solo) can serve; a prefork worker still sends heartbeats but is
+    never chosen to hold a deployment.
+    """
+
+    requires = {"celery.worker.components:Pool"}
+
+    def start(self, worker) -> None:
+        from django.conf import settings
+
+        from workers.inference import runtime
+
+        pool = getattr(worker.pool_cls, "__module__", str(worker.pool_cls)).rsplit(".", 1)[-1]
+        serving = pool in ("thread", "solo")
+        if serving:
+            runtime.configure(settings.REDIS_URL, settings.MODEL_CACHE_DIR)
+        self.heartbeat = runtime.Heartbeat(
+            settings.REDIS_URL, worker.hostname, pool=pool, serving=serving
+        )
+        self.heartbeat.start()
+        if serving:
+            runtime.runtime().on_change = self.heartbeat.beat
+        # Reload what this worker held before a restart, place deployments that wait.
+        app.send_task("deployments.worker_online", args=[worker.hostname])
+
+    def stop(self, worker) -> None:
+        from workers.inference import runtime
+
+        heartbeat = getattr(self, "heartbeat", None)
+        if heartbeat is not None:
+            heartbeat.stop()
+        if runtime._runtime is not None:
+            runtime.runtime().shutdown()
+
+
+app.steps["worker"].add(InferenceRuntime)

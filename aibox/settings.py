@@ -34,6 +34,8 @@ ENVIRONMENT_VARIABLES = (
     "AIBOX_LOG_LEVEL",
     "AIBOX_UPLOAD_MAX_BYTES",
     "AIBOX_IMPORT_DIRS",
+    "AIBOX_MODEL_CACHE_DIR",
+    "AIBOX_WORKER_OFFLINE_AFTER",
 )
 
 DEBUG = env.bool("AIBOX_DEBUG", default=False)
@@ -86,6 +88,13 @@ UPLOAD_MAX_BYTES = env.int("AIBOX_UPLOAD_MAX_BYTES", default=50 * 1024**3)
 # Server directories that admins may import files from (none by default).
 IMPORT_DIRS = [Path(p) for p in env.list("AIBOX_IMPORT_DIRS", default=[])]
 
+# Each inference worker's local copy of the models it serves (verified by sha256).
+MODEL_CACHE_DIR = Path(
+    env.str("AIBOX_MODEL_CACHE_DIR", default=str(BASE_DIR / "var" / "model-cache"))
+)
+# A worker whose last heartbeat is older than this is offline; its replicas unavailable.
+WORKER_OFFLINE_AFTER = env.float("AIBOX_WORKER_OFFLINE_AFTER", default=10.0)
+
 # Keyed hash for API keys. Derived from the secret key unless set; rotating either
 # invalidates every issued API key (docs/operator-guide.md).
 API_KEY_HMAC_KEY = env.str("AIBOX_API_KEY_HMAC_KEY", default="") or f"api-key:{SECRET_KEY}"
@@ -105,6 +114,8 @@ INSTALLED_APPS = [
     "apps.accounts",
     "apps.audit",
     "apps.registry",
+    "apps.deployments",
+    "apps.inference",
 ]
 
 MIDDLEWARE = [
@@ -216,6 +227,9 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 12 * 60 * 60}
 CELERY_TASK_SOFT_TIME_LIMIT = 60 * 60
 CELERY_TASK_TIME_LIMIT = 60 * 60 + 60
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Each worker also consumes its own queue: loads, unloads and requests for the
+# replicas it holds go there.
+CELERY_WORKER_DIRECT = True
 
 LOG_LEVEL = env.str("AIBOX_LOG_LEVEL", default="INFO").upper()
 LOGGING = {

@@ -2,6 +2,7 @@ from django.urls import include, path
 
 from apps.accounts import api as accounts_api
 from apps.audit import api as audit_api
+from apps.deployments import api as deployments_api
 from apps.registry import api as registry_api
 
 api_v1 = [
@@ -24,6 +25,19 @@ api_v1 = [
         registry_api.VersionImportPathView.as_view(),
         name="version_import_path",
     ),
+    path("deployments/", deployments_api.DeploymentListView.as_view(), name="deployments"),
+    path(
+        "deployments/<str:name>/", deployments_api.DeploymentDetailView.as_view(), name="deployment"
+    ),
+    *[
+        path(
+            f"deployments/<str:name>/{action}",
+            deployments_api.DeploymentActionView.as_view(action=action),
+            name=f"deployment_{action}",
+        )
+        for action in ("start", "stop", "restart", "scale")
+    ],
+    path("workers/", deployments_api.WorkerListView.as_view(), name="workers"),
     path("registry/versions/<int:pk>/", registry_api.VersionDetailView.as_view(), name="version"),
     path(
         "registry/versions/<int:pk>/approve",
@@ -42,7 +56,9 @@ urlpatterns = [
     path("", include("apps.accounts.urls")),
     path("audit/", include("apps.audit.urls")),
     path("registry/", include("apps.registry.urls")),
+    path("deployments/", include("apps.deployments.urls")),
     path("api/v1/", include((api_v1, "api"))),
+    path("v1/", include(("apps.inference.urls", "openai"))),
 ]
 
 handler403 = "apps.core.errors.forbidden"

@@ -27,6 +27,11 @@ class GGUFMetadata:
     adapter_type: str
     lora_alpha: float | None
     tensor_count: int
+    # Attention shape, for sizing the KV cache before a model is placed on a worker.
+    attention_heads: int | None = None
+    attention_heads_kv: int | None = None
+    key_length: int | None = None
+    value_length: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,6 +76,10 @@ def read_metadata(path: Path) -> GGUFMetadata:
             adapter_type=str(_scalar(reader, "adapter.type") or ""),
             lora_alpha=float(lora_alpha) if lora_alpha is not None else None,
             tensor_count=len(reader.tensors),
+            attention_heads=_largest_int(_scalar(reader, f"{arch}.attention.head_count")),
+            attention_heads_kv=_largest_int(_scalar(reader, f"{arch}.attention.head_count_kv")),
+            key_length=_largest_int(_scalar(reader, f"{arch}.attention.key_length")),
+            value_length=_largest_int(_scalar(reader, f"{arch}.attention.value_length")),
         )
     except Exception as exc:  # noqa: BLE001 - the reader raises many kinds on bad input
         raise InvalidGGUF(f"Not a valid GGUF file: {exc}") from exc
@@ -93,3 +102,13 @@ def read_metadata_cached(path: Path, sha256: str) -> GGUFMetadata:
 
 def _int_or_none(value: Any) -> int | None:
     return None if value is None else int(value)
+
+
+def _largest_int(value: Any) -> int | None:
+    """Some architectures store a per-layer list (head counts); size for the largest."""
+    if isinstance(value, list | tuple):
+        return max((int(v) for v in value), default=None)
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        return None

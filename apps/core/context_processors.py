@@ -9,6 +9,8 @@ from apps.accounts.models import Role
 NAVIGATION: tuple[tuple[str, str, tuple[Role, ...]], ...] = (
     ("Dashboard", "core:home", ()),
     ("Models", "registry:repos", ()),
+    ("Deployments", "deployments:list", ()),
+    ("Playground", "deployments:playground", (Role.ADMIN, Role.DATA_SCIENTIST, Role.APP_DEVELOPER)),
     ("API keys", "accounts:api_keys", ()),
     ("Users", "accounts:user_list", (Role.ADMIN,)),
     ("Audit log", "audit:list", (Role.ADMIN, Role.COMPLIANCE_OFFICER)),

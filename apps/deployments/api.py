@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.http import Http404
+from rest_framework import serializers, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from apps.accounts.models import Role, Scope
+from apps.accounts.permissions import role_and_scope
+from apps.deployments import selectors, services
+from apps.deployments.models import MANAGER_ROLES, Deployment
+from apps.registry.models import ModelVersion
+
+READERS = role_and_scope(*Role, scopes=(Scope.REGISTRY_READ, Scope.INFERENCE))
+MANAGERS = role_and_scope(*MANAGER_ROLES, scopes=(Scope.ADMIN,))
+
+
+class ReplicaSerializer(serializers.Serializer):
+    index = serializers.IntegerField()
+    worker = serializers.CharField()
+    gpu_index = serializers.IntegerField(allow_null=True)
+    generation = serializers.IntegerField()
+    state = serializers.CharField()
+    state_reason = serializers.CharField()
+    memory_estimate_bytes = serializers.IntegerField()
+
+
+class DeploymentSerializer(serializers.ModelSerializer):
+    model_version = serializers.PrimaryKeyRelatedField(queryset=ModelVersion.objects.all())
+    model = serializers.CharField(source="model_version.repo.name", read_only=True)
+    sha256 = serializers.CharField(source="model_version.sha256", read_only=True)
+    replica_states = ReplicaSerializer(source="replica_set", many=True, read_only=True)
+
+    class Meta:
+        model = Deployment
+        fields = [
+            "id",
+            "name",
+            "model_version",
+            "model",
+            "sha256",
+            *services.SETTINGS_FIELDS,
+            "running",
+            "state",
+            "state_reason",
+            "replica_states",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = ["running", "state", "state_reason", "created_at", "updated_at"]
+        # Uniqueness is the service's check, with its own message.
+        extra_kwargs = {"name": {"validators": []}}
+
+
+def _error(exc: ValidationError | PermissionDenied) -> Response:
+    if isinstance(exc, PermissionDenied):
+        return Response({"detail": str(exc)}, status=status.HTTP_403_FORBIDDEN)
+    return Response({"detail": " ".join(exc.messages)}, status=status.HTTP_400_BAD_REQUEST)
+
+
+def _deployment(request: Request, name: str) -> Deployment:
+    deployment = selectors.deployment_list(user=request.user).filter(name=name).first()
+    if deployment is None:
+        raise Http404("No such deployment.")
+    return deployment
+
+
+class DeploymentListView(APIView):
+    def get_permissions(self):
+        return [(MANAGERS if self.request.method == "POST" else READERS)()]
+
+    def get(self, request: Request) -> Response:
+        deployments = selectors.deployment_list(user=request.user)
+        return Response(DeploymentSerializer(deployments, many=True).data)
+
+    def post(self, request: Request) -> Response:
+        serializer = DeploymentSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = dict(serializer.validated_data)
+        try:
+            deployment = services.deployment_create(
+                actor=request.user,
+                name=data.pop("name"),
+                model_version=data.pop("model_version"),
+                **data,
+            )
+        except (ValidationError, PermissionDenied) as exc:
+            return _error(exc)
+        return Response(DeploymentSerializer(deployment).data, status=status.HTTP_201_CREATED)
+
+
+class DeploymentDetailView(APIView):
+    permission_classes = [READERS]
+
+    def get(self, request: Request, name: str) -> Response:
+        return Response(DeploymentSerializer(_deployment(request, name)).data)
+
+
+class DeploymentActionView(APIView):
+    """POST to start, stop or restart; scale takes ``{"replicas": n}``."""
+
+    permission_classes = [MANAGERS]
+    action = ""
+
+    def post(self, request: Request, name: str) -> Response:
+        deployment = _deployment(request, name)
+        try:
+            if self.action == "scale":
+                replicas = request.data.get("replicas")
+                if not isinstance(replicas, int) or isinstance(replicas, bool):
+                    return Response({"detail": "Give 'replicas' as an integer."}, status=400)
+                deployment = services.deployment_scale(
+                    actor=request.user, deployment=deployment, replicas=replicas
+                )
+            else:
+                service = {
+                    "start": services.deployment_start,
+                    "stop": services.deployment_stop,
+                    "restart": services.deployment_restart,
+                }[self.action]
+                deployment = service(actor=request.user, deployment=deployment)
+        except (ValidationError, PermissionDenied) as exc:
+            return _error(exc)
+        deployment = _deployment(request, name)
+        return Response(DeploymentSerializer(deployment).data)
+
+
+class WorkerListView(APIView):
+    permission_classes = [READERS]
+
+    def get(self, request: Request) -> Response:
+        return Response(
+            [
+                {**asdict(w), "seconds_since_seen": round(w.seconds_since_seen, 1)}
+                for w in selectors.worker_list()
+            ]
+        )

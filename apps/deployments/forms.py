@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from django import forms
+
+from apps.deployments.models import Deployment
+from apps.registry.models import Format, ModelVersion, State
+
+
+class DeploymentForm(forms.ModelForm):
+    model_version = forms.ModelChoiceField(
+        queryset=ModelVersion.objects.filter(format=Format.GGUF_MODEL, state=State.APPROVED)
+        .select_related("repo")
+        .order_by("repo__name", "-number"),
+        label="Model version",
+        help_text="Only approved GGUF models can be deployed.",
+    )
+
+    class Meta:
+        model = Deployment
+        fields = [
+            "name",
+            "model_version",
+            "preset",
+            "context_length",
+            "replicas",
+            "parallel_slots",
+            "threads",
+            "gpu_layers",
+            "batch_size",
+            "embeddings",
+            "logging_level",
+            "queue_size",
+            "queue_timeout_seconds",
+            "placement_worker",
+            "placement_gpu",
+            "chat_template",
+        ]
+        labels = {"name": "Public name (the 'model' clients send)"}
+        widgets = {"chat_template": forms.Textarea(attrs={"rows": 3})}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Uniqueness is the service's check, with its own message.
+        self.fields["name"].validators = [
+            v for v in self.fields["name"].validators if "unique" not in type(v).__name__.lower()
+        ]
+        self.fields["context_length"].initial = 2048
+
+    def validate_unique(self) -> None:
+        pass
+
+
+class ScaleForm(forms.Form):
+    replicas = forms.IntegerField(min_value=1, max_value=16)

@@ -1,0 +1,146 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.db import models
+from django.utils import timezone
+
+from apps.accounts.models import Role, User
+
+DEPLOYMENT_NAME = RegexValidator(
+    r"^[a-zA-Z0-9][a-zA-Z0-9._:-]{0,99}$",
+    "Use letters, digits, '.', '_', ':' and '-' (up to 100), starting with a letter or digit.",
+)
+
+MANAGER_ROLES = (Role.ADMIN,)
+# Roles that may call the inference endpoint (and so see what they can call).
+INFERENCE_ROLES = (Role.ADMIN, Role.DATA_SCIENTIST, Role.APP_DEVELOPER)
+
+
+class State(models.TextChoices):
+    PENDING = "pending", "Pending"
+    LOADING = "loading", "Loading"
+    READY = "ready", "Ready"
+    STOPPING = "stopping", "Stopping"
+    STOPPED = "stopped", "Stopped"
+    FAILED = "failed", "Failed"
+
+
+class Preset(models.TextChoices):
+    """Sampling presets, named by what the answers feel like."""
+
+    PRECISE = "precise", "Precise (focused, repeatable)"
+    BALANCED = "balanced", "Balanced"
+    CREATIVE = "creative", "Creative (varied, surprising)"
+
+
+PRESET_SAMPLING: dict[str, dict[str, float | int]] = {
+    Preset.PRECISE: {"temperature": 0.2, "top_p": 0.9, "top_k": 20, "repeat_penalty": 1.05},
+    Preset.BALANCED: {"temperature": 0.7, "top_p": 0.95, "top_k": 40, "repeat_penalty": 1.1},
+    Preset.CREATIVE: {"temperature": 1.0, "top_p": 0.98, "top_k": 100, "repeat_penalty": 1.15},
+}
+
+
+class LoggingLevel(models.TextChoices):
+    METADATA = "metadata", "Metadata only (no prompts or outputs)"
+    HASHED = "hashed", "Hashed (sha256 of prompts and outputs)"
+    FULL = "full", "Full text of prompts and outputs"
+
+
+class DeploymentQuerySet(models.QuerySet):
+    def visible_to(self, user: User) -> DeploymentQuerySet:
+        # Every signed-in role may see what runs on the box; changes are checked in services.
+        return self if user.is_authenticated and user.is_active else self.none()
+
+
+class Deployment(models.Model):
+    """A model version served under a public name: the ``model`` that API clients send."""
+
+    name = models.CharField(max_length=100, unique=True, validators=[DEPLOYMENT_NAME])
+    model_version = models.ForeignKey(
+        "registry.ModelVersion", on_delete=models.PROTECT, related_name="deployments"
+    )
+    context_length = models.PositiveIntegerField(
+        default=4096, validators=[MinValueValidator(128), MaxValueValidator(1_048_576)]
+    )
+    threads = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text="CPU threads per replica; empty: the worker decides."
+    )
+    gpu_layers = models.IntegerField(
+        default=-1,
+        validators=[MinValueValidator(-1)],
+        help_text="Layers offloaded to the GPU when the replica runs on one (-1: all).",
+    )
+    batch_size = models.PositiveIntegerField(
+        default=512, validators=[MinValueValidator(8), MaxValueValidator(8192)]
+    )
+    parallel_slots = models.PositiveSmallIntegerField(
+        default=1, validators=[MinValueValidator(1), MaxValueValidator(64)]
+    )
+    embeddings = models.BooleanField(default=False)
+    preset = models.CharField(max_length=16, choices=Preset.choices, default=Preset.BALANCED)
+    chat_template = models.TextField(
+        blank=True, help_text="Overrides the model's chat template (Jinja, as in Hugging Face)."
+    )
+    replicas = models.PositiveSmallIntegerField(
+        default=1, validators=[MinValueValidator(1), MaxValueValidator(16)]
+    )
+    placement_worker = models.CharField(
+        max_length=200, blank=True, help_text="Run only on this worker (its Celery hostname)."
+    )
+    placement_gpu = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text="Run only on this GPU index (needs a GPU worker)."
+    )
+    logging_level = models.CharField(
+        max_length=16, choices=LoggingLevel.choices, default=LoggingLevel.METADATA
+    )
+    queue_size = models.PositiveSmallIntegerField(
+        default=8,
+        validators=[MinValueValidator(1), MaxValueValidator(1024)],
+        help_text="Requests waiting per replica; more get HTTP 429.",
+    )
+    queue_timeout_seconds = models.PositiveIntegerField(
+        default=60,
+        validators=[MinValueValidator(1), MaxValueValidator(3600)],
+        help_text="A request still queued after this long fails with a timeout.",
+    )
+    running = models.BooleanField(default=True, help_text="Whether an admin wants it served.")
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
+    state_reason = models.TextField(blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    objects = DeploymentQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Replica(models.Model):
+    """One copy of a deployment loaded on one worker. ``generation`` grows on every load,
+    so a late report about an earlier load is recognised and ignored."""
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="replica_set")
+    index = models.PositiveSmallIntegerField()
+    worker = models.CharField(max_length=200)
+    gpu_index = models.PositiveSmallIntegerField(null=True, blank=True)
+    generation = models.PositiveIntegerField(default=1)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
+    state_reason = models.TextField(blank=True)
+    memory_estimate_bytes = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["deployment", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["deployment", "index"], name="deployment_replica_index")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.deployment.name}#{self.index}@{self.worker}"

@@ -1,0 +1,109 @@
+"""Reads: deployments a user may see, and the workers' heartbeats from Redis."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from django.conf import settings
+
+from apps.accounts.models import User
+from apps.deployments.models import Deployment, Replica, State
+from workers.inference import protocol
+
+
+def deployment_list(*, user: User):
+    return (
+        Deployment.objects.visible_to(user)
+        .select_related("model_version__repo", "model_version__artifact")
+        .prefetch_related("replica_set")
+    )
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    hostname: str
+    online: bool
+    last_seen: float
+    serving: bool
+    pool: str
+    cpu_cores: int
+    cpu_model: str
+    ram_total_mib: int
+    ram_available_mib: int
+    gpus: list[dict[str, Any]] = field(default_factory=list)
+    replicas: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def seconds_since_seen(self) -> float:
+        return max(0.0, time.time() - self.last_seen)
+
+    @property
+    def queue_depth(self) -> int:
+        return sum(r.get("queue_depth", 0) for r in self.replicas)
+
+    def holds(self, replica: Replica) -> bool:
+        return any(
+            r["replica_id"] == replica.pk and r["generation"] == replica.generation
+            for r in self.replicas
+        )
+
+
+def _redis() -> redis.Redis:
+    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+
+
+def parse_heartbeat(raw: bytes | str | None, *, now: float | None = None) -> WorkerStatus | None:
+    if not raw:
+        return None
+    data = json.loads(raw)
+    now = time.time() if now is None else now
+    online = not data.get("stopped") and now - data["sent_at"] < settings.WORKER_OFFLINE_AFTER
+    return WorkerStatus(
+        hostname=data["hostname"],
+        online=online,
+        last_seen=data["sent_at"],
+        serving=bool(data.get("serving")) and online,
+        pool=data.get("pool", ""),
+        cpu_cores=data.get("cpu_cores", 0),
+        cpu_model=data.get("cpu_model", ""),
+        ram_total_mib=data.get("ram_total_mib", 0),
+        ram_available_mib=data.get("ram_available_mib", 0),
+        gpus=data.get("gpus", []),
+        replicas=data.get("replicas", []) if online else [],
+    )
+
+
+def worker_list() -> list[WorkerStatus]:
+    """Every worker seen in the last day, online ones first."""
+    client = _redis()
+    names = sorted(n.decode() for n in client.smembers(protocol.WORKERS_SET))
+    if not names:
+        return []
+    raws = client.mget([protocol.heartbeat_key(n) for n in names])
+    workers = [w for w in (parse_heartbeat(raw) for raw in raws) if w is not None]
+    gone = [n for n, raw in zip(names, raws, strict=True) if raw is None]
+    if gone:
+        client.srem(protocol.WORKERS_SET, *gone)
+    return sorted(workers, key=lambda w: (not w.online, w.hostname))
+
+
+def worker_get(hostname: str) -> WorkerStatus | None:
+    return parse_heartbeat(_redis().get(protocol.heartbeat_key(hostname)))
+
+
+def replica_live_states(deployment: Deployment, workers: list[WorkerStatus]) -> dict[int, str]:
+    """What clients get from each replica now: its recorded state, unless its worker is
+    offline or no longer holds it (then it is unavailable, whatever the database says)."""
+    by_name = {w.hostname: w for w in workers}
+    states = {}
+    for replica in deployment.replica_set.all():
+        worker = by_name.get(replica.worker)
+        if replica.state == State.READY and (worker is None or not worker.holds(replica)):
+            states[replica.pk] = "unavailable"
+        else:
+            states[replica.pk] = replica.state
+    return states

@@ -1,0 +1,510 @@
+"""Deployments: create, place, start, stop, restart, scale; apply what workers report.
+
+Admins change deployments; every change is one transaction with one audit event.
+Workers report replica states through Redis (a Celery task on the control queue) and
+``replica_state_apply`` persists them idempotently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import transaction
+from django.utils import timezone
+
+from apps.accounts.models import User
+from apps.accounts.services import system_user
+from apps.audit.models import Outcome
+from apps.audit.services import audit_record
+from apps.deployments import selectors
+from apps.deployments.models import MANAGER_ROLES, Deployment, Replica, State
+from apps.registry.models import Format, ModelVersion
+from apps.registry.models import State as VersionState
+from apps.registry.services import artifact_store
+from workers.inference.protocol import ReplicaSpec
+
+MIB = 1024 * 1024
+# llama.cpp's scratch buffers and runtime overhead beyond weights and KV cache.
+COMPUTE_OVERHEAD_BYTES = 48 * MIB
+# Keep this much of a worker's memory free for the OS and the worker itself.
+HEADROOM_BYTES = 256 * MIB
+
+SETTINGS_FIELDS = (
+    "context_length",
+    "threads",
+    "gpu_layers",
+    "batch_size",
+    "parallel_slots",
+    "embeddings",
+    "preset",
+    "chat_template",
+    "replicas",
+    "placement_worker",
+    "placement_gpu",
+    "logging_level",
+    "queue_size",
+    "queue_timeout_seconds",
+)
+
+
+class PlacementError(ValidationError):
+    """No online worker can hold the deployment; the message says why."""
+
+
+def _require_manager(user: User, doing: str) -> None:
+    if not user.has_role(*MANAGER_ROLES):
+        raise PermissionDenied(f"Only admins may {doing}.")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int
+    kv_cache: int
+    compute: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.compute
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "weights": self.weights,
+            "kv_cache": self.kv_cache,
+            "compute": self.compute,
+            "total": self.total,
+        }
+
+
+def memory_estimate(
+    *, version: ModelVersion, context_length: int, parallel_slots: int, batch_size: int
+) -> MemoryEstimate:
+    """Weights, plus an f16 KV cache for every slot's full context, plus scratch buffers.
+
+    The KV cache is sized from the GGUF attention shape (grouped-query heads make it
+    smaller); a file that does not state it is sized as if every head had its own KV.
+    """
+    meta = version.metadata or {}
+    layers = version.layers or meta.get("layers") or 0
+    embedding = version.embedding_size or meta.get("embedding_size") or 0
+    heads = meta.get("attention_heads") or 0
+    kv_heads = meta.get("attention_heads_kv") or heads
+    head_dim = embedding // heads if heads else 0
+    key_len = meta.get("key_length") or head_dim
+    value_len = meta.get("value_length") or head_dim
+    per_token = (
+        layers * kv_heads * (key_len + value_len) * 2 if kv_heads else layers * embedding * 4
+    )
+    kv_cache = per_token * context_length * parallel_slots
+    vocab = version.vocab_size or meta.get("vocab_size") or 0
+    compute = COMPUTE_OVERHEAD_BYTES + batch_size * (vocab + 4 * embedding) * 4
+    return MemoryEstimate(weights=version.size, kv_cache=kv_cache, compute=compute)
+
+
+def _mib(n: int) -> str:
+    return f"{n / MIB:,.0f} MiB"
+
+
+def _estimate_for(deployment: Deployment) -> MemoryEstimate:
+    return memory_estimate(
+        version=deployment.model_version,
+        context_length=deployment.context_length,
+        parallel_slots=deployment.parallel_slots,
+        batch_size=deployment.batch_size,
+    )
+
+
+def _uses_gpu(deployment: Deployment, worker: selectors.WorkerStatus) -> bool:
+    return bool(worker.gpus) and deployment.gpu_layers != 0
+
+
+def _choose_worker(
+    deployment: Deployment, needed: int, reserved: dict[tuple[str, int | None], int]
+) -> tuple[str, int | None]:
+    """The online worker (and GPU) with the most free memory that fits ``needed`` bytes.
+
+    ``reserved`` holds memory promised to replicas not yet loaded (the heartbeat does
+    not show them yet), keyed by (worker, GPU index or None for RAM).
+    """
+    workers = [w for w in selectors.worker_list() if w.serving]
+    if deployment.placement_worker:
+        workers = [w for w in workers if w.hostname == deployment.placement_worker]
+        if not workers:
+            raise PlacementError(
+                f"The worker '{deployment.placement_worker}' is not online and serving."
+            )
+    if not workers:
+        raise PlacementError("No worker is online to serve models.")
+    options: list[tuple[int, str, int | None]] = []
+    for worker in workers:
+        if _uses_gpu(deployment, worker):
+            for gpu in worker.gpus:
+                if (
+                    deployment.placement_gpu is not None
+                    and gpu["index"] != deployment.placement_gpu
+                ):
+                    continue
+                free = gpu["memory_free_mib"] * MIB - reserved.get(
+                    (worker.hostname, gpu["index"]), 0
+                )
+                options.append((free, worker.hostname, gpu["index"]))
+        elif deployment.placement_gpu is None:
+            free = (
+                worker.ram_available_mib * MIB
+                - HEADROOM_BYTES
+                - reserved.get((worker.hostname, None), 0)
+            )
+            options.append((free, worker.hostname, None))
+    if not options:
+        raise PlacementError(f"No online worker has GPU {deployment.placement_gpu}.")
+    free, hostname, gpu_index = max(options)
+    if free < needed:
+        where = f"{hostname}" + (f" GPU {gpu_index}" if gpu_index is not None else "")
+        raise PlacementError(
+            f"Deployment '{deployment.name}' needs about {_mib(needed)} per replica; the "
+            f"roomiest worker, {where}, has {_mib(max(free, 0))} available."
+        )
+    return hostname, gpu_index
+
+
+def _reserved_memory() -> dict[tuple[str, int | None], int]:
+    reserved: dict[tuple[str, int | None], int] = {}
+    for replica in Replica.objects.filter(state__in=[State.PENDING, State.LOADING]):
+        key = (replica.worker, replica.gpu_index)
+        reserved[key] = reserved.get(key, 0) + replica.memory_estimate_bytes
+    return reserved
+
+
+def _replica_spec(replica: Replica) -> ReplicaSpec:
+    deployment = replica.deployment
+    version = deployment.model_version
+    return ReplicaSpec(
+        replica_id=replica.pk,
+        generation=replica.generation,
+        deployment_id=deployment.pk,
+        deployment_name=deployment.name,
+        sha256=version.sha256,
+        source_path=str(artifact_store().path_for(version.sha256)),
+        architecture=version.architecture,
+        context_length=deployment.context_length,
+        threads=deployment.threads,
+        gpu_layers=deployment.gpu_layers if replica.gpu_index is not None else 0,
+        gpu_index=replica.gpu_index,
+        batch_size=deployment.batch_size,
+        parallel_slots=deployment.parallel_slots,
+        embeddings=deployment.embeddings,
+        chat_template=deployment.chat_template,
+        has_chat_template=version.has_chat_template,
+        queue_size=deployment.queue_size,
+    )
+
+
+def _send_load(replica: Replica) -> None:
+    from apps.deployments import tasks
+
+    spec = _replica_spec(replica).as_dict()
+    worker = replica.worker
+    transaction.on_commit(lambda: tasks.send_to_worker(tasks.replica_load, worker, spec))
+
+
+def _send_unload(replica: Replica, reason: str) -> None:
+    from apps.deployments import tasks
+
+    args = {"replica_id": replica.pk, "generation": replica.generation, "reason": reason}
+    worker = replica.worker
+    transaction.on_commit(lambda: tasks.send_to_worker(tasks.replica_unload, worker, args))
+
+
+def _place_replicas(deployment: Deployment) -> list[Replica]:
+    """Give each wanted replica a worker and send it a load; raise PlacementError if one
+    does not fit. Already-placed replicas are reloaded where they are."""
+    estimate = _estimate_for(deployment).total
+    reserved = _reserved_memory()
+    placed = []
+    existing = {r.index: r for r in deployment.replica_set.select_for_update()}
+    for index in range(deployment.replicas):
+        replica = existing.get(index)
+        if replica is not None and replica.state in (State.LOADING, State.READY):
+            continue
+        hostname, gpu_index = _choose_worker(deployment, estimate, reserved)
+        reserved[(hostname, gpu_index)] = reserved.get((hostname, gpu_index), 0) + estimate
+        if replica is None:
+            replica = Replica(deployment=deployment, index=index, generation=0)
+        replica.worker = hostname
+        replica.gpu_index = gpu_index
+        replica.generation += 1
+        replica.state = State.PENDING
+        replica.state_reason = ""
+        replica.memory_estimate_bytes = estimate
+        replica.updated_at = timezone.now()
+        replica.save()
+        _send_load(replica)
+        placed.append(replica)
+    return placed
+
+
+def _refresh_state(deployment: Deployment) -> None:
+    """The deployment's state, summed up from its replicas."""
+    states = [r.state for r in deployment.replica_set.all()]
+    reasons = [r.state_reason for r in deployment.replica_set.all() if r.state_reason]
+    if not deployment.running:
+        busy = any(s in (State.PENDING, State.LOADING, State.READY, State.STOPPING) for s in states)
+        state = State.STOPPING if busy else State.STOPPED
+    elif State.READY in states:
+        state = State.READY
+    elif State.LOADING in states:
+        state = State.LOADING
+    elif states and all(s == State.FAILED for s in states):
+        state = State.FAILED
+    else:
+        state = State.PENDING
+    reason = reasons[0] if state in (State.FAILED, State.PENDING) and reasons else ""
+    if state == State.PENDING and not states:
+        reason = deployment.state_reason
+    Deployment.objects.filter(pk=deployment.pk).update(
+        state=state, state_reason=reason, updated_at=timezone.now()
+    )
+    deployment.state, deployment.state_reason = state, reason
+
+
+def _check_version(version: ModelVersion) -> None:
+    if version.format != Format.GGUF_MODEL:
+        raise ValidationError(f"Only GGUF models can be deployed; {version} is a {version.format}.")
+    if version.state != VersionState.APPROVED:
+        raise ValidationError(
+            f"{version} is {version.get_state_display().lower()}: only approved versions "
+            "can be deployed."
+        )
+
+
+def _check_settings(version: ModelVersion, values: dict[str, Any]) -> None:
+    limit = version.context_length
+    if limit and values.get("context_length", 0) > limit:
+        raise ValidationError(
+            f"The context length {values['context_length']} is above the model's {limit} tokens."
+        )
+
+
+def deployment_create(
+    *, actor: User, name: str, model_version: ModelVersion, **values: Any
+) -> Deployment:
+    """Create a deployment and place its replicas on workers.
+
+    With no worker online it waits (pending) and is placed when one starts; when
+    workers are online but none has the memory, the deployment is refused.
+    """
+    _require_manager(actor, "create deployments")
+    unknown = set(values) - set(SETTINGS_FIELDS)
+    if unknown:
+        raise ValidationError(f"Unknown deployment setting(s): {', '.join(sorted(unknown))}.")
+    _check_version(model_version)
+    _check_settings(model_version, values)
+    if Deployment.objects.filter(name=name).exists():
+        raise ValidationError(f"A deployment named '{name}' already exists.")
+    with transaction.atomic():
+        deployment = Deployment(name=name, model_version=model_version, created_by=actor, **values)
+        deployment.full_clean()
+        deployment.save()
+        estimate = _estimate_for(deployment)
+        _place_or_wait(deployment)
+        audit_record(
+            actor=actor,
+            action="deployment.create",
+            target=deployment,
+            details={
+                "model_version": model_version.pk,
+                "sha256": model_version.sha256,
+                "settings": {f: getattr(deployment, f) for f in SETTINGS_FIELDS},
+                "memory_estimate": estimate.as_dict(),
+                "placed_on": [r.worker for r in deployment.replica_set.all()],
+            },
+        )
+    return deployment
+
+
+def _place_or_wait(deployment: Deployment) -> None:
+    try:
+        _place_replicas(deployment)
+    except PlacementError as exc:
+        if "No worker is online" not in exc.message:
+            raise
+        deployment.state_reason = "Waiting for a worker to come online."
+    _refresh_state(deployment)
+
+
+def deployment_start(*, actor: User, deployment: Deployment) -> Deployment:
+    """Serve a stopped (or failed) deployment again."""
+    _require_manager(actor, "start deployments")
+    _check_version(deployment.model_version)
+    with transaction.atomic():
+        deployment = Deployment.objects.select_for_update().get(pk=deployment.pk)
+        deployment.running = True
+        deployment.save(update_fields=["running"])
+        _place_or_wait(deployment)
+        audit_record(actor=actor, action="deployment.start", target=deployment)
+    return deployment
+
+
+def deployment_stop(*, actor: User, deployment: Deployment, reason: str = "") -> Deployment:
+    """Stop serving: queued and running requests get a clean error; memory is freed."""
+    _require_manager(actor, "stop deployments")
+    with transaction.atomic():
+        deployment = Deployment.objects.select_for_update().get(pk=deployment.pk)
+        deployment.running = False
+        deployment.save(update_fields=["running"])
+        _stop_replicas(deployment, deployment.replica_set.select_for_update())
+        _refresh_state(deployment)
+        audit_record(
+            actor=actor, action="deployment.stop", target=deployment, details={"reason": reason}
+        )
+    return deployment
+
+
+def _stop_replicas(deployment: Deployment, replicas) -> None:
+    online = {w.hostname for w in selectors.worker_list() if w.online}
+    for replica in replicas:
+        if replica.state in (State.STOPPED, State.FAILED):
+            continue
+        # A worker that is gone holds nothing: nothing to wait for.
+        replica.state = State.STOPPING if replica.worker in online else State.STOPPED
+        replica.updated_at = timezone.now()
+        replica.save(update_fields=["state", "updated_at"])
+        if replica.worker in online:
+            _send_unload(replica, "The deployment was stopped.")
+
+
+def deployment_restart(*, actor: User, deployment: Deployment) -> Deployment:
+    """Reload every replica (a new generation), picking up changed settings."""
+    _require_manager(actor, "restart deployments")
+    _check_version(deployment.model_version)
+    with transaction.atomic():
+        deployment = Deployment.objects.select_for_update().get(pk=deployment.pk)
+        deployment.running = True
+        deployment.save(update_fields=["running"])
+        deployment.replica_set.update(state=State.STOPPED)
+        _place_or_wait(deployment)
+        audit_record(actor=actor, action="deployment.restart", target=deployment)
+    return deployment
+
+
+def deployment_scale(*, actor: User, deployment: Deployment, replicas: int) -> Deployment:
+    """Change the number of replicas; new ones are placed, extra ones unloaded."""
+    _require_manager(actor, "scale deployments")
+    if not 1 <= replicas <= 16:
+        raise ValidationError("A deployment has between 1 and 16 replicas.")
+    with transaction.atomic():
+        deployment = Deployment.objects.select_for_update().get(pk=deployment.pk)
+        before = deployment.replicas
+        deployment.replicas = replicas
+        deployment.save(update_fields=["replicas"])
+        extra = deployment.replica_set.select_for_update().filter(index__gte=replicas)
+        _stop_replicas(deployment, extra)
+        extra.delete()
+        if deployment.running:
+            _place_or_wait(deployment)
+        else:
+            _refresh_state(deployment)
+        audit_record(
+            actor=actor,
+            action="deployment.scale",
+            target=deployment,
+            details={"from": before, "to": replicas},
+        )
+    return deployment
+
+
+# Later states win; a report that would move a replica backwards is stale.
+_ORDER = {
+    State.PENDING: 0,
+    State.LOADING: 1,
+    State.READY: 2,
+    State.FAILED: 2,
+    State.STOPPING: 3,
+    State.STOPPED: 4,
+}
+
+
+def replica_state_apply(
+    *, replica_id: int, generation: int, state: str, reason: str = "", details: dict | None = None
+) -> bool:
+    """Persist a state a worker reported; True if it changed anything.
+
+    Reports arrive at least once and possibly out of order: a report for an older
+    generation, or one that would move the replica backwards, is ignored.
+    """
+    details = details or {}
+    with transaction.atomic():
+        replica = (
+            Replica.objects.select_for_update()
+            .select_related("deployment__model_version")
+            .filter(pk=replica_id)
+            .first()
+        )
+        if replica is None or replica.generation != generation:
+            return False
+        if _ORDER[State(state)] <= _ORDER[State(replica.state)]:
+            return False
+        replica.state = state
+        replica.state_reason = reason
+        replica.updated_at = timezone.now()
+        replica.save(update_fields=["state", "state_reason", "updated_at"])
+        deployment = replica.deployment
+        _refresh_state(deployment)
+        actor = system_user()
+        if details.get("integrity_failure"):
+            audit_record(
+                actor=actor,
+                action="artifact.integrity_failure",
+                target=deployment.model_version,
+                outcome=Outcome.FAILURE,
+                details={"sha256": deployment.model_version.sha256, "reason": reason},
+            )
+        if state in (State.READY, State.FAILED, State.STOPPED):
+            audit_record(
+                actor=actor,
+                action=f"replica.{state}",
+                target=deployment,
+                outcome=Outcome.FAILURE if state == State.FAILED else Outcome.SUCCESS,
+                details={
+                    "replica": replica.index,
+                    "worker": replica.worker,
+                    "generation": generation,
+                    "sha256": deployment.model_version.sha256,
+                    "reason": reason,
+                    **{k: v for k, v in details.items() if k != "integrity_failure"},
+                },
+            )
+    return True
+
+
+def worker_online(*, hostname: str) -> int:
+    """A worker (re)started: reload what it should hold, place deployments that wait.
+
+    Returns how many replicas were sent to load.
+    """
+    sent = 0
+    with transaction.atomic():
+        replicas = (
+            Replica.objects.select_for_update()
+            .select_related("deployment__model_version")
+            .filter(worker=hostname, deployment__running=True)
+            .exclude(state=State.STOPPED)
+        )
+        for replica in replicas:
+            replica.generation += 1
+            replica.state = State.PENDING
+            replica.state_reason = ""
+            replica.updated_at = timezone.now()
+            replica.save()
+            _send_load(replica)
+            _refresh_state(replica.deployment)
+            sent += 1
+        waiting = Deployment.objects.select_for_update().filter(running=True, state=State.PENDING)
+        for deployment in waiting:
+            try:
+                sent += len(_place_replicas(deployment))
+            except PlacementError as exc:
+                deployment.state_reason = exc.message
+            _refresh_state(deployment)
+    return sent

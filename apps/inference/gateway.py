@@ -1,0 +1,264 @@
+"""The path of one inference request from the HTTP endpoint to a worker and back.
+
+1. ``route``: the deployment the client named, checked against the caller's key, and a
+   ready replica on a worker whose heartbeat is fresh (else 404 / 503 at once).
+2. ``admit``: a per-deployment bound on requests in flight, kept in Redis so every
+   web process shares it (else 429 with Retry-After).
+3. ``dispatch``: a Celery task on the worker's own queue; the worker hands it to the
+   replica's thread.
+4. ``events``: the worker's events for this request, read from a Redis stream. While
+   waiting, the worker's heartbeat is checked, so a dead worker ends the request with a
+   clean error instead of a hang; a client that goes away sets the cancel flag, and the
+   worker stops generating at the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+import weakref
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from django.conf import settings
+
+from apps.accounts.models import ApiKey, Scope, User
+from apps.deployments import selectors as deployment_selectors
+from apps.deployments.models import INFERENCE_ROLES, PRESET_SAMPLING, Deployment, State
+from apps.inference.openai_api import ApiError
+from workers.inference import protocol
+
+# A request that was admitted but whose client vanished without a trace is forgotten
+# after its queue timeout plus this long.
+ADMISSION_GRACE_SECONDS = 900
+# How long to wait for a worker's first word beyond the deployment's queue timeout.
+START_GRACE_SECONDS = 5.0
+LIVENESS_CHECK_SECONDS = 1.0
+
+_ADMIT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[3])
+redis.call('EXPIRE', KEYS[1], 86400)
+return 1
+"""
+
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def redis_client() -> aioredis.Redis:
+    """One async Redis client per event loop (test clients run each request in its own)."""
+    loop = asyncio.get_running_loop()
+    client = _clients.get(loop)
+    if client is None:
+        client = aioredis.Redis.from_url(settings.REDIS_URL)
+        _clients[loop] = client
+    return client
+
+
+@dataclass(frozen=True)
+class Caller:
+    user: User
+    api_key: ApiKey | None = None
+
+
+@dataclass
+class Route:
+    deployment_id: int
+    deployment_name: str
+    logging_level: str
+    queue_timeout: float
+    admission_limit: int
+    sampling: dict[str, float]
+    replica_id: int
+    generation: int
+    worker: str
+    sha256: str
+    embeddings: bool
+
+
+def check_inference_access(caller: Caller) -> None:
+    if not caller.user.has_role(*INFERENCE_ROLES):
+        raise ApiError(
+            403,
+            "Your role does not allow calling the inference API.",
+            type="permission_error",
+            code="insufficient_permissions",
+        )
+    key = caller.api_key
+    if key is not None and Scope.INFERENCE not in key.scopes and Scope.ADMIN not in key.scopes:
+        raise ApiError(
+            403,
+            "This API key lacks the 'inference' scope.",
+            type="permission_error",
+            code="insufficient_scope",
+        )
+
+
+def may_use(caller: Caller, name: str) -> bool:
+    key = caller.api_key
+    if key is None or Scope.ADMIN in key.scopes:
+        return True
+    return key.allows_deployment(name)
+
+
+def not_found(name: str) -> ApiError:
+    return ApiError(
+        404,
+        f"The model '{name}' does not exist or you do not have access to it.",
+        code="model_not_found",
+        param="model",
+    )
+
+
+def unavailable(message: str) -> ApiError:
+    return ApiError(503, message, type="server_error", code="model_unavailable")
+
+
+def route(caller: Caller, name: str) -> Route:
+    """Resolve the deployment and pick a live replica (sync: runs the ORM)."""
+    check_inference_access(caller)
+    deployment = (
+        Deployment.objects.visible_to(caller.user)
+        .select_related("model_version__artifact")
+        .filter(name=name)
+        .first()
+    )
+    if deployment is None or not may_use(caller, name):
+        raise not_found(name)
+    if not deployment.running:
+        raise unavailable(f"The model '{name}' is stopped.")
+    replicas = [r for r in deployment.replica_set.all() if r.state == State.READY]
+    if not replicas:
+        detail = f" ({deployment.state_reason})" if deployment.state_reason else ""
+        raise unavailable(
+            f"The model '{name}' is {deployment.get_state_display().lower()}{detail}."
+        )
+    live = []
+    for replica in replicas:
+        worker = deployment_selectors.worker_get(replica.worker)
+        if worker is not None and worker.online and worker.holds(replica):
+            depth = next(
+                (r["queue_depth"] for r in worker.replicas if r["replica_id"] == replica.pk), 0
+            )
+            live.append((depth, replica.index, replica))
+    if not live:
+        raise unavailable(
+            f"The model '{name}' is unavailable: the worker holding it is offline or restarting."
+        )
+    _, _, replica = min(live)
+    return Route(
+        deployment_id=deployment.pk,
+        deployment_name=deployment.name,
+        logging_level=deployment.logging_level,
+        queue_timeout=float(deployment.queue_timeout_seconds),
+        admission_limit=(deployment.queue_size + deployment.parallel_slots) * len(live),
+        sampling=dict(PRESET_SAMPLING[deployment.preset]),
+        replica_id=replica.pk,
+        generation=replica.generation,
+        worker=replica.worker,
+        sha256=deployment.model_version.sha256,
+        embeddings=deployment.embeddings,
+    )
+
+
+@dataclass
+class Call:
+    """One request in flight, from admission to its last event."""
+
+    route: Route
+    kind: str
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started: float = field(default_factory=time.perf_counter)
+    admitted: bool = False
+    finished: bool = False
+
+    async def admit(self) -> None:
+        client = redis_client()
+        now = time.time()
+        expires = now + self.route.queue_timeout + ADMISSION_GRACE_SECONDS
+        ok = await client.eval(
+            _ADMIT,
+            1,
+            protocol.admission_key(self.route.deployment_id),
+            now,
+            self.route.admission_limit,
+            self.request_id,
+            expires,
+        )
+        if not ok:
+            raise ApiError(
+                429,
+                f"The model '{self.route.deployment_name}' is busy: its queue is full. "
+                "Retry after a short wait.",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": "2"},
+            )
+        self.admitted = True
+
+    def spec(self, **fields: Any) -> protocol.RequestSpec:
+        now = time.time()
+        return protocol.RequestSpec(
+            request_id=self.request_id,
+            replica_id=self.route.replica_id,
+            generation=self.route.generation,
+            kind=self.kind,
+            deadline=now + self.route.queue_timeout,
+            sent_at=now,
+            **fields,
+        )
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """The worker's events for this request, until "end" or "error"."""
+        client = redis_client()
+        key = protocol.events_key(self.request_id)
+        last_id = "0-0"
+        seen_start = False
+        start_deadline = time.monotonic() + self.route.queue_timeout + START_GRACE_SECONDS
+        while True:
+            reply = await client.xread({key: last_id}, block=int(LIVENESS_CHECK_SECONDS * 1000))
+            if not reply:
+                await self._check_alive(seen_start, start_deadline)
+                continue
+            for entry_id, fields in reply[0][1]:
+                last_id = entry_id
+                event = json.loads(fields[b"e"])
+                seen_start = seen_start or event["type"] == protocol.START
+                yield event
+                if event["type"] in (protocol.END, protocol.ERROR):
+                    self.finished = True
+                    return
+
+    async def _check_alive(self, seen_start: bool, start_deadline: float) -> None:
+        if not seen_start and time.monotonic() > start_deadline:
+            raise ApiError(
+                504,
+                f"The request waited more than {self.route.queue_timeout:.0f} s for "
+                f"'{self.route.deployment_name}' and was dropped.",
+                type="server_error",
+                code="queue_timeout",
+            )
+        raw = await redis_client().get(protocol.heartbeat_key(self.route.worker))
+        worker = deployment_selectors.parse_heartbeat(raw)
+        if worker is None or not worker.online:
+            raise unavailable(
+                f"The worker serving '{self.route.deployment_name}' stopped responding; "
+                "the request was abandoned."
+            )
+
+    async def close(self) -> None:
+        """Release the admission slot; tell the worker to stop if we leave early."""
+        client = redis_client()
+        pipe = client.pipeline(transaction=False)
+        if self.admitted:
+            pipe.zrem(protocol.admission_key(self.route.deployment_id), self.request_id)
+        if not self.finished:
+            pipe.set(protocol.cancel_key(self.request_id), 1, ex=protocol.EVENT_STREAM_TTL_SECONDS)
+        await pipe.execute()

@@ -1,0 +1,436 @@
+"""The OpenAI-compatible endpoint (/v1/...) and the playground's streaming chat.
+
+Async views: a streamed answer holds no thread while it waits for tokens, and Django
+cancels the view when the client disconnects, which cancels the generation too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET, require_POST
+
+from apps.accounts.services import ApiKeyRejected, api_key_authenticate
+from apps.deployments.models import Deployment, State
+from apps.deployments.tasks import inference_submit, send_to_worker
+from apps.inference import gateway, openai_api, services
+from apps.inference.gateway import Call, Caller
+from apps.inference.models import Outcome
+from apps.inference.openai_api import ApiError
+from workers.inference import protocol
+
+WORKER_ERRORS = {
+    protocol.CONTEXT_LENGTH_EXCEEDED: (400, "invalid_request_error"),
+    protocol.INVALID_REQUEST: (400, "invalid_request_error"),
+    protocol.QUEUE_FULL: (429, "rate_limit_error"),
+    protocol.QUEUE_TIMEOUT: (504, "server_error"),
+    protocol.REPLICA_UNAVAILABLE: (503, "server_error"),
+    protocol.INTERNAL: (500, "server_error"),
+}
+
+
+def _worker_error(event: dict[str, Any], kind: str) -> ApiError:
+    status, error_type = WORKER_ERRORS.get(event["code"], (500, "server_error"))
+    param = None
+    if event["code"] == protocol.CONTEXT_LENGTH_EXCEEDED:
+        param = {"chat": "messages", "completion": "prompt", "embedding": "input"}[kind]
+    headers = {"Retry-After": "2"} if status == 429 else None
+    return ApiError(
+        status, event["message"], type=error_type, code=event["code"], param=param, headers=headers
+    )
+
+
+def _outcome(status: int) -> str:
+    if status < 400:
+        return Outcome.OK
+    if status == 429:
+        return Outcome.REJECTED
+    if status == 504:
+        return Outcome.TIMEOUT
+    if status == 503:
+        return Outcome.UNAVAILABLE
+    return Outcome.CLIENT_ERROR if status < 500 else Outcome.ERROR
+
+
+async def _bearer_caller(request: HttpRequest) -> Caller:
+    header = request.headers.get("Authorization", "")
+    scheme, _, raw_key = header.partition(" ")
+    if scheme.lower() != "bearer" or not raw_key.strip():
+        raise ApiError(
+            401,
+            "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+            code="invalid_api_key",
+        )
+    try:
+        key = await sync_to_async(api_key_authenticate)(raw_key=raw_key.strip())
+    except ApiKeyRejected as exc:
+        raise ApiError(401, str(exc), code="invalid_api_key") from exc
+    return Caller(user=key.user, api_key=key)
+
+
+async def _session_caller(request: HttpRequest) -> Caller:
+    user = await request.auser()
+    if not user.is_authenticated:
+        raise ApiError(401, "Sign in to use the playground.", code="not_signed_in")
+    return Caller(user=user)
+
+
+class Exchange:
+    """One request: the call to a worker plus what its usage record needs."""
+
+    def __init__(self, caller: Caller, route: gateway.Route, kind: str, stream: bool) -> None:
+        self.caller = caller
+        self.call = Call(route=route, kind=kind)
+        self.stream = stream
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.queue_ms: float | None = None
+        self.ttft_ms: float | None = None
+        self.status = 200
+        self.error = ""
+        self.outcome = ""
+        self.prompt_log: Any = None
+        self.output: list[str] = []
+
+    async def start(self, spec_fields: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Admit, dispatch, and return the events once the worker has started the request."""
+        await self.call.admit()
+        spec = self.call.spec(**spec_fields).as_dict()
+        await sync_to_async(send_to_worker, thread_sensitive=False)(
+            inference_submit, self.call.route.worker, spec
+        )
+        events = self.call.events()
+        first = await anext(events)
+        if first["type"] == protocol.ERROR:
+            raise _worker_error(first, self.call.kind)
+        self.prompt_tokens = first.get("prompt_tokens", 0)
+        self.queue_ms = first.get("queue_ms")
+        return events
+
+    def on_delta(self, text: str) -> None:
+        if self.ttft_ms is None:
+            self.ttft_ms = (time.perf_counter() - self.call.started) * 1000
+        self.output.append(text)
+
+    def fail(self, exc: ApiError) -> None:
+        self.status, self.error = exc.status, exc.message
+
+    async def finish(self, *, cancelled: bool = False) -> None:
+        await self.call.close()
+        outcome = Outcome.CANCELLED if cancelled else _outcome(self.status)
+        await sync_to_async(services.usage_record)(
+            caller=self.caller,
+            route=self.call.route,
+            request_id=self.call.request_id,
+            endpoint=self.call.kind,
+            stream=self.stream,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            queue_ms=self.queue_ms,
+            ttft_ms=self.ttft_ms,
+            latency_ms=(time.perf_counter() - self.call.started) * 1000,
+            outcome=outcome,
+            status_code=499 if cancelled else self.status,
+            error=self.error,
+            prompt=self.prompt_log,
+            output="".join(self.output),
+        )
+
+
+async def _generate(request: HttpRequest, caller: Caller, kind: str) -> HttpResponse:
+    try:
+        data = openai_api.parse_json(request.body)
+        parsed = (
+            openai_api.parse_chat(data) if kind == "chat" else openai_api.parse_completion(data)
+        )
+        route = await sync_to_async(gateway.route)(caller, parsed.model)
+    except ApiError as exc:
+        return exc.response()
+    exchange = Exchange(caller, route, kind, parsed.stream)
+    exchange.prompt_log = parsed.messages if kind == "chat" else parsed.prompt
+    sampling = {**route.sampling, **parsed.sampling}
+    spec_fields = {
+        "messages": parsed.messages,
+        "prompt": parsed.prompt,
+        "max_tokens": parsed.max_tokens,
+        "seed": parsed.seed,
+        "stop": parsed.stop,
+        **sampling,
+    }
+    try:
+        events = await exchange.start(spec_fields)
+    except ApiError as exc:
+        exchange.fail(exc)
+        await exchange.finish()
+        return exc.response()
+    except asyncio.CancelledError:
+        await exchange.finish(cancelled=True)
+        raise
+    shape = _Shape(kind, route, exchange.call.request_id)
+    if parsed.stream:
+        response = StreamingHttpResponse(
+            _stream(exchange, events, shape, parsed.include_usage),
+            content_type="text/event-stream",
+        )
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"
+        return response
+    cancelled = False
+    try:
+        finish_reason = await _drain(exchange, events)
+    except ApiError as exc:
+        exchange.fail(exc)
+        return exc.response()
+    except asyncio.CancelledError:
+        cancelled = True
+        raise
+    finally:
+        await exchange.finish(cancelled=cancelled)
+    return JsonResponse(shape.whole(exchange, finish_reason))
+
+
+async def _drain(exchange: Exchange, events: AsyncIterator[dict[str, Any]]) -> str:
+    async for event in events:
+        if event["type"] == protocol.DELTA:
+            exchange.on_delta(event["text"])
+        elif event["type"] == protocol.END:
+            exchange.completion_tokens = event["completion_tokens"]
+            return event["finish_reason"]
+        elif event["type"] == protocol.ERROR:
+            raise _worker_error(event, exchange.call.kind)
+    raise ApiError(500, "The worker ended the request without an answer.", type="server_error")
+
+
+async def _stream(
+    exchange: Exchange,
+    events: AsyncIterator[dict[str, Any]],
+    shape: _Shape,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    cancelled = False
+    try:
+        yield openai_api.sse(shape.chunk(role=True))
+        async for event in events:
+            if event["type"] == protocol.DELTA:
+                exchange.on_delta(event["text"])
+                yield openai_api.sse(shape.chunk(text=event["text"]))
+            elif event["type"] == protocol.END:
+                exchange.completion_tokens = event["completion_tokens"]
+                yield openai_api.sse(shape.chunk(finish_reason=event["finish_reason"]))
+                if include_usage:
+                    yield openai_api.sse(shape.usage_chunk(exchange))
+            elif event["type"] == protocol.ERROR:
+                raise _worker_error(event, exchange.call.kind)
+        yield openai_api.sse("[DONE]")
+    except ApiError as exc:
+        # The status line is sent; OpenAI's streams report a late error as an event.
+        exchange.fail(exc)
+        yield openai_api.sse(exc.body())
+    except (asyncio.CancelledError, GeneratorExit):
+        cancelled = True
+        raise
+    finally:
+        await exchange.finish(cancelled=cancelled)
+
+
+class _Shape:
+    """OpenAI's response objects for chat and text completions."""
+
+    def __init__(self, kind: str, route: gateway.Route, request_id: str) -> None:
+        self.kind = kind
+        self.model = route.deployment_name
+        self.fingerprint = f"aibox-{route.sha256[:12]}"
+        self.created = int(time.time())
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        self.id = f"{prefix}-{request_id}"
+
+    def _base(self, chunk: bool) -> dict[str, Any]:
+        if self.kind == "chat":
+            obj = "chat.completion.chunk" if chunk else "chat.completion"
+        else:
+            obj = "text_completion"
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.fingerprint,
+        }
+
+    def chunk(
+        self, *, text: str = "", role: bool = False, finish_reason: str | None = None
+    ) -> dict[str, Any]:
+        if self.kind == "chat":
+            delta: dict[str, Any] = {}
+            if role:
+                delta = {"role": "assistant", "content": ""}
+            elif text:
+                delta = {"content": text}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {**self._base(True), "choices": [choice]}
+
+    @staticmethod
+    def _usage(exchange: Exchange) -> dict[str, int]:
+        return {
+            "prompt_tokens": exchange.prompt_tokens,
+            "completion_tokens": exchange.completion_tokens,
+            "total_tokens": exchange.prompt_tokens + exchange.completion_tokens,
+        }
+
+    def usage_chunk(self, exchange: Exchange) -> dict[str, Any]:
+        return {**self._base(True), "choices": [], "usage": self._usage(exchange)}
+
+    def whole(self, exchange: Exchange, finish_reason: str) -> dict[str, Any]:
+        text = "".join(exchange.output)
+        if self.kind == "chat":
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {**self._base(False), "choices": [choice], "usage": self._usage(exchange)}
+
+
+async def _embeddings(request: HttpRequest, caller: Caller) -> HttpResponse:
+    try:
+        parsed = openai_api.parse_embedding(openai_api.parse_json(request.body))
+        route = await sync_to_async(gateway.route)(caller, parsed.model)
+        if not route.embeddings:
+            raise openai_api.bad_request(
+                f"The model '{parsed.model}' does not serve embeddings.", param="model"
+            )
+    except ApiError as exc:
+        return exc.response()
+    exchange = Exchange(caller, route, "embedding", stream=False)
+    exchange.prompt_log = parsed.inputs
+    vectors: list[list[float]] = []
+    cancelled = False
+    try:
+        events = await exchange.start({"inputs": parsed.inputs})
+        async for event in events:
+            if event["type"] == protocol.EMBEDDING:
+                vectors = event["data"]
+            elif event["type"] == protocol.END:
+                exchange.prompt_tokens = event["prompt_tokens"]
+            elif event["type"] == protocol.ERROR:
+                raise _worker_error(event, "embedding")
+    except ApiError as exc:
+        exchange.fail(exc)
+        return exc.response()
+    except asyncio.CancelledError:
+        cancelled = True
+        raise
+    finally:
+        await exchange.finish(cancelled=cancelled)
+    return JsonResponse(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "object": "embedding",
+                    "index": i,
+                    "embedding": openai_api.encode_embedding(vector, parsed.base64),
+                }
+                for i, vector in enumerate(vectors)
+            ],
+            "model": route.deployment_name,
+            "usage": {
+                "prompt_tokens": exchange.prompt_tokens,
+                "total_tokens": exchange.prompt_tokens,
+            },
+        }
+    )
+
+
+def _api(handler):
+    """Bearer-authenticated /v1 view; errors in OpenAI's shape."""
+
+    async def view(request: HttpRequest, **kwargs: Any) -> HttpResponse:
+        try:
+            caller = await _bearer_caller(request)
+        except ApiError as exc:
+            return exc.response()
+        return await handler(request, caller, **kwargs)
+
+    return csrf_exempt(view)
+
+
+@require_POST
+@_api
+async def chat_completions(request: HttpRequest, caller: Caller) -> HttpResponse:
+    return await _generate(request, caller, "chat")
+
+
+@require_POST
+@_api
+async def completions(request: HttpRequest, caller: Caller) -> HttpResponse:
+    return await _generate(request, caller, "completion")
+
+
+@require_POST
+@_api
+async def embeddings(request: HttpRequest, caller: Caller) -> HttpResponse:
+    return await _embeddings(request, caller)
+
+
+def _model_object(deployment: Deployment) -> dict[str, Any]:
+    return {
+        "id": deployment.name,
+        "object": "model",
+        "created": int(deployment.created_at.timestamp()),
+        "owned_by": "aibox",
+        "ready": deployment.state == State.READY,
+    }
+
+
+def _visible_models(caller: Caller) -> list[dict[str, Any]]:
+    gateway.check_inference_access(caller)
+    return [
+        _model_object(d)
+        for d in Deployment.objects.visible_to(caller.user).filter(running=True)
+        if gateway.may_use(caller, d.name)
+    ]
+
+
+@require_GET
+@_api
+async def models(request: HttpRequest, caller: Caller) -> HttpResponse:
+    try:
+        data = await sync_to_async(_visible_models)(caller)
+    except ApiError as exc:
+        return exc.response()
+    return JsonResponse({"object": "list", "data": data})
+
+
+@require_GET
+@_api
+async def model_detail(request: HttpRequest, caller: Caller, name: str) -> HttpResponse:
+    try:
+        data = await sync_to_async(_visible_models)(caller)
+    except ApiError as exc:
+        return exc.response()
+    match = next((m for m in data if m["id"] == name), None)
+    if match is None:
+        return gateway.not_found(name).response()
+    return JsonResponse(match)
+
+
+@require_POST
+async def playground_chat(request: HttpRequest) -> HttpResponse:
+    """The playground's chat: the signed-in user's session (and CSRF token), no API key."""
+    try:
+        caller = await _session_caller(request)
+    except ApiError as exc:
+        return exc.response()
+    return await _generate(request, caller, "chat")

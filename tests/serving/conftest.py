@@ -1,0 +1,219 @@
+"""The live serving stack: uvicorn on a local port, a real Celery worker, real Gemma.
+
+Both processes run against the test database, so the rows they need are committed
+(``django_db_blocker.unblock()``) and the whole database is flushed when the package's
+tests end, as Django's transactional tests do.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+from django.db import connection
+
+from apps.accounts.models import Role, Scope, User
+from apps.accounts.services import api_key_create, system_user
+from apps.deployments import selectors, services
+from apps.deployments.models import Deployment, State
+from apps.registry.models import ModelVersion
+from apps.registry.services import model_register_bundled
+from tests.conftest import PASSWORD, make_user
+
+ROOT = Path(__file__).resolve().parents[2]
+OFFLINE_AFTER = 4.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    url: str
+    env: dict[str, str]
+    worker: str
+    version: ModelVersion
+    admin: User
+    keys: dict[str, str] = field(default_factory=dict)
+    processes: list[subprocess.Popen] = field(default_factory=list)
+    logs: Path | None = None
+
+    def start_worker(self, name: str) -> subprocess.Popen:
+        log = (self.logs / f"{name.split('@')[0]}.log").open("wb")
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "aibox",
+                "worker",
+                "--pool",
+                "threads",
+                "--concurrency",
+                "8",
+                "--hostname",
+                name,
+                "--loglevel",
+                "INFO",
+                "--without-mingle",
+                "--without-gossip",
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.processes.append(process)
+        deadline = time.monotonic() + 90
+        while True:
+            worker = selectors.worker_get(name)
+            if worker is not None and worker.online:
+                return process
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"The Celery worker {name} did not come up; see {log.name}")
+            time.sleep(0.2)
+
+    def deploy(self, name: str, *, timeout: float = 120, **values) -> Deployment:
+        deployment = services.deployment_create(
+            actor=self.admin, name=name, model_version=self.version, **values
+        )
+        return wait_for_state(deployment, State.READY, timeout=timeout)
+
+    def key(self, label: str = "inference") -> str:
+        return self.keys[label]
+
+
+def wait_for_state(deployment: Deployment, state: str, *, timeout: float = 60) -> Deployment:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        deployment.refresh_from_db()
+        if deployment.state == state:
+            return deployment
+        if deployment.state == State.FAILED and state != State.FAILED:
+            pytest.fail(f"{deployment.name} failed: {deployment.state_reason}")
+        time.sleep(0.2)
+    pytest.fail(f"{deployment.name} is {deployment.state}, not {state}, after {timeout} s")
+
+
+@pytest.fixture(scope="package")
+def stack(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Stack]:
+    logs = tmp_path_factory.mktemp("serving-logs")
+    artifacts = tmp_path_factory.mktemp("artifacts")
+    cache = tmp_path_factory.mktemp("model-cache")
+    db = connection.settings_dict
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:"
+        f"{db['PORT'] or 5432}/{db['NAME']}",
+        "AIBOX_ARTIFACT_ROOT": str(artifacts),
+        "AIBOX_MODEL_CACHE_DIR": str(cache),
+        "AIBOX_WORKER_OFFLINE_AFTER": str(OFFLINE_AFTER),
+        "AIBOX_SECRET_KEY": settings.SECRET_KEY,
+        "AIBOX_LOG_LEVEL": "INFO",
+    }
+    original = (settings.ARTIFACT_ROOT, settings.WORKER_OFFLINE_AFTER)
+    settings.ARTIFACT_ROOT, settings.WORKER_OFFLINE_AFTER = artifacts, OFFLINE_AFTER
+    port = _free_port()
+    with django_db_blocker.unblock():
+        admin = make_user(Role.ADMIN, username="serve-admin")
+        version = model_register_bundled(actor=system_user()).version
+        stack = Stack(
+            url=f"http://127.0.0.1:{port}",
+            env=env,
+            worker=f"serve-{uuid.uuid4().hex[:6]}@localhost",
+            version=version,
+            admin=admin,
+            logs=logs,
+        )
+        developer = make_user(Role.APP_DEVELOPER, username="serve-dev")
+        auditor = make_user(Role.COMPLIANCE_OFFICER, username="serve-cora")
+        stack.keys["inference"] = api_key_create(
+            actor=developer, owner=developer, name="app", scopes=[Scope.INFERENCE]
+        ).secret
+        stack.keys["registry-only"] = api_key_create(
+            actor=developer, owner=developer, name="reader", scopes=[Scope.REGISTRY_READ]
+        ).secret
+        stack.keys["compliance"] = api_key_create(
+            actor=auditor, owner=auditor, name="audit", scopes=[Scope.REGISTRY_READ]
+        ).secret
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "aibox.asgi:application",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--lifespan",
+                "off",
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=(logs / "uvicorn.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        stack.processes.append(server)
+        stack.start_worker(stack.worker)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{stack.url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"uvicorn did not come up; see {logs / 'uvicorn.log'}")
+            time.sleep(0.2)
+        stack.deploy("gemma", context_length=512, preset="precise", logging_level="hashed")
+        try:
+            yield stack
+        finally:
+            for process in stack.processes:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            for process in stack.processes:
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+            call_command("flush", interactive=False, verbosity=0)
+            settings.ARTIFACT_ROOT, settings.WORKER_OFFLINE_AFTER = original
+
+
+@pytest.fixture
+def openai_client(stack):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{stack.url}/v1", api_key=stack.key(), max_retries=0, timeout=60)
+
+
+__all__ = ["PASSWORD", "Stack", "wait_for_state"]
+
+
+@pytest.fixture(autouse=True)
+def committed_db(django_db_blocker):
+    """The worker and the web server are other processes: tests here write committed rows
+    (no test transaction to roll back; the package flushes the database at its end)."""
+    with django_db_blocker.unblock():
+        yield

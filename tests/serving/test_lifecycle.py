@@ -1,0 +1,182 @@
+"""Deployments on real workers: placement, several at once, stop and worker death."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import uuid
+
+import httpx
+import pytest
+from django.core.exceptions import ValidationError
+
+from apps.audit.models import AuditEvent
+from apps.deployments import selectors, services
+from apps.deployments.models import Deployment, Replica, State
+from apps.inference.models import Outcome, UsageRecord
+from tests.serving.conftest import OFFLINE_AFTER, wait_for_state
+
+
+def _post(stack, path: str, body: dict, timeout: float = 60) -> httpx.Response:
+    return httpx.post(
+        f"{stack.url}{path}",
+        headers={"Authorization": f"Bearer {stack.key()}"},
+        json=body,
+        timeout=timeout,
+    )
+
+
+def test_worker_heartbeat_reports_hardware_and_held_replicas(stack):
+    worker = selectors.worker_get(stack.worker)
+    assert worker.online and worker.serving and worker.pool == "thread"
+    assert worker.cpu_cores >= 1 and worker.ram_total_mib > 0
+    gemma = Deployment.objects.get(name="gemma")
+    assert worker.holds(gemma.replica_set.get())
+    held = {r["deployment"] for r in worker.replicas}
+    assert "gemma" in held
+
+
+def test_deploy_is_audited_with_the_served_digest(stack):
+    gemma = Deployment.objects.get(name="gemma")
+    events = AuditEvent.objects.filter(
+        target_type="deployments.deployment", target_id=str(gemma.pk)
+    )
+    actions = list(events.order_by("seq").values_list("action", flat=True))
+    assert actions[:1] == ["deployment.create"] and "replica.ready" in actions
+    ready = events.get(action="replica.ready")
+    assert ready.details["sha256"] == stack.version.sha256
+    assert ready.details["worker"] == stack.worker
+    assert ready.details["chat_template"] == "default:gemma3"
+
+
+def test_placement_refuses_what_will_not_fit(stack):
+    with pytest.raises(ValidationError) as caught:
+        services.deployment_create(
+            actor=stack.admin,
+            name="too-big",
+            model_version=stack.version,
+            context_length=32768,
+            parallel_slots=64,
+        )
+    message = " ".join(caught.value.messages)
+    assert "needs about" in message and "available" in message
+    assert not Deployment.objects.filter(name="too-big").exists()
+
+
+def test_two_deployments_answer_at_once(stack):
+    stack.deploy("gemma-two", context_length=512, preset="creative")
+    results: dict[str, int] = {}
+
+    def ask(name: str) -> None:
+        reply = _post(stack, "/v1/completions", {"model": name, "prompt": "Hello", "max_tokens": 6})
+        results[name] = reply.status_code
+
+    threads = [threading.Thread(target=ask, args=(name,)) for name in ("gemma", "gemma-two")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == {"gemma": 200, "gemma-two": 200}
+    worker = selectors.worker_get(stack.worker)
+    assert {"gemma", "gemma-two"} <= {r["deployment"] for r in worker.replicas}
+    services.deployment_stop(actor=stack.admin, deployment=Deployment.objects.get(name="gemma-two"))
+
+
+def test_stopping_a_deployment_fails_waiting_requests_cleanly(stack):
+    deployment = stack.deploy("gemma-stop", context_length=512, queue_size=4)
+    body = {"model": "gemma-stop", "prompt": "Tell a long story:", "max_tokens": 300}
+    outcomes: list[httpx.Response] = []
+
+    def ask() -> None:
+        outcomes.append(_post(stack, "/v1/completions", body))
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.3)
+    time.sleep(1.0)  # one generating, one waiting behind it
+    services.deployment_stop(actor=stack.admin, deployment=deployment)
+    for thread in threads:
+        thread.join(timeout=30)
+    assert [r.status_code for r in outcomes] == [503, 503]
+    for response in outcomes:
+        error = response.json()["error"]
+        assert error["code"] == "replica_unavailable" and "stopped" in error["message"]
+    wait_for_state(deployment, State.STOPPED, timeout=30)
+    # Stopped: the next request is refused at once.
+    after = _post(stack, "/v1/completions", body, timeout=5)
+    assert after.status_code == 503 and "stopped" in after.json()["error"]["message"]
+
+
+def test_restart_and_scale_reload_replicas(stack):
+    deployment = stack.deploy("gemma-scale", context_length=256)
+    first = deployment.replica_set.get()
+    services.deployment_scale(actor=stack.admin, deployment=deployment, replicas=2)
+    wait_for_state(deployment, State.READY)
+    deadline = time.monotonic() + 60
+    while Replica.objects.filter(deployment=deployment, state=State.READY).count() < 2:
+        assert time.monotonic() < deadline, "the second replica never became ready"
+        time.sleep(0.2)
+    services.deployment_restart(actor=stack.admin, deployment=deployment)
+    deadline = time.monotonic() + 60
+    while Replica.objects.filter(deployment=deployment, state=State.READY).count() < 2:
+        assert time.monotonic() < deadline, "the replicas did not come back after a restart"
+        time.sleep(0.2)
+    assert deployment.replica_set.get(index=0).generation == first.generation + 1
+    services.deployment_scale(actor=stack.admin, deployment=deployment, replicas=1)
+    assert deployment.replica_set.count() == 1
+    reply = _post(
+        stack, "/v1/completions", {"model": "gemma-scale", "prompt": "Hi", "max_tokens": 2}
+    )
+    assert reply.status_code == 200
+    services.deployment_stop(actor=stack.admin, deployment=deployment)
+
+
+def test_killed_worker_makes_its_deployment_unavailable_without_a_hang(stack):
+    name = f"doomed-{uuid.uuid4().hex[:6]}@localhost"
+    process = stack.start_worker(name)
+    deployment = stack.deploy("gemma-doomed", context_length=512, placement_worker=name)
+    assert deployment.replica_set.get().worker == name
+
+    started = threading.Event()
+    events: list[str] = []
+
+    def stream() -> None:
+        with httpx.stream(
+            "POST",
+            f"{stack.url}/v1/completions",
+            headers={"Authorization": f"Bearer {stack.key()}"},
+            json={"model": "gemma-doomed", "prompt": "Story:", "max_tokens": 500, "stream": True},
+            timeout=60,
+        ) as response:
+            for line in response.iter_lines():
+                if line:
+                    events.append(line)
+                    started.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert started.wait(30)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
+    reader.join(timeout=OFFLINE_AFTER + 15)
+    assert not reader.is_alive(), "the stream hung after its worker died"
+    last = json.loads(events[-1].removeprefix("data: "))
+    assert last["error"]["code"] == "model_unavailable"
+    assert "stopped responding" in last["error"]["message"]
+
+    # The next request fails at once with a clear reason.
+    began = time.monotonic()
+    reply = _post(stack, "/v1/completions", {"model": "gemma-doomed", "prompt": "Hi"}, timeout=10)
+    assert reply.status_code == 503
+    assert "offline" in reply.json()["error"]["message"]
+    assert time.monotonic() - began < 5
+    assert (
+        UsageRecord.objects.filter(
+            deployment_name="gemma-doomed", outcome=Outcome.UNAVAILABLE
+        ).count()
+        >= 1
+    )
+    assert not selectors.worker_get(name).online

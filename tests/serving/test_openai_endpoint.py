@@ -1,0 +1,246 @@
+"""The OpenAI-compatible endpoint, driven with OpenAI's own client against the live stack."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import redis
+from django.conf import settings
+
+from apps.inference.models import Outcome, UsageRecord
+from workers.inference import protocol
+
+HELLO = [{"role": "user", "content": "Name three colours."}]
+
+
+def test_model_list_shows_the_deployment(openai_client):
+    ids = [model.id for model in openai_client.models.list()]
+    assert "gemma" in ids
+    assert openai_client.models.retrieve("gemma").id == "gemma"
+
+
+def test_chat_completion_answers_and_is_recorded(openai_client, stack):
+    reply = openai_client.chat.completions.create(
+        model="gemma", messages=HELLO, max_tokens=12, temperature=0
+    )
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content.strip()
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens > 5
+    assert 0 < reply.usage.completion_tokens <= 12
+    assert reply.model == "gemma"
+
+    record = UsageRecord.objects.get(request_id=reply.id.removeprefix("chatcmpl-"))
+    assert record.outcome == Outcome.OK
+    assert record.model_sha256 == stack.version.sha256
+    assert record.username == "serve-dev" and record.api_key_prefix
+    assert (record.prompt_tokens, record.completion_tokens) == (
+        reply.usage.prompt_tokens,
+        reply.usage.completion_tokens,
+    )
+    assert record.latency_ms > 0 and record.time_to_first_token_ms > 0
+    # The deployment logs "hashed": digests, never the text.
+    assert len(record.prompt_sha256) == 64 and record.prompt_text == ""
+
+
+def test_streamed_chat_matches_the_whole_answer_under_greedy_decoding(openai_client):
+    args = {"model": "gemma", "messages": HELLO, "max_tokens": 16, "temperature": 0}
+    whole = openai_client.chat.completions.create(**args).choices[0].message.content
+    chunks = list(
+        openai_client.chat.completions.create(
+            **args, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_stream_ends_with_done_marker(stack):
+    with httpx.stream(
+        "POST",
+        f"{stack.url}/v1/completions",
+        headers={"Authorization": f"Bearer {stack.key()}"},
+        json={"model": "gemma", "prompt": "One, two,", "max_tokens": 4, "stream": True},
+        timeout=60,
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+
+
+def test_completion_with_and_without_streaming(openai_client):
+    whole = openai_client.completions.create(
+        model="gemma", prompt="The capital of France is", max_tokens=8, temperature=0
+    )
+    assert whole.choices[0].text.strip()
+    assert whole.usage.completion_tokens <= 8
+    streamed = openai_client.completions.create(
+        model="gemma", prompt="The capital of France is", max_tokens=8, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
+
+
+def test_stop_sequence_and_seed(openai_client):
+    counted = openai_client.completions.create(
+        model="gemma", prompt="1, 2, 3, 4,", max_tokens=20, temperature=0, stop=["7"]
+    )
+    assert "7" not in counted.choices[0].text
+    assert counted.choices[0].finish_reason == "stop"
+    runs = [
+        openai_client.completions.create(
+            model="gemma", prompt="Once upon a time", max_tokens=12, temperature=1.0, seed=1234
+        )
+        .choices[0]
+        .text
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1]
+
+
+def test_bad_key_is_401(stack):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{stack.url}/v1", api_key="aibox_nope_nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        client.models.list()
+    assert caught.value.status_code == 401
+    assert caught.value.body["code"] == "invalid_api_key"
+
+
+def test_key_without_inference_scope_is_403(stack):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{stack.url}/v1", api_key=stack.key("registry-only"), max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        client.chat.completions.create(model="gemma", messages=HELLO, max_tokens=4)
+    assert "inference" in caught.value.message
+
+
+def test_compliance_officer_cannot_call_inference(stack):
+    response = httpx.post(
+        f"{stack.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {stack.key('compliance')}"},
+        json={"model": "gemma", "messages": HELLO},
+    )
+    assert response.status_code == 403
+    assert response.json()["error"]["type"] == "permission_error"
+
+
+def test_unknown_model_is_404(openai_client):
+    with pytest.raises(openai.NotFoundError) as caught:
+        openai_client.chat.completions.create(model="no-such-model", messages=HELLO)
+    assert caught.value.body["code"] == "model_not_found"
+
+
+def test_over_long_prompt_is_400_saying_so(openai_client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        openai_client.chat.completions.create(
+            model="gemma", messages=[{"role": "user", "content": "word " * 2000}], max_tokens=4
+        )
+    assert caught.value.body["code"] == "context_length_exceeded"
+    assert "maximum context length is 512 tokens" in caught.value.message
+
+
+def test_malformed_requests_are_400_with_the_parameter(stack):
+    headers = {"Authorization": f"Bearer {stack.key()}"}
+    cases = [
+        ({"model": "gemma"}, "messages"),
+        ({"model": "gemma", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"model": "gemma", "messages": HELLO, "temperature": 9}, "temperature"),
+        ({"model": "gemma", "messages": HELLO, "n": 3}, "n"),
+    ]
+    for body, param in cases:
+        response = httpx.post(f"{stack.url}/v1/chat/completions", headers=headers, json=body)
+        assert response.status_code == 400, body
+        assert response.json()["error"]["param"] == param
+    response = httpx.post(f"{stack.url}/v1/chat/completions", headers=headers, content=b"{not json")
+    assert response.status_code == 400
+    assert "not valid JSON" in response.json()["error"]["message"]
+
+
+def test_full_queue_is_429_with_retry_after(stack):
+    deployment = stack.deploy("gemma-narrow", context_length=512, queue_size=1)
+    headers = {"Authorization": f"Bearer {stack.key()}"}
+    body = {
+        "model": "gemma-narrow",
+        "prompt": "Count slowly:",
+        "max_tokens": 120,
+        "temperature": 0,
+        "stream": True,
+    }
+    generating = threading.Event()
+    statuses: list[int] = []
+
+    def hold() -> None:
+        with httpx.stream(
+            "POST", f"{stack.url}/v1/completions", headers=headers, json=body, timeout=60
+        ) as response:
+            statuses.append(response.status_code)
+            for _ in response.iter_lines():
+                generating.set()
+
+    # One request generating and one queued behind it fill this deployment.
+    threads = [threading.Thread(target=hold) for _ in range(2)]
+    threads[0].start()
+    assert generating.wait(30)
+    threads[1].start()
+    admitted = redis.Redis.from_url(settings.REDIS_URL)
+    deadline = time.monotonic() + 10
+    while admitted.zcard(protocol.admission_key(deployment.pk)) < 2:
+        assert time.monotonic() < deadline, "the second request was never admitted"
+        time.sleep(0.05)
+    try:
+        response = httpx.post(f"{stack.url}/v1/completions", headers=headers, json=body)
+        assert response.status_code == 429
+        assert response.headers["Retry-After"] == "2"
+        assert response.json()["error"]["code"] == "queue_full"
+    finally:
+        for thread in threads:
+            thread.join(timeout=60)
+    assert statuses == [200, 200]
+    # The refusal is on record too.
+    assert UsageRecord.objects.filter(
+        deployment_name="gemma-narrow", outcome=Outcome.REJECTED, status_code=429
+    ).exists()
+
+
+def test_client_disconnect_stops_generation(stack):
+    headers = {"Authorization": f"Bearer {stack.key()}"}
+    body = {"model": "gemma", "prompt": "A long story:", "max_tokens": 400, "stream": True}
+    with httpx.stream(
+        "POST", f"{stack.url}/v1/completions", headers=headers, json=body, timeout=60
+    ) as response:
+        lines = response.iter_lines()
+        for _ in range(4):
+            next(lines)
+    # The worker notices at its next token and records a short, cancelled request.
+    deadline = time.monotonic() + 20
+    record = None
+    while time.monotonic() < deadline:
+        record = UsageRecord.objects.filter(outcome=Outcome.CANCELLED).first()
+        if record is not None:
+            break
+        time.sleep(0.2)
+    assert record is not None, "the disconnect was not recorded"
+    # A following request is served at once: the replica is not busy with the old one.
+    reply = httpx.post(
+        f"{stack.url}/v1/completions",
+        headers=headers,
+        json={"model": "gemma", "prompt": "Hi", "max_tokens": 2},
+        timeout=30,
+    )
+    assert reply.status_code == 200
+    follow_up = UsageRecord.objects.get(request_id=reply.json()["id"].removeprefix("cmpl-"))
+    # Had the abandoned story kept generating (~400 tokens), this one would have queued
+    # behind it for seconds.
+    assert follow_up.queue_ms < 3000

@@ -1,0 +1,114 @@
+"""What the control plane and the inference workers say to each other through Redis.
+
+Both sides import this module (it has no Django in it), so key names and message
+shapes live in one place:
+
+- ``ReplicaSpec``: everything a worker needs to load one replica of a deployment.
+- ``RequestSpec``: one inference request, sent as a Celery task to the worker that
+  holds the replica; its events come back on a Redis stream named by the request id.
+- Heartbeats: one Redis key per worker, rewritten every few seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+KEY_PREFIX = "aibox"
+HEARTBEAT_INTERVAL_SECONDS = 2.0
+# Events of a finished request stay readable this long (a slow reader still gets them).
+EVENT_STREAM_TTL_SECONDS = 600
+
+
+def heartbeat_key(hostname: str) -> str:
+    return f"{KEY_PREFIX}:worker:{hostname}"
+
+
+WORKERS_SET = f"{KEY_PREFIX}:workers"
+
+
+def events_key(request_id: str) -> str:
+    return f"{KEY_PREFIX}:inference:{request_id}:events"
+
+
+def cancel_key(request_id: str) -> str:
+    return f"{KEY_PREFIX}:inference:{request_id}:cancel"
+
+
+def admission_key(deployment_id: int) -> str:
+    return f"{KEY_PREFIX}:deployment:{deployment_id}:admitted"
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    replica_id: int
+    generation: int
+    deployment_id: int
+    deployment_name: str
+    sha256: str
+    # Where the worker fetches the file from (the artifact store, a shared mount).
+    source_path: str
+    architecture: str
+    context_length: int
+    threads: int | None = None
+    gpu_layers: int = 0
+    gpu_index: int | None = None
+    batch_size: int = 512
+    parallel_slots: int = 1
+    embeddings: bool = False
+    chat_template: str = ""
+    has_chat_template: bool = False
+    queue_size: int = 8
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReplicaSpec:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    request_id: str
+    replica_id: int
+    generation: int
+    kind: str  # "chat", "completion" or "embedding"
+    # chat: a list of {"role", "content"}; completion: a string; embedding: list of strings
+    messages: list[dict[str, str]] = field(default_factory=list)
+    prompt: str = ""
+    inputs: list[str] = field(default_factory=list)
+    max_tokens: int | None = None
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    # Wall-clock time (epoch seconds) after which a request still queued is dropped.
+    deadline: float = 0.0
+    # Dispatch time, so the worker can report how long the request queued.
+    sent_at: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RequestSpec:
+        return cls(**data)
+
+
+# Event types on a request's stream, in order: one "start" (or one "error"), then
+# "delta"s (generation) or one "embedding" result, then one "end" (or "error").
+START, DELTA, EMBEDDING, END, ERROR = "start", "delta", "embedding", "end", "error"
+
+# Error codes a worker sends; the endpoint maps them to HTTP statuses.
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+QUEUE_TIMEOUT = "queue_timeout"
+REPLICA_UNAVAILABLE = "replica_unavailable"
+QUEUE_FULL = "queue_full"
+CANCELLED = "cancelled"
+INVALID_REQUEST = "invalid_request"
+INTERNAL = "internal_error"

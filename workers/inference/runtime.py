@@ -1,0 +1,206 @@
+"""The inference runtime of one worker process: its resident replicas and their events.
+
+One ``Runtime`` per worker process (``runtime()``), configured once at worker start
+with the Redis URL and the local cache directory. Celery task bridges call
+``load``/``unload``/``submit``; the heartbeat reads ``snapshot``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from workers.hardware import inventory
+from workers.inference import protocol
+from workers.inference.cache import ModelCache
+from workers.inference.engine import LoadError, Replica
+from workers.inference.protocol import ReplicaSpec, RequestSpec
+
+log = logging.getLogger(__name__)
+
+
+class RedisSink:
+    """Writes request events to Redis streams; reads the client's cancel flag."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+
+    def send(self, request_id: str, event: dict[str, Any]) -> bool:
+        key = protocol.events_key(request_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xadd(key, {"e": json.dumps(event)})
+        if event["type"] in (protocol.START, protocol.END, protocol.ERROR):
+            pipe.expire(key, protocol.EVENT_STREAM_TTL_SECONDS)
+        pipe.exists(protocol.cancel_key(request_id))
+        return bool(pipe.execute()[-1])
+
+    def cancelled(self, request_id: str) -> bool:
+        return bool(self.client.exists(protocol.cancel_key(request_id)))
+
+
+class Runtime:
+    def __init__(self, redis_url: str, cache_dir: str | os.PathLike[str]) -> None:
+        self.redis = redis.Redis.from_url(redis_url)
+        self.sink = RedisSink(self.redis)
+        self.cache = ModelCache(cache_dir)
+        self._replicas: dict[int, Replica] = {}
+        self._lock = threading.Lock()
+        # Highest generation of each replica that was unloaded: a load of that generation
+        # (or older) still in progress when the unload came is dropped once it finishes.
+        self._unloaded: dict[int, int] = {}
+        self._loading: dict[int, threading.Lock] = {}
+        # Called after a replica is loaded or unloaded (the heartbeat: the control plane
+        # learns at once what this worker holds, before it is told the replica is ready).
+        self.on_change: Callable[[], None] = lambda: None
+        self._cpu_cores = inventory().cpu_cores
+
+    def load(self, spec: ReplicaSpec) -> Replica:
+        """Fetch, verify and load a replica; an older generation of it is stopped first."""
+        with self._lock:
+            loading = self._loading.setdefault(spec.replica_id, threading.Lock())
+        with loading:
+            current = self._replicas.get(spec.replica_id)
+            if current is not None and current.spec.generation >= spec.generation:
+                return current  # a duplicate delivery of the same load
+            self.unload(spec.replica_id, reason="The deployment is restarting.")
+            path = self.cache.fetch(spec.sha256, Path(spec.source_path))
+            replica = Replica(spec, path, self.sink, self._cpu_cores)
+            replica.load()
+            with self._lock:
+                if self._unloaded.get(spec.replica_id, 0) >= spec.generation:
+                    cancelled = True
+                else:
+                    cancelled = False
+                    self._replicas[spec.replica_id] = replica
+            if cancelled:
+                replica.stop()
+                raise LoadError("The deployment was stopped while it was loading.")
+            self._changed()
+            return replica
+
+    def unload(
+        self,
+        replica_id: int,
+        *,
+        generation: int | None = None,
+        reason: str = "The deployment was stopped.",
+    ) -> bool:
+        with self._lock:
+            if generation is not None:
+                self._unloaded[replica_id] = max(self._unloaded.get(replica_id, 0), generation)
+            replica = self._replicas.get(replica_id)
+            if replica is None or (generation is not None and replica.spec.generation > generation):
+                return False
+            del self._replicas[replica_id]
+        replica.stop(reason)
+        self._changed()
+        return True
+
+    def _changed(self) -> None:
+        try:
+            self.on_change()
+        except Exception:  # noqa: BLE001 - a missed beat is retried by the next one
+            log.warning("heartbeat after a change failed", exc_info=True)
+
+    def submit(self, request: RequestSpec) -> None:
+        with self._lock:
+            replica = self._replicas.get(request.replica_id)
+        if replica is None or replica.spec.generation != request.generation:
+            self.sink.send(
+                request.request_id,
+                {
+                    "type": protocol.ERROR,
+                    "code": protocol.REPLICA_UNAVAILABLE,
+                    "message": "The model is not loaded on this worker (it was stopped or "
+                    "the worker restarted).",
+                },
+            )
+            return
+        replica.submit(request)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self._lock:
+            replicas = list(self._replicas.values())
+        return [replica.snapshot() for replica in replicas]
+
+    def shutdown(self) -> None:
+        for replica_id in list(self._replicas):
+            self.unload(replica_id, reason="The worker is shutting down.")
+
+
+_runtime: Runtime | None = None
+
+
+def configure(redis_url: str, cache_dir: str | os.PathLike[str]) -> Runtime:
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime(redis_url, cache_dir)
+    return _runtime
+
+
+def runtime() -> Runtime:
+    if _runtime is None:
+        raise RuntimeError("The inference runtime is not configured in this process.")
+    return _runtime
+
+
+def heartbeat_payload(hostname: str, *, pool: str, serving: bool) -> dict[str, Any]:
+    payload = inventory().as_dict()
+    payload.update(
+        hostname=hostname,
+        pool=pool,
+        serving=serving,
+        pid=os.getpid(),
+        sent_at=time.time(),
+        replicas=_runtime.snapshot() if _runtime is not None else [],
+    )
+    return payload
+
+
+class Heartbeat:
+    """Rewrites this worker's heartbeat key every few seconds from a daemon thread."""
+
+    def __init__(self, redis_url: str, hostname: str, *, pool: str, serving: bool) -> None:
+        self.redis = redis.Redis.from_url(redis_url)
+        self.hostname = hostname
+        self.pool = pool
+        self.serving = serving
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self.beat()
+        self._thread.start()
+
+    def beat(self) -> None:
+        payload = heartbeat_payload(self.hostname, pool=self.pool, serving=self.serving)
+        pipe = self.redis.pipeline(transaction=False)
+        # Kept for a day so the UI can say since when a worker is offline.
+        pipe.set(protocol.heartbeat_key(self.hostname), json.dumps(payload), ex=86400)
+        pipe.sadd(protocol.WORKERS_SET, self.hostname)
+        pipe.execute()
+
+    def _run(self) -> None:
+        while not self._stop.wait(protocol.HEARTBEAT_INTERVAL_SECONDS):
+            try:
+                self.beat()
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    def stop(self) -> None:
+        """A last beat that says the worker left, so it shows offline at once."""
+        self._stop.set()
+        self.serving = False
+        payload = heartbeat_payload(self.hostname, pool=self.pool, serving=False)
+        payload.update(stopped=True, replicas=[])
+        with contextlib.suppress(redis.RedisError):
+            self.redis.set(protocol.heartbeat_key(self.hostname), json.dumps(payload), ex=86400)
