@@ -9,6 +9,7 @@ from rest_framework.test import APIClient
 
 from apps.accounts.models import ApiKey, Role
 from apps.accounts.services import api_key_create
+from apps.deployments.models import Deployment, State
 from apps.registry.models import SourceKind
 from apps.registry.services import artifact_store, model_repo_create, model_version_ingest
 from tests.conftest import make_user
@@ -94,6 +95,24 @@ MATRIX = {
         "/api/v1/registry/versions/{version}/approve",
         {ADMIN: 200, DS: 403, DEV: 403, CO: 200},
     ),
+    "deployments_view": (
+        "View deployments and workers",
+        "get",
+        "/deployments/",
+        dict.fromkeys(ROLES, 200),
+    ),
+    "deployment_manage": (
+        "Create, start, stop, restart and scale deployments",
+        "post",
+        "/api/v1/deployments/{deployment}/stop",
+        {ADMIN: 200, DS: 403, DEV: 403, CO: 403},
+    ),
+    "playground": (
+        "Use the playground and the inference API (`/v1/`)",
+        "get",
+        "/deployments/playground/",
+        {ADMIN: 200, DS: 200, DEV: 200, CO: 403},
+    ),
     "api_audit": (
         "API: read audit events (`GET /api/v1/audit/events/`)",
         "get",
@@ -133,7 +152,11 @@ def world(users, settings, tmp_path):
         source_kind=SourceKind.UPLOAD,
         source={},
     ).version
+    deployment = Deployment.objects.create(
+        name="tiny-served", model_version=version, running=False, state=State.STOPPED
+    )
     return {
+        "deployment": deployment.name,
         "victim": victim.pk,
         "victim_key": key.api_key.pk,
         "repo": repo.name,

@@ -131,6 +131,13 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Stac
     original = (settings.ARTIFACT_ROOT, settings.WORKER_OFFLINE_AFTER)
     settings.ARTIFACT_ROOT, settings.WORKER_OFFLINE_AFTER = artifacts, OFFLINE_AFTER
     port = _free_port()
+    # The web server runs with production static files (whitenoise's manifest).
+    subprocess.run(
+        [sys.executable, "manage.py", "collectstatic", "--no-input", "-v", "0"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+    )
     with django_db_blocker.unblock():
         admin = make_user(Role.ADMIN, username="serve-admin")
         version = model_register_bundled(actor=system_user()).version

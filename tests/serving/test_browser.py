@@ -41,7 +41,7 @@ def test_deploy_from_the_ui_and_stream_in_the_playground(browser, stack):
         expect(page.locator("[data-logging-level]")).to_contain_text("Full text")
 
         page.get_by_role("link", name="Try it in the playground").click()
-        expect(page.get_by_label("Deployment")).to_have_value("gemma-ui")
+        expect(page.get_by_label("Deployment", exact=True)).to_have_value("gemma-ui")
         page.get_by_label("Max tokens").fill("24")
         page.get_by_label("Message", exact=True).fill("Say hello.")
         page.get_by_role("button", name="Send").click()
