@@ -72,8 +72,14 @@ if TRUST_X_FORWARDED_FOR:
 DATABASES = {
     "default": env.db_url("DATABASE_URL", default="postgres://postgres@127.0.0.1:5432/aibox"),
 }
-DATABASES["default"]["CONN_MAX_AGE"] = 60
-DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# A pool per process (web and workers), shared by all threads; Django checks a
+# connection out for each request or task and returns it at the end.
+DATABASES["default"]["CONN_MAX_AGE"] = 0
+DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+    "min_size": 2,
+    "max_size": 20,
+    "timeout": 10,
+}
 if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
     raise ImproperlyConfigured(
         "DATABASE_URL must point at PostgreSQL (postgres://...): the audit log relies on "

@@ -52,8 +52,18 @@ class WorkerStatus:
         )
 
 
+_clients: dict[str, redis.Redis] = {}
+
+
 def _redis() -> redis.Redis:
-    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+    # One client (a thread-safe connection pool) per URL and process.
+    client = _clients.get(settings.REDIS_URL)
+    if client is None:
+        client = redis.Redis.from_url(
+            settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2
+        )
+        _clients[settings.REDIS_URL] = client
+    return client
 
 
 def parse_heartbeat(raw: bytes | str | None, *, now: float | None = None) -> WorkerStatus | None:

@@ -215,7 +215,8 @@ async def _stream(
 ) -> AsyncIterator[bytes]:
     cancelled = False
     try:
-        yield openai_api.sse(shape.chunk(role=True))
+        if exchange.call.kind == "chat":
+            yield openai_api.sse(shape.chunk(role=True))
         async for event in events:
             if event["type"] == protocol.DELTA:
                 exchange.on_delta(event["text"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -244,3 +245,55 @@ def test_client_disconnect_stops_generation(stack):
     # Had the abandoned story kept generating (~400 tokens), this one would have queued
     # behind it for seconds.
     assert follow_up.queue_ms < 3000
+
+
+def test_embeddings_for_a_deployment_that_serves_them(stack, openai_client):
+    stack.deploy("gemma-embed", context_length=256, embeddings=True)
+    # The openai client asks for base64 by default and decodes it.
+    result = openai_client.embeddings.create(model="gemma-embed", input=["red", "a blue sky"])
+    vectors = [item.embedding for item in result.data]
+    assert [len(v) for v in vectors] == [640, 640]  # Gemma 3 270M's embedding size
+    assert vectors[0] != vectors[1]
+    assert result.usage.prompt_tokens > 0
+    floats = httpx.post(
+        f"{stack.url}/v1/embeddings",
+        headers={"Authorization": f"Bearer {stack.key()}"},
+        json={"model": "gemma-embed", "input": "red", "encoding_format": "float"},
+        timeout=30,
+    ).json()
+    assert floats["data"][0]["embedding"] == pytest.approx(vectors[0], rel=1e-5)
+    # A deployment without embeddings says so.
+    with pytest.raises(openai.BadRequestError) as caught:
+        openai_client.embeddings.create(model="gemma", input="red")
+    assert "does not serve embeddings" in caught.value.message
+
+
+def test_readme_examples_work_as_printed(stack, tmp_path, monkeypatch):
+    """The README's curl and openai calls, pointed at this stack's port and key file."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    stack.deploy("gemma-3-270m", context_length=512)
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "api-key.txt").write_text(stack.key() + "\n")
+    monkeypatch.chdir(tmp_path)
+
+    def localise(text: str) -> str:
+        return text.replace("http://127.0.0.1:8000", stack.url)
+
+    curl = re.search(r"```sh\n(curl .*?)```", readme, re.S).group(1)
+    done = subprocess.run(
+        ["bash", "-c", localise(curl)], capture_output=True, text=True, timeout=60
+    )
+    reply = json.loads(done.stdout)
+    assert reply["choices"][0]["message"]["content"].strip(), done.stderr
+
+    python = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    done = subprocess.run(
+        [sys.executable, "-c", localise(python)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()

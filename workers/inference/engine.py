@@ -69,7 +69,7 @@ class Replica:
 
     def load(self) -> None:
         """Load the model (in the caller's thread) and start serving."""
-        from llama_cpp import LLAMA_SPLIT_MODE_NONE, Llama
+        from llama_cpp import LLAMA_POOLING_TYPE_MEAN, LLAMA_SPLIT_MODE_NONE, Llama
 
         spec = self.spec
         kwargs: dict[str, Any] = {
@@ -82,6 +82,10 @@ class Replica:
             "embedding": spec.embeddings,
             "verbose": False,
         }
+        if spec.embeddings:
+            # One vector per input (mean of its tokens), as OpenAI's endpoint returns;
+            # generative GGUFs name no pooling of their own.
+            kwargs["pooling_type"] = LLAMA_POOLING_TYPE_MEAN
         if spec.gpu_index is not None and spec.gpu_layers != 0:
             kwargs.update(main_gpu=spec.gpu_index, split_mode=LLAMA_SPLIT_MODE_NONE)
         try:
@@ -304,20 +308,23 @@ class Replica:
             request.request_id,
             {"type": protocol.START, "prompt_tokens": 0, "queue_ms": 0, "sha256": self.spec.sha256},
         )
-        result = self.llm.create_embedding(request.inputs)
-        self.sink.send(
-            request.request_id,
-            {
-                "type": protocol.EMBEDDING,
-                "data": [item["embedding"] for item in result["data"]],
-            },
-        )
+        # One input at a time: batched inputs came out different from the same input
+        # alone (llama-cpp-python 0.3.36, causal model), and an input's vector must not
+        # depend on its neighbours.
+        vectors, prompt_tokens = [], 0
+        for text in request.inputs:
+            if self.sink.cancelled(request.request_id):
+                return
+            result = self.llm.create_embedding(text)
+            vectors.append(result["data"][0]["embedding"])
+            prompt_tokens += result["usage"]["prompt_tokens"]
+        self.sink.send(request.request_id, {"type": protocol.EMBEDDING, "data": vectors})
         self.sink.send(
             request.request_id,
             {
                 "type": protocol.END,
                 "finish_reason": "stop",
-                "prompt_tokens": result["usage"]["prompt_tokens"],
+                "prompt_tokens": prompt_tokens,
                 "completion_tokens": 0,
             },
         )
