@@ -33,13 +33,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def timed_stream(chunks, text_of, tokens_of=None) -> tuple[float, float, int]:
+def timed_stream(open_stream, text_of, tokens_of=None) -> tuple[float, float, int]:
     """(time to first token, decode tokens/s after it, tokens) for a stream of chunks.
 
     In-process llama-cpp-python yields one chunk per token; over HTTP the token count
     comes from the stream's usage chunk (a chunk may carry more than one token).
     """
     start = time.perf_counter()
+    # Opening counts: an HTTP client returns from create() only once headers arrive.
+    chunks = open_stream()
     first = last = None
     count = 0
     for chunk in chunks:
@@ -130,13 +132,13 @@ def main() -> None:
         return chunk.usage.completion_tokens if chunk.usage else None
 
     # Warm both paths (page cache, first-request setup).
-    timed_stream(in_process(4), local_text)
-    timed_stream(over_http(4), remote_text, remote_tokens)
+    timed_stream(lambda: in_process(4), local_text)
+    timed_stream(lambda: over_http(4), remote_text, remote_tokens)
 
     local, remote = [], []
     for i in range(args.runs):
-        local.append(timed_stream(in_process(args.tokens), local_text))
-        remote.append(timed_stream(over_http(args.tokens), remote_text, remote_tokens))
+        local.append(timed_stream(lambda: in_process(args.tokens), local_text))
+        remote.append(timed_stream(lambda: over_http(args.tokens), remote_text, remote_tokens))
         print(
             f"  stream {i + 1}/{args.runs}: in-process {local[-1][1]:.1f} tok/s, "
             f"HTTP {remote[-1][1]:.1f} tok/s",

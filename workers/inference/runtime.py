@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -29,22 +30,80 @@ log = logging.getLogger(__name__)
 
 
 class RedisSink:
-    """Writes request events to Redis streams; reads the client's cancel flag."""
+    """Writes request events to Redis streams from a background thread.
+
+    A replica's decode loop only queues an event and goes on with the next token; the
+    publisher thread writes whatever has queued in one pipelined round trip, merging
+    consecutive text deltas of a request when it has fallen behind (fewer, larger SSE
+    chunks rather than a slower decode). It reads the cancel flags of the requests it
+    wrote for in the same round trip; ``send`` answers from the latest of those.
+    """
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
+        self._pending: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
+        self._cancelled: set[str] = set()
+        self._thread = threading.Thread(target=self._publish, name="event-publisher", daemon=True)
+        self._thread.start()
 
     def send(self, request_id: str, event: dict[str, Any]) -> bool:
-        key = protocol.events_key(request_id)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xadd(key, {"e": json.dumps(event)})
-        if event["type"] in (protocol.START, protocol.END, protocol.ERROR):
-            pipe.expire(key, protocol.EVENT_STREAM_TTL_SECONDS)
-        pipe.exists(protocol.cancel_key(request_id))
-        return bool(pipe.execute()[-1])
+        self._pending.put((request_id, event))
+        return request_id in self._cancelled
 
     def cancelled(self, request_id: str) -> bool:
-        return bool(self.client.exists(protocol.cancel_key(request_id)))
+        if self.client.exists(protocol.cancel_key(request_id)):
+            self._cancelled.add(request_id)
+        return request_id in self._cancelled
+
+    def _publish(self) -> None:
+        while True:
+            batch = [self._pending.get()]
+            while True:
+                try:
+                    batch.append(self._pending.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._write(_merge_deltas(batch))
+            except redis.RedisError:
+                log.warning("could not publish %d inference events", len(batch), exc_info=True)
+
+    def _write(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        finished = set()
+        for request_id, event in batch:
+            key = protocol.events_key(request_id)
+            pipe.xadd(key, {"e": json.dumps(event)})
+            if event["type"] in (protocol.START, protocol.END, protocol.ERROR):
+                pipe.expire(key, protocol.EVENT_STREAM_TTL_SECONDS)
+            if event["type"] in (protocol.END, protocol.ERROR):
+                finished.add(request_id)
+        watched = sorted({request_id for request_id, _ in batch} - finished)
+        for request_id in watched:
+            pipe.exists(protocol.cancel_key(request_id))
+        results = pipe.execute()
+        for request_id, flag in zip(watched, results[len(results) - len(watched) :], strict=True):
+            if flag:
+                self._cancelled.add(request_id)
+        self._cancelled -= finished
+        if len(self._cancelled) > 10_000:  # requests cancelled long ago never send an end
+            self._cancelled.clear()
+
+
+def _merge_deltas(batch: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    merged: list[tuple[str, dict[str, Any]]] = []
+    for request_id, event in batch:
+        if (
+            event["type"] == protocol.DELTA
+            and merged
+            and merged[-1][0] == request_id
+            and merged[-1][1]["type"] == protocol.DELTA
+        ):
+            previous = merged[-1][1]
+            merged[-1] = (request_id, {**previous, "text": previous["text"] + event["text"]})
+        else:
+            merged.append((request_id, event))
+    return merged
 
 
 class Runtime:
