@@ -14,9 +14,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -100,16 +101,28 @@ class Stack:
         return self.keys[label]
 
 
-def wait_for_state(deployment: Deployment, state: str, *, timeout: float = 60) -> Deployment:
+def wait_until(condition: Callable[[], Any], *, what: str, timeout: float = 60) -> Any:
+    """Poll until ``condition()`` is truthy and return it. The timeout only guards
+    against a hang (the test fails saying what never happened); it measures nothing."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"Never happened: {what}.")
+        time.sleep(0.1)
+
+
+def wait_for_state(deployment: Deployment, state: str, *, timeout: float = 60) -> Deployment:
+    def reached() -> bool:
         deployment.refresh_from_db()
-        if deployment.state == state:
-            return deployment
         if deployment.state == State.FAILED and state != State.FAILED:
             pytest.fail(f"{deployment.name} failed: {deployment.state_reason}")
-        time.sleep(0.2)
-    pytest.fail(f"{deployment.name} is {deployment.state}, not {state}, after {timeout} s")
+        return deployment.state == state
+
+    wait_until(reached, what=f"{deployment.name} becoming {state}", timeout=timeout)
+    return deployment
 
 
 @pytest.fixture(scope="package")
@@ -215,7 +228,7 @@ def openai_client(stack):
     return OpenAI(base_url=f"{stack.url}/v1", api_key=stack.key(), max_retries=0, timeout=60)
 
 
-__all__ = ["PASSWORD", "Stack", "wait_for_state"]
+__all__ = ["PASSWORD", "Stack", "wait_for_state", "wait_until"]
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import threading
-import time
 import uuid
 
 import httpx
@@ -16,7 +15,7 @@ from apps.audit.models import AuditEvent
 from apps.deployments import selectors, services
 from apps.deployments.models import Deployment, Replica, State
 from apps.inference.models import Outcome, UsageRecord
-from tests.serving.conftest import OFFLINE_AFTER, wait_for_state
+from tests.serving.conftest import OFFLINE_AFTER, wait_for_state, wait_until
 
 
 def _post(stack, path: str, body: dict, timeout: float = 60) -> httpx.Response:
@@ -95,8 +94,12 @@ def test_stopping_a_deployment_fails_waiting_requests_cleanly(stack):
     threads = [threading.Thread(target=ask) for _ in range(2)]
     for thread in threads:
         thread.start()
-        time.sleep(0.3)
-    time.sleep(1.0)  # one generating, one waiting behind it
+
+    def depth() -> int:
+        worker = selectors.worker_get(stack.worker)
+        return sum(r["queue_depth"] for r in worker.replicas if r["deployment"] == "gemma-stop")
+
+    wait_until(lambda: depth() == 2, what="one request generating and one waiting")
     services.deployment_stop(actor=stack.admin, deployment=deployment)
     for thread in threads:
         thread.join(timeout=30)
@@ -115,15 +118,11 @@ def test_restart_and_scale_reload_replicas(stack):
     first = deployment.replica_set.get()
     services.deployment_scale(actor=stack.admin, deployment=deployment, replicas=2)
     wait_for_state(deployment, State.READY)
-    deadline = time.monotonic() + 60
-    while Replica.objects.filter(deployment=deployment, state=State.READY).count() < 2:
-        assert time.monotonic() < deadline, "the second replica never became ready"
-        time.sleep(0.2)
+    both_ready = Replica.objects.filter(deployment=deployment, state=State.READY, generation=1)
+    wait_until(lambda: both_ready.count() == 2, what="the second replica becoming ready")
     services.deployment_restart(actor=stack.admin, deployment=deployment)
-    deadline = time.monotonic() + 60
-    while Replica.objects.filter(deployment=deployment, state=State.READY).count() < 2:
-        assert time.monotonic() < deadline, "the replicas did not come back after a restart"
-        time.sleep(0.2)
+    reloaded = Replica.objects.filter(deployment=deployment, state=State.READY, generation=2)
+    wait_until(lambda: reloaded.count() == 2, what="both replicas coming back after a restart")
     assert deployment.replica_set.get(index=0).generation == first.generation + 1
     services.deployment_scale(actor=stack.admin, deployment=deployment, replicas=1)
     assert deployment.replica_set.count() == 1
@@ -167,12 +166,10 @@ def test_killed_worker_makes_its_deployment_unavailable_without_a_hang(stack):
     assert last["error"]["code"] == "model_unavailable"
     assert "stopped responding" in last["error"]["message"]
 
-    # The next request fails at once with a clear reason.
-    began = time.monotonic()
-    reply = _post(stack, "/v1/completions", {"model": "gemma-doomed", "prompt": "Hi"}, timeout=10)
+    # The next request fails with a clear reason (a hang would hit the client's timeout).
+    reply = _post(stack, "/v1/completions", {"model": "gemma-doomed", "prompt": "Hi"}, timeout=5)
     assert reply.status_code == 503
     assert "offline" in reply.json()["error"]["message"]
-    assert time.monotonic() - began < 5
     assert (
         UsageRecord.objects.filter(
             deployment_name="gemma-doomed", outcome=Outcome.UNAVAILABLE

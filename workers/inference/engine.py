@@ -42,6 +42,9 @@ class LoadError(Exception):
 class _Counters:
     served: int = 0
     failed: int = 0
+    cancelled: int = 0
+    # Tokens a cancelled generation had produced when it stopped (the latest one).
+    cancelled_at_tokens: int | None = None
     busy: bool = False
 
 
@@ -142,6 +145,8 @@ class Replica:
             "queue_depth": self._queue.qsize() + (1 if self._counters.busy else 0),
             "served": self._counters.served,
             "failed": self._counters.failed,
+            "cancelled": self._counters.cancelled,
+            "cancelled_at_tokens": self._counters.cancelled_at_tokens,
             "threads": self._threads,
             "chat_template": self.template.source if self.template else "",
         }
@@ -165,6 +170,7 @@ class Replica:
                 )
                 continue
             if self.sink.cancelled(request.request_id):
+                self._counters.cancelled += 1
                 continue
             self._counters.busy = True
             try:
@@ -209,6 +215,8 @@ class Replica:
             return
         completion_tokens, finish_reason = self._generate(request, tokens, stop, max_tokens)
         if finish_reason == protocol.CANCELLED:
+            self._counters.cancelled += 1
+            self._counters.cancelled_at_tokens = completion_tokens
             return
         self.sink.send(
             request.request_id,
