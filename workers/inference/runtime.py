@@ -206,6 +206,12 @@ def configure(redis_url: str, cache_dir: str | os.PathLike[str]) -> Runtime:
     return _runtime
 
 
+def shutdown() -> None:
+    """Unload every replica of this process's runtime, if it has one."""
+    if _runtime is not None:
+        _runtime.shutdown()
+
+
 def runtime() -> Runtime:
     if _runtime is None:
         raise RuntimeError("The inference runtime is not configured in this process.")

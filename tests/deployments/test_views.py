@@ -1,0 +1,83 @@
+"""The deployments page as an admin uses it: form errors, not 500s; other roles refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from apps.accounts.models import Role
+from apps.deployments.models import Deployment, State
+from apps.registry.models import SourceKind
+from apps.registry.services import (
+    artifact_store,
+    model_repo_create,
+    model_version_approve,
+    model_version_ingest,
+)
+from tests.conftest import client_for
+from tests.registry.conftest import write_tiny_gguf
+
+
+@pytest.fixture
+def version(users, settings, tmp_path):
+    settings.ARTIFACT_ROOT = tmp_path / "artifacts"
+    admin = users[Role.ADMIN]
+    repo = model_repo_create(actor=admin, name="tiny", licence="mit")
+    staged = artifact_store().stage_copy(write_tiny_gguf(tmp_path / "tiny.gguf"))
+    version = model_version_ingest(
+        actor=admin,
+        repo=repo,
+        staged=staged,
+        file_name="tiny.gguf",
+        source_kind=SourceKind.UPLOAD,
+        source={},
+    ).version
+    return model_version_approve(actor=admin, version=version, reason="test")
+
+
+def _form(version, **overrides):
+    data = {
+        "name": "tiny-chat",
+        "model_version": version.pk,
+        "preset": "balanced",
+        "context_length": 256,
+        "replicas": 1,
+        "parallel_slots": 1,
+        "gpu_layers": -1,
+        "batch_size": 512,
+        "logging_level": "metadata",
+        "queue_size": 8,
+        "queue_timeout_seconds": 60,
+    }
+    return {**data, **overrides}
+
+
+def test_bad_settings_are_form_errors(users, version):
+    client = client_for(users[Role.ADMIN])
+    response = client.post("/deployments/", _form(version, context_length=4096))
+    assert response.status_code == 200
+    assert "above the model&#x27;s 256 tokens" in response.content.decode()
+    response = client.post("/deployments/", _form(version, name="no spaces allowed"))
+    assert response.status_code == 200
+    assert "Use letters, digits" in response.content.decode()
+    assert not Deployment.objects.exists()
+
+
+def test_a_duplicate_name_is_refused_with_a_message(users, version):
+    client = client_for(users[Role.ADMIN])
+    response = client.post("/deployments/", _form(version))
+    # No worker is online in this test: the deployment waits for one.
+    assert response.status_code == 302
+    deployment = Deployment.objects.get(name="tiny-chat")
+    assert deployment.state == State.PENDING
+    assert "Waiting for a worker" in deployment.state_reason
+    response = client.post("/deployments/", _form(version))
+    assert response.status_code == 200
+    assert "already exists" in response.content.decode()
+    assert Deployment.objects.count() == 1
+
+
+@pytest.mark.parametrize("role", [Role.DATA_SCIENTIST, Role.APP_DEVELOPER, Role.COMPLIANCE_OFFICER])
+def test_only_admins_create_deployments(users, version, role):
+    response = client_for(users[role]).post("/deployments/", _form(version))
+    assert response.status_code == 403
+    assert not Deployment.objects.exists()
