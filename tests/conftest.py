@@ -2,6 +2,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from django.test import Client
@@ -97,3 +102,34 @@ def _close_connection_pools(django_db_setup):
         close_pool = getattr(connection, "close_pool", None)
         if close_pool is not None:
             close_pool()
+
+
+@dataclass
+class LiveWorker:
+    name: str
+    artifact_root: Path
+    process: subprocess.Popen
+
+
+@pytest.fixture(scope="session")
+def live_worker(django_db_setup, tmp_path_factory) -> Iterator[LiveWorker]:
+    """A real Celery worker (prefork, so it never holds a deployment) on the test
+    database, for tests of background jobs. Tests that use it point
+    ``settings.ARTIFACT_ROOT`` at ``live_worker.artifact_root`` and commit their rows
+    (``django_db(transaction=True)``)."""
+    from tests.live import process_env, start_celery_worker, stop_processes
+
+    root = tmp_path_factory.mktemp("live-artifacts")
+    logs = tmp_path_factory.mktemp("live-worker")
+    name = f"jobs-{uuid.uuid4().hex[:6]}@localhost"
+    process = start_celery_worker(
+        env=process_env(AIBOX_ARTIFACT_ROOT=str(root)),
+        name=name,
+        log=logs / "worker.log",
+        pool="prefork",
+        concurrency=2,
+    )
+    try:
+        yield LiveWorker(name=name, artifact_root=root, process=process)
+    finally:
+        stop_processes([process])

@@ -22,7 +22,9 @@ document.addEventListener("DOMContentLoaded", () => {
       const pct = Math.round((e.loaded / e.total) * 100);
       bar.value = pct;
       percent.textContent = pct + "%";
-      if (pct === 100) message.textContent = "Received; checking the file (hash and GGUF metadata)…";
+      if (pct === 100) {
+        message.textContent = form.dataset.receivedMessage || "Received; checking the file…";
+      }
     });
     xhr.addEventListener("load", () => {
       let body = {};

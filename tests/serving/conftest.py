@@ -7,31 +7,28 @@ tests end, as Django's transactional tests do.
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from django.conf import settings
 from django.core.management import call_command
-from django.db import connection
 
 from apps.accounts.models import Role, Scope, User
 from apps.accounts.services import api_key_create, system_user
-from apps.deployments import selectors, services
+from apps.deployments import services
 from apps.deployments.models import Deployment, State
 from apps.registry.models import ModelVersion
 from apps.registry.services import model_register_bundled
 from tests.conftest import PASSWORD, make_user
+from tests.live import process_env, start_celery_worker, stop_processes, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 OFFLINE_AFTER = 4.0
@@ -55,41 +52,10 @@ class Stack:
     logs: Path | None = None
 
     def start_worker(self, name: str) -> subprocess.Popen:
-        log = (self.logs / f"{name.split('@')[0]}.log").open("wb")
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "aibox",
-                "worker",
-                "--pool",
-                "threads",
-                "--concurrency",
-                "8",
-                "--hostname",
-                name,
-                "--loglevel",
-                "INFO",
-                "--without-mingle",
-                "--without-gossip",
-            ],
-            cwd=ROOT,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        log = self.logs / f"{name.split('@')[0]}.log"
+        process = start_celery_worker(env=self.env, name=name, log=log)
         self.processes.append(process)
-        deadline = time.monotonic() + 90
-        while True:
-            worker = selectors.worker_get(name)
-            if worker is not None and worker.online:
-                return process
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"The Celery worker {name} did not come up; see {log.name}")
-            time.sleep(0.2)
+        return process
 
     def deploy(self, name: str, *, timeout: float = 120, **values) -> Deployment:
         deployment = services.deployment_create(
@@ -99,19 +65,6 @@ class Stack:
 
     def key(self, label: str = "inference") -> str:
         return self.keys[label]
-
-
-def wait_until(condition: Callable[[], Any], *, what: str, timeout: float = 60) -> Any:
-    """Poll until ``condition()`` is truthy and return it. The timeout only guards
-    against a hang (the test fails saying what never happened); it measures nothing."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"Never happened: {what}.")
-        time.sleep(0.1)
 
 
 def wait_for_state(deployment: Deployment, state: str, *, timeout: float = 60) -> Deployment:
@@ -130,17 +83,11 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Stac
     logs = tmp_path_factory.mktemp("serving-logs")
     artifacts = tmp_path_factory.mktemp("artifacts")
     cache = tmp_path_factory.mktemp("model-cache")
-    db = connection.settings_dict
-    env = {
-        **os.environ,
-        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:"
-        f"{db['PORT'] or 5432}/{db['NAME']}",
-        "AIBOX_ARTIFACT_ROOT": str(artifacts),
-        "AIBOX_MODEL_CACHE_DIR": str(cache),
-        "AIBOX_WORKER_OFFLINE_AFTER": str(OFFLINE_AFTER),
-        "AIBOX_SECRET_KEY": settings.SECRET_KEY,
-        "AIBOX_LOG_LEVEL": "INFO",
-    }
+    env = process_env(
+        AIBOX_ARTIFACT_ROOT=str(artifacts),
+        AIBOX_MODEL_CACHE_DIR=str(cache),
+        AIBOX_WORKER_OFFLINE_AFTER=str(OFFLINE_AFTER),
+    )
     original = (settings.ARTIFACT_ROOT, settings.WORKER_OFFLINE_AFTER)
     settings.ARTIFACT_ROOT, settings.WORKER_OFFLINE_AFTER = artifacts, OFFLINE_AFTER
     port = _free_port()
@@ -209,14 +156,7 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Stac
         try:
             yield stack
         finally:
-            for process in stack.processes:
-                if process.poll() is None:
-                    process.send_signal(signal.SIGTERM)
-            for process in stack.processes:
-                try:
-                    process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            stop_processes(stack.processes)
             call_command("flush", interactive=False, verbosity=0)
             settings.ARTIFACT_ROOT, settings.WORKER_OFFLINE_AFTER = original
 

@@ -1,0 +1,103 @@
+"""Real processes for tests: a Celery worker (and, for serving, uvicorn) running against
+the test database, so what they do is what production does.
+
+Rows those processes must see are committed: tests that use them run as transactional
+tests (``django_db(transaction=True)``) or unblock the database themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def process_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process that talks to the test database."""
+    db = connection.settings_dict
+    return {
+        **os.environ,
+        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:"
+        f"{db['PORT'] or 5432}/{db['NAME']}",
+        "AIBOX_SECRET_KEY": settings.SECRET_KEY,
+        "AIBOX_LOG_LEVEL": "INFO",
+        **extra,
+    }
+
+
+def start_celery_worker(
+    *, env: dict[str, str], name: str, log: Path, pool: str = "threads", concurrency: int = 8
+) -> subprocess.Popen:
+    """Start ``celery worker`` and wait for its first heartbeat (every pool sends one)."""
+    from apps.deployments import selectors
+
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "aibox",
+            "worker",
+            "--pool",
+            pool,
+            "--concurrency",
+            str(concurrency),
+            "--hostname",
+            name,
+            "--loglevel",
+            "INFO",
+            "--without-mingle",
+            "--without-gossip",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 90
+    while True:
+        worker = selectors.worker_get(name)
+        if worker is not None and worker.online:
+            return process
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"The Celery worker {name} did not come up; see {log}")
+        time.sleep(0.2)
+
+
+def stop_processes(processes: Iterable[subprocess.Popen]) -> None:
+    """SIGTERM (a warm shutdown for Celery), then wait; kill what does not stop."""
+    processes = list(processes)
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def wait_until(condition: Callable[[], Any], *, what: str, timeout: float = 60) -> Any:
+    """Poll until ``condition()`` is truthy and return it. The timeout only guards
+    against a hang (the test fails saying what never happened); it measures nothing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"Never happened: {what}.")
+        time.sleep(0.1)
