@@ -133,3 +133,16 @@ def live_worker(django_db_setup, tmp_path_factory) -> Iterator[LiveWorker]:
         yield LiveWorker(name=name, artifact_root=root, process=process)
     finally:
         stop_processes([process])
+
+
+@pytest.fixture
+def fake_hub():
+    """A Hugging Face hub on 127.0.0.1 (tests/hubserver.py): ``fake_hub.url`` is its
+    endpoint, ``fake_hub.add_file(repo_id, filename, data, ...)`` commits a file."""
+    from tests.hubserver import FakeHub
+
+    hub = FakeHub().start()
+    try:
+        yield hub
+    finally:
+        hub.stop()
