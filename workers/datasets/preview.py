@@ -13,7 +13,7 @@ import orjson
 from . import pii
 from .core import FileFormat, ValidationOptions
 from .readers import Source
-from .rows import RowChecker
+from .rows import RowChecker, scan_text
 from .validate import Checked, iter_checked
 
 RAW_LIMIT = 2048
@@ -85,7 +85,8 @@ def read_page(
 def _preview(checked: Checked, source: Source) -> PreviewRow:
     error = checked.error
     if error is None:
-        kinds = sorted({kind for kind, _ in pii.find(checked.text)})
+        text = scan_text(checked.row, checked.shape, checked.text)
+        kinds = sorted({kind for kind, _ in pii.find(text)})
         return PreviewRow(
             checked.number, checked.line, checked.row, checked.shape.value, None, None, None, kinds
         )

@@ -69,6 +69,15 @@ def row_text(row: dict[str, Any], shape: Shape) -> str:
     return row["text"]
 
 
+def scan_text(row: dict[str, Any], shape: Shape, text: str) -> str:
+    """The text personal data is looked for in: row_text, except that a prompt and its
+    completion are kept apart, so that the end of one and the start of the other never
+    make up (or hide) a number or an address."""
+    if shape is Shape.PROMPT_COMPLETION:
+        return f"{row['prompt']}\n{row['completion']}"
+    return text
+
+
 def detect_shape(view: dict[str, Any]) -> Shape | None:
     for key, shape in SIGNATURE:
         if key in view:

@@ -125,6 +125,10 @@ def _bisect(edges: list[int], x: int) -> int:
     return lo
 
 
+# Digests held in memory before they are written out to the bucket files.
+SPILL_BUFFER_BYTES = 4 << 20
+
+
 class HashSpill:
     """64-bit row digests, bucketed by their low byte and spilled to one file per bucket
     once the buffers pass `buffer_bytes`, so memory stays flat whatever the row count:
@@ -138,12 +142,12 @@ class HashSpill:
         directory: Path | None = None,
         *,
         with_numbers: bool = False,
-        buffer_bytes: int = 4 << 20,
+        buffer_bytes: int | None = None,
     ) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="aibox-dataset-", dir=directory)
         self.dir = Path(self._tmp.name)
         self.with_numbers = with_numbers
-        self.buffer_items = buffer_bytes // 8
+        self.buffer_items = max(1, (buffer_bytes or SPILL_BUFFER_BYTES) // 8)
         self.buffers = [array("q") for _ in range(self.BUCKETS)]
         self.buffered = 0
         self.spilled = False

@@ -19,7 +19,7 @@ import orjson
 from . import pii
 from .core import FIELDS, DatasetError, FileFormat, ValidationOptions
 from .readers import Source
-from .rows import RowChecker
+from .rows import RowChecker, scan_text
 from .stats import HashSpill
 from .validate import Checked, Progress, _Throttle, iter_checked, row_digest
 
@@ -251,7 +251,7 @@ def _filter(
             _tally_invalid(details, checked)
             continue
         if drop_pii:
-            findings = pii.find(checked.text)
+            findings = pii.find(scan_text(checked.row, checked.shape, checked.text))
             if findings:
                 details["dropped_pii"] += 1
                 for kind in {kind for kind, _ in findings}:

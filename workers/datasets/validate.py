@@ -15,7 +15,7 @@ import orjson
 from . import pii
 from .core import DatasetError, FileFormat, RowError, Shape, ValidationOptions
 from .readers import Source
-from .rows import BadRow, RowChecker, row_text, type_name
+from .rows import BadRow, RowChecker, row_text, scan_text, type_name
 from .stats import HashSpill, LengthHistogram
 
 MAX_COLUMNS = 200
@@ -186,7 +186,7 @@ def validate(
             valid += 1
             lengths.add(checked.length)
             spill.add(row_digest(checked.row))
-            tally.add(find_pii(checked.text))
+            tally.add(find_pii(scan_text(checked.row, checked.shape, checked.text)))
         duplicates = spill.duplicates()
     throttle.finish()
     if rows == 0:
