@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import Http404
+from django.urls import reverse
 from rest_framework import serializers, status
 from rest_framework.parsers import MultiPartParser
 from rest_framework.permissions import IsAuthenticated
@@ -12,7 +13,7 @@ from rest_framework.views import APIView
 from apps.accounts.models import Role, Scope
 from apps.accounts.permissions import role_and_scope
 from apps.registry import selectors, services
-from apps.registry.models import WRITER_ROLES, ModelRepo, ModelVersion
+from apps.registry.models import WRITER_ROLES, ModelImport, ModelRepo, ModelVersion
 from apps.registry.uploads import (
     ArtifactUploadHandler,
     StagedUpload,
@@ -70,6 +71,50 @@ class ModelRepoSerializer(serializers.ModelSerializer):
         model = ModelRepo
         fields = ["name", "description", "owner", "licence", "licence_url", "tags", "created_at"]
         read_only_fields = ["created_at"]
+
+
+class ModelImportSerializer(serializers.ModelSerializer):
+    url = serializers.SerializerMethodField()
+    page = serializers.SerializerMethodField()
+    repo = serializers.CharField(source="repo.name")
+    repo_id = serializers.CharField(source="hf_repo_id")
+    created_by = serializers.CharField(source="created_by.username", default=None)
+
+    class Meta:
+        model = ModelImport
+        fields = [
+            "id",
+            "url",
+            "page",
+            "repo",
+            "repo_id",
+            "filename",
+            "revision",
+            "endpoint",
+            "state",
+            "bytes_done",
+            "bytes_total",
+            "resolved",
+            "reason",
+            "notes",
+            "version",
+            "created_by",
+            "created_at",
+            "started_at",
+            "finished_at",
+        ]
+
+    def get_url(self, job: ModelImport) -> str:
+        return reverse("api:model_import", args=[job.pk])
+
+    def get_page(self, job: ModelImport) -> str:
+        return reverse("registry:import", args=[job.pk])
+
+
+class ImportRequestSerializer(serializers.Serializer):
+    repo_id = serializers.CharField(max_length=200)
+    filename = serializers.CharField(max_length=1000)
+    revision = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
 
 
 def _error(exc: ValidationError | ArtifactError, code: int = 400) -> Response:
@@ -200,3 +245,32 @@ class VersionStateView(APIView):
         except ValidationError as exc:
             return _error(exc)
         return Response(ModelVersionSerializer(version).data)
+
+
+class ImportHfView(APIView):
+    """POST ``{"repo_id", "filename", "revision"?}``: queue an import from Hugging Face."""
+
+    permission_classes = [role_and_scope(*WRITER_ROLES, scopes=(Scope.ADMIN,))]
+
+    def post(self, request: Request, name: str) -> Response:
+        repo = _repo(request, name)
+        serializer = ImportRequestSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        try:
+            job = services.model_import_request(
+                actor=request.user, repo=repo, **serializer.validated_data
+            )
+        except ValidationError as exc:
+            return _error(exc)
+        return Response(ModelImportSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+
+
+class ImportDetailView(APIView):
+    permission_classes = [READERS]
+
+    def get(self, request: Request, pk: int) -> Response:
+        try:
+            job = selectors.model_import_get(user=request.user, pk=pk)
+        except ModelImport.DoesNotExist as exc:
+            raise Http404("No such import.") from exc
+        return Response(ModelImportSerializer(job).data)

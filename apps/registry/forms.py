@@ -20,5 +20,17 @@ class ImportPathForm(forms.Form):
     path = forms.CharField(max_length=1000, help_text="A file under an allowed import directory.")
 
 
+class HfImportForm(forms.Form):
+    repo_id = forms.CharField(
+        label="Repository", max_length=200, help_text="owner/name, e.g. google/gemma-3-270m"
+    )
+    filename = forms.CharField(
+        label="File", max_length=1000, help_text="A .gguf file, with its folder in the repo if any."
+    )
+    revision = forms.CharField(
+        max_length=200, required=False, help_text="Branch, tag or commit; main if empty."
+    )
+
+
 class ReasonForm(forms.Form):
     reason = forms.CharField(max_length=2000, widget=forms.Textarea(attrs={"rows": 2}))

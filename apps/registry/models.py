@@ -132,3 +132,57 @@ class ModelVersion(models.Model):
     @property
     def size(self) -> int:
         return self.artifact.size
+
+
+class ImportState(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+
+
+class ModelImport(models.Model):
+    """A request to bring one file from a Hugging Face hub into a repo, and its progress.
+
+    The row is the job's truth: a worker claims it (queued → running), writes progress
+    as bytes arrive and ends it succeeded (with the version) or failed (with a reason).
+    """
+
+    repo = models.ForeignKey(ModelRepo, on_delete=models.PROTECT, related_name="imports")
+    hf_repo_id = models.CharField("Hugging Face repo", max_length=200)
+    filename = models.CharField(max_length=1000)
+    revision = models.CharField(max_length=200, default="main")
+    # Copied from settings at request time, so the job and its provenance name the hub.
+    endpoint = models.CharField(max_length=300)
+    state = models.CharField(max_length=16, choices=ImportState.choices, default=ImportState.QUEUED)
+    bytes_done = models.BigIntegerField(default=0)
+    bytes_total = models.BigIntegerField(null=True, blank=True)
+    # What the hub said about the file: commit, etag, LFS sha256, size, the card's licence.
+    resolved = models.JSONField(default=dict, blank=True)
+    reason = models.TextField(blank=True)  # why it failed
+    notes = models.TextField(blank=True)  # worth knowing though it succeeded (licences differ)
+    version = models.ForeignKey(
+        ModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.hf_repo_id}/{self.filename}@{self.revision}"
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (ImportState.SUCCEEDED, ImportState.FAILED)
+
+    @property
+    def percent(self) -> int | None:
+        if not self.bytes_total:
+            return None
+        return min(100, self.bytes_done * 100 // self.bytes_total)

@@ -1,19 +1,23 @@
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
+import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
 from apps.accounts.models import Role, User
-from apps.accounts.services import require_role
+from apps.accounts.services import require_role, system_user
 from apps.audit.models import Outcome
 from apps.audit.services import audit_record
 from apps.registry.models import (
@@ -21,13 +25,26 @@ from apps.registry.models import (
     WRITER_ROLES,
     Artifact,
     Format,
+    ImportState,
+    ModelImport,
     ModelRepo,
     ModelVersion,
     SourceKind,
     State,
 )
-from workers.artifacts import ArtifactStore, IntegrityError, Staged, file_sha256
+from workers.artifacts import ArtifactError, ArtifactStore, IntegrityError, Staged, file_sha256
 from workers.gguf_meta import InvalidGGUF, read_metadata_cached
+from workers.hub import (
+    HubError,
+    HubFile,
+    check_filename,
+    check_repo_id,
+    check_revision,
+    hub_download,
+    hub_file_info,
+)
+
+log = logging.getLogger(__name__)
 
 # Formats that run code when loaded (Python pickle): never accepted.
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"})
@@ -338,3 +355,219 @@ def model_register_bundled(*, actor: User) -> IngestResult:
                 actor=actor, version=result.version, reason="Bundled default model of AIBox."
             )
     return result
+
+
+# Hugging Face import ----------------------------------------------------------------
+
+# How often a running import writes its byte count to its row (the page polls it).
+IMPORT_PROGRESS_INTERVAL = 0.5
+# An import still running after this long is stopped (the Celery task's soft time limit).
+IMPORT_TIME_LIMIT = 6 * 60 * 60
+
+
+@transaction.atomic
+def model_import_request(
+    *, actor: User, repo: ModelRepo, repo_id: str, filename: str, revision: str = ""
+) -> ModelImport:
+    """Queue the import of one file from the Hugging Face hub in ``settings.HF_ENDPOINT``.
+
+    Everything that can be refused without the hub is refused here, before a job
+    exists: a malformed repo id, file name or revision, and a file that is not GGUF
+    (pickle formats above all). The hub is asked nothing until a worker runs the job.
+    """
+    require_role(actor, WRITER_ROLES, "import models")
+    try:
+        repo_id = check_repo_id(repo_id)
+        filename = check_filename(filename)
+        revision = check_revision(revision)
+    except HubError as exc:
+        raise ValidationError(str(exc)) from exc
+    check_file_name(PurePosixPath(filename).name)
+    job = ModelImport.objects.create(
+        repo=repo,
+        hf_repo_id=repo_id,
+        filename=filename,
+        revision=revision,
+        endpoint=settings.HF_ENDPOINT,
+        created_by=actor,
+    )
+    audit_record(
+        actor=actor,
+        action="model_import.request",
+        target=job,
+        details={
+            "repo": repo.name,
+            "hf_repo_id": repo_id,
+            "filename": filename,
+            "revision": revision,
+            "endpoint": job.endpoint,
+        },
+    )
+    from apps.registry import tasks
+
+    transaction.on_commit(lambda: tasks.model_import_run.delay(job.pk))
+    return job
+
+
+def _import_finish(
+    job: ModelImport, *, state: ImportState, reason: str = "", version: ModelVersion | None = None
+) -> None:
+    with transaction.atomic():
+        job.state = state
+        job.reason = reason
+        job.version = version
+        job.finished_at = timezone.now()
+        job.save(update_fields=["state", "reason", "version", "finished_at", "notes", "resolved"])
+        details: dict[str, Any] = {
+            "repo": job.repo.name,
+            "hf_repo_id": job.hf_repo_id,
+            "filename": job.filename,
+            "revision": job.revision,
+            "endpoint": job.endpoint,
+            "commit": job.resolved.get("commit", ""),
+            "requested_by": job.created_by.username if job.created_by else "",
+        }
+        if version is not None:
+            details |= {"version": version.pk, "sha256": version.sha256}
+        if reason:
+            details["reason"] = reason
+        if job.notes:
+            details["notes"] = job.notes
+        succeeded = state == ImportState.SUCCEEDED
+        audit_record(
+            actor=system_user(),
+            action="model_import.succeeded" if succeeded else "model_import.failed",
+            target=job,
+            outcome=Outcome.SUCCESS if succeeded else Outcome.FAILURE,
+            details=details,
+        )
+
+
+def _progress_writer(job: ModelImport):
+    last = 0.0
+
+    def write(done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < IMPORT_PROGRESS_INTERVAL and done < total:
+            return
+        last = now
+        ModelImport.objects.filter(pk=job.pk).update(bytes_done=done, bytes_total=total or None)
+
+    return write
+
+
+def _import_file(job: ModelImport, requester: User) -> IngestResult:
+    """Resolve, download, check and ingest; raises what the job's reason should say."""
+    hub_file: HubFile = hub_file_info(
+        repo_id=job.hf_repo_id,
+        filename=job.filename,
+        revision=job.revision,
+        endpoint=job.endpoint,
+        token=settings.HF_TOKEN or None,
+    )
+    job.resolved = {
+        "commit": hub_file.commit,
+        "etag": hub_file.etag,
+        "sha256": hub_file.sha256,
+        "size": hub_file.size,
+        "licence": hub_file.licence,
+        "gated": hub_file.gated,
+    }
+    if hub_file.licence and hub_file.licence.lower() != job.repo.licence.lower():
+        job.notes = (
+            f"The model card gives the licence {hub_file.licence}, but this model records "
+            f"{job.repo.licence}; both are kept in the version's provenance."
+        )
+    ModelImport.objects.filter(pk=job.pk).update(
+        resolved=job.resolved, notes=job.notes, bytes_total=hub_file.size
+    )
+    limit = settings.UPLOAD_MAX_BYTES
+    if hub_file.size is not None and hub_file.size > limit:
+        raise ArtifactError(
+            f"{job.filename} is {hub_file.size:,} bytes, over the limit of {limit:,} bytes "
+            "(AIBOX_UPLOAD_MAX_BYTES)."
+        )
+    workdir = Path(settings.HF_CACHE_DIR) / f"import-{job.pk}"
+    try:
+        path = hub_download(
+            file=hub_file,
+            dest_dir=workdir,
+            token=settings.HF_TOKEN or None,
+            progress=_progress_writer(job),
+            interval=IMPORT_PROGRESS_INTERVAL,
+        )
+        staged = artifact_store().stage_copy(path, max_bytes=limit)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    try:
+        hub_file.check_sha256(staged.sha256)
+    except HubError:
+        staged.discard()
+        raise
+    source = {
+        "repo_id": hub_file.repo_id,
+        "filename": hub_file.filename,
+        "revision": hub_file.revision,
+        "commit": hub_file.commit,
+        "etag": hub_file.etag,
+        "sha256_hub": hub_file.sha256,
+        "endpoint": hub_file.endpoint,
+        "licence": hub_file.licence,
+        "repo_licence": job.repo.licence,
+        "import": job.pk,
+    }
+    return model_version_ingest(
+        actor=requester,
+        repo=job.repo,
+        staged=staged,
+        file_name=hub_file.name,
+        source_kind=SourceKind.HUGGING_FACE,
+        source=source,
+    )
+
+
+def model_import_run(*, import_id: int) -> None:
+    """Run a queued import (the Celery task's body); a duplicate delivery does nothing.
+
+    The version is added as the person who asked for it (their role is checked again
+    now); the job's end is recorded by the system actor. Whatever fails, the job ends
+    failed with a reason a person can act on and no file is left behind.
+    """
+    claimed = ModelImport.objects.filter(pk=import_id, state=ImportState.QUEUED).update(
+        state=ImportState.RUNNING, started_at=timezone.now()
+    )
+    if not claimed:
+        return
+    job = ModelImport.objects.select_related("repo", "created_by").get(pk=import_id)
+    requester = job.created_by
+    try:
+        if requester is None:
+            raise PermissionDenied("The user who asked for this import no longer exists.")
+        result = _import_file(job, requester)
+    except (HubError, ArtifactError, PermissionDenied) as exc:
+        _import_finish(job, state=ImportState.FAILED, reason=str(exc))
+    except ValidationError as exc:
+        _import_finish(job, state=ImportState.FAILED, reason=" ".join(exc.messages))
+    except SoftTimeLimitExceeded:
+        hours = IMPORT_TIME_LIMIT // 3600
+        _import_finish(
+            job, state=ImportState.FAILED, reason=f"Stopped: still running after {hours} hours."
+        )
+    except Exception as exc:
+        log.exception("model import %s failed", import_id)
+        _import_finish(
+            job,
+            state=ImportState.FAILED,
+            reason=f"The import failed unexpectedly ({type(exc).__name__}); see the worker log.",
+        )
+    else:
+        job.bytes_done = job.bytes_total = result.version.size
+        ModelImport.objects.filter(pk=job.pk).update(
+            bytes_done=job.bytes_done, bytes_total=job.bytes_total
+        )
+        if not result.created:
+            job.notes = " ".join(
+                filter(None, [job.notes, f"The same file was already {result.version}."])
+            )
+        _import_finish(job, state=ImportState.SUCCEEDED, version=result.version)

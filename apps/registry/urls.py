@@ -9,5 +9,7 @@ urlpatterns = [
     path("models/<str:name>/", views.repo_detail, name="repo"),
     path("models/<str:name>/upload", views.version_upload, name="upload"),
     path("models/<str:name>/import-path", views.version_import_path, name="import_path"),
+    path("models/<str:name>/import-hf", views.model_import_create, name="import_hf"),
+    path("imports/<int:pk>/", views.model_import_detail, name="import"),
     path("versions/<int:pk>/", views.version_detail, name="version"),
 ]

@@ -12,8 +12,8 @@ from django.views.decorators.http import require_http_methods, require_POST
 from apps.accounts.access import login_required, role_required
 from apps.accounts.models import Role
 from apps.registry import selectors, services
-from apps.registry.forms import ImportPathForm, ModelRepoForm, ReasonForm
-from apps.registry.models import APPROVER_ROLES, WRITER_ROLES, ModelRepo, ModelVersion
+from apps.registry.forms import HfImportForm, ImportPathForm, ModelRepoForm, ReasonForm
+from apps.registry.models import APPROVER_ROLES, WRITER_ROLES, ModelImport, ModelRepo, ModelVersion
 from apps.registry.uploads import (
     ArtifactUploadHandler,
     StagedUpload,
@@ -62,18 +62,54 @@ def repo_list(request: HttpRequest) -> HttpResponse:
     return render(request, "registry/repo_list.html", context)
 
 
-@login_required
-def repo_detail(request: HttpRequest, name: str) -> HttpResponse:
-    repo = _repo_or_404(request, name)
-    context = {
+def _repo_context(request: HttpRequest, repo: ModelRepo, **extra) -> dict:
+    return {
         "repo": repo,
         "versions": selectors.model_version_list(repo=repo),
         "can_write": request.user.has_role(*WRITER_ROLES),
         "can_import_path": request.user.has_role(Role.ADMIN),
         "import_form": ImportPathForm(),
         "upload_limit": settings.UPLOAD_MAX_BYTES,
+        "hf_form": HfImportForm(),
+        "hf_endpoint": settings.HF_ENDPOINT,
+        "imports": selectors.model_import_list(repo=repo)[:5],
+        **extra,
     }
-    return render(request, "registry/repo_detail.html", context)
+
+
+@login_required
+def repo_detail(request: HttpRequest, name: str) -> HttpResponse:
+    repo = _repo_or_404(request, name)
+    return render(request, "registry/repo_detail.html", _repo_context(request, repo))
+
+
+@role_required(*WRITER_ROLES)
+@require_POST
+def model_import_create(request: HttpRequest, name: str) -> HttpResponse:
+    """The repo page's "Import from Hugging Face" form; the job runs on a worker."""
+    repo = _repo_or_404(request, name)
+    form = HfImportForm(request.POST)
+    if form.is_valid():
+        try:
+            job = services.model_import_request(actor=request.user, repo=repo, **form.cleaned_data)
+        except ValidationError as exc:
+            form.add_error(None, exc)
+        else:
+            messages.success(request, f"Import of {job} queued.")
+            return redirect("registry:repo", name=repo.name)
+    context = _repo_context(request, repo, hf_form=form)
+    return render(request, "registry/repo_detail.html", context, status=400)
+
+
+@login_required
+def model_import_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    try:
+        job = selectors.model_import_get(user=request.user, pk=pk)
+    except ModelImport.DoesNotExist as exc:
+        raise Http404("No such import.") from exc
+    if request.htmx:
+        return render(request, "registry/_import_status.html", {"job": job})
+    return render(request, "registry/import_detail.html", {"job": job})
 
 
 def _upload_request(request: HttpRequest) -> ArtifactUploadHandler:

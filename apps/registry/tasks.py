@@ -1,0 +1,21 @@
+"""Thin bridge: a Hugging Face import job, by id, to the service that runs it."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from apps.registry import services
+
+
+# Not retried: a failed import ends failed with its reason, and asking again is one click.
+# A duplicate delivery (acks_late after a lost worker) finds the job claimed and returns.
+# A 50 GB file needs hours on a slow link; the broker's visibility timeout (12 h) is longer.
+@shared_task(
+    name="registry.model_import_run",
+    acks_late=True,
+    ignore_result=True,
+    soft_time_limit=services.IMPORT_TIME_LIMIT,
+    time_limit=services.IMPORT_TIME_LIMIT + 120,
+)
+def model_import_run(import_id: int) -> None:
+    services.model_import_run(import_id=import_id)
