@@ -21,6 +21,11 @@ def test_token_counts_with_the_gemma_tokenizer(tmp_path, gemma_tokenizer):
     short, longer = count("Hello"), count("Hello, world! " * 20)
     assert 2 <= short < longer  # the beginning-of-sequence token is counted
     assert count("") == 1
+    # The same counts as llama-cpp-python's own Llama.tokenize, one by one or in batches.
+    texts = ["Hello", "naïve café", "x" * 3000, "user: hi\nassistant: hello\n"] * 5
+    expected = [len(count.llm.tokenize(t.encode(), add_bos=True, special=False)) for t in texts]
+    assert [count(t) for t in texts] == expected
+    assert count.many(texts) == expected
 
     rows = [
         {

@@ -535,3 +535,31 @@ def test_index_records_every_nth_row(tmp_path):
     line_bytes = len(json.dumps(TEXT)) + 1
     assert report.index["entries"] == [[0, 1], [10 * line_bytes, 11], [20 * line_bytes, 21]]
     assert report.index["shape"] == "text"
+
+
+def test_index_stays_bounded_on_huge_files(tmp_path, monkeypatch):
+    from workers.datasets import read_page, validation
+
+    monkeypatch.setattr(validation, "MAX_INDEX_ENTRIES", 4)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": f"row {i}"} for i in range(100)])
+    options = ValidationOptions(index_every=5)
+    report = validate(path, FileFormat.JSONL, options)
+    assert report.index["every"] == 40
+    assert [line for _, line in report.index["entries"]] == [1, 41, 81]
+    page = read_page(path, FileFormat.JSONL, options, report.index, 90, 2)
+    assert [p.row["text"] for p in page] == ["row 90", "row 91"]
+
+
+def test_windows_line_endings(tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_bytes(b'{"text": "a"}\r\n\r\n{"text": "b"}\r\n{bad\r\n')
+    report = run(jsonl)
+    assert (report.valid_rows, lines_of(report)) == (2, [(4, "invalid_json")])
+    path = tmp_path / "d.csv"
+    path.write_bytes(b'prompt,completion\r\na,b\r\n"two\r\nlines",c\r\nd\r\n')
+    report = run(path)
+    assert (report.valid_rows, lines_of(report)) == (2, [(4, "csv_error")])
+    from workers.datasets import read_page
+
+    page = read_page(path, FileFormat.CSV, ValidationOptions(), report.index, 1, 1)
+    assert page[0].row == {"prompt": "two\r\nlines", "completion": "c"}

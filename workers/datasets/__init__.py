@@ -10,7 +10,7 @@ from .preview import PreviewRow, read_page
 from .readers import sniff_format
 from .rows import row_text
 from .transform import Derived, csv_safe_cell, export_csv, transform
-from .validate import Report, validate
+from .validation import Report, validate
 
 __all__ = [
     "DatasetError",

@@ -14,7 +14,7 @@ from . import pii
 from .core import FileFormat, ValidationOptions
 from .readers import Source
 from .rows import RowChecker, scan_text
-from .validate import Checked, iter_checked
+from .validation import Checked, iter_checked
 
 RAW_LIMIT = 2048
 
@@ -59,16 +59,24 @@ def read_page(
     if source.fmt is FileFormat.PARQUET:
         starts = source.group_starts
         group = max(0, bisect_right(starts, start) - 1)
-        rows = iter_checked(source, checker, offset=group)
+        rows = iter_checked(source, checker, offset=group, skip=start, batch=max(count, 1))
     else:
         entries = index.get("entries") or []
         every = index.get("every") or 1
         k = min(start // every, len(entries) - 1)
         if k >= 0:
             offset, line = entries[k]
-            rows = iter_checked(source, checker, offset=offset, line=line, number=k * every)
+            rows = iter_checked(
+                source,
+                checker,
+                offset=offset,
+                line=line,
+                number=k * every,
+                skip=start,
+                batch=max(count, 1),
+            )
         else:
-            rows = iter_checked(source, checker)
+            rows = iter_checked(source, checker, skip=start, batch=max(count, 1))
     page: list[PreviewRow] = []
     if count == 0:
         return page

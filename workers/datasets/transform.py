@@ -21,7 +21,7 @@ from .core import FIELDS, DatasetError, FileFormat, ValidationOptions
 from .readers import Source
 from .rows import RowChecker, scan_text
 from .stats import HashSpill
-from .validate import Checked, Progress, _Throttle, iter_checked, row_digest
+from .validation import Checked, Progress, Throttle, iter_checked, row_digest
 
 OPS = ("split", "dedupe", "filter")
 
@@ -84,7 +84,7 @@ class _Pass:
     """Reading the source once more, with a fresh checker and the progress shared across
     passes."""
 
-    def __init__(self, source: Source, throttle: _Throttle) -> None:
+    def __init__(self, source: Source, throttle: Throttle) -> None:
         self.source = source
         self.throttle = throttle
 
@@ -121,7 +121,7 @@ def transform(
     out_dir.mkdir(parents=True, exist_ok=True)
     source = Source(path, fmt, options)
     passes = 1 if op == "filter" or (op == "split" and "valid_rows" in params) else 2
-    throttle = _Throttle(progress, source.size * passes)
+    throttle = Throttle(progress, source.size * passes)
     read = _Pass(source, throttle)
     writers: list[_Writer] = []
 

@@ -19,6 +19,7 @@ from .rows import BadRow, RowChecker, row_text, scan_text, type_name
 from .stats import HashSpill, LengthHistogram
 
 MAX_COLUMNS = 200
+MAX_INDEX_ENTRIES = 20_000
 Progress = Callable[[int, int], None]
 
 
@@ -45,35 +46,71 @@ def iter_checked(
     offset: int | None = None,
     line: int | None = None,
     number: int = 0,
+    skip: int = 0,
+    batch: int = 64,
     on_bytes: Callable[[int], None] | None = None,
 ) -> Iterator[Checked]:
-    """Every data row of source, judged: the one definition of a valid row that
-    validation, preview, transformations and export share."""
+    """Every data row of source from row `skip`, judged: the one definition of a valid
+    row that validation, preview, transformations and export share.
+
+    A tokenizer with a `many(texts)` method (tokens.TokenCounter, which counts on several
+    threads) is given `batch` rows at a time."""
     options = source.options
     tokenize = options.tokenize
-    max_tokens = options.max_tokens
+    many = getattr(tokenize, "many", None)
+    pending: list[Checked] = []
     for num, ln, off, value, error, raw in source.records(offset, line, number, on_bytes):
+        if num < skip:
+            continue
         if error is not None:
-            yield Checked(num, ln, off, None, None, RowError(ln, error[0], error[1]), raw, value)
-            continue
-        try:
-            shape, row = checker.check(value, ln, num)
-        except BadRow as bad:
-            yield Checked(
-                num, ln, off, None, None, RowError(ln, bad.code, bad.message, bad.field), raw, value
+            checked = Checked(
+                num, ln, off, None, None, RowError(ln, error[0], error[1]), raw, value
             )
+        else:
+            try:
+                shape, row = checker.check(value, ln, num)
+            except BadRow as bad:
+                error = RowError(ln, bad.code, bad.message, bad.field)
+                checked = Checked(num, ln, off, None, None, error, raw, value)
+            else:
+                text = row_text(row, shape)
+                if many is not None:
+                    checked = Checked(num, ln, off, shape, row, None, raw, value, text)
+                else:
+                    length = tokenize(text) if tokenize is not None else len(text)
+                    checked = Checked(num, ln, off, shape, row, None, raw, value, text, length)
+                    if options.max_tokens is not None:
+                        _limit(checked, options.max_tokens)
+        if many is None:
+            yield checked
             continue
-        text = row_text(row, shape)
-        length = tokenize(text) if tokenize is not None else len(text)
-        if max_tokens is not None and length > max_tokens:
-            error = RowError(
-                ln,
-                "too_long",
-                f"the row has {length:,} tokens; the model's context is {max_tokens:,}",
-            )
-            yield Checked(num, ln, off, shape, None, error, raw, value, text, length)
-            continue
-        yield Checked(num, ln, off, shape, row, None, raw, value, text, length)
+        pending.append(checked)
+        if len(pending) >= batch:
+            yield from _measure(pending, many, options.max_tokens)
+            pending = []
+    if pending:
+        yield from _measure(pending, many, options.max_tokens)
+
+
+def _measure(
+    rows: list[Checked], many: Callable[[list[str]], list[int]], max_tokens: int | None
+) -> list[Checked]:
+    valid = [c for c in rows if c.error is None]
+    for checked, length in zip(valid, many([c.text for c in valid]), strict=True):
+        checked.length = length
+        if max_tokens is not None:
+            _limit(checked, max_tokens)
+    return rows
+
+
+def _limit(checked: Checked, max_tokens: int) -> None:
+    if checked.length > max_tokens:
+        checked.error = RowError(
+            checked.line,
+            "too_long",
+            f"the row has {checked.length:,} tokens; the model's context is {max_tokens:,}",
+        )
+        checked.row = None
 
 
 def row_digest(row: dict[str, Any]) -> int:
@@ -117,7 +154,7 @@ class Report:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-class _Throttle:
+class Throttle:
     """Calls progress(done, total) at most every `every` seconds, and at the end."""
 
     def __init__(self, progress: Progress | None, total: int, every: float = 0.5) -> None:
@@ -149,7 +186,7 @@ def validate(
     as a whole cannot be a dataset (empty, unreadable, no row of any shape)."""
     source = Source(path, fmt, options)
     checker = RowChecker(options, json_cells=source.fmt is not FileFormat.JSONL)
-    throttle = _Throttle(progress, source.size)
+    throttle = Throttle(progress, source.size)
     every = options.index_every
     keep = options.max_errors_kept
     lengths = LengthHistogram()
@@ -169,6 +206,10 @@ def validate(
             rows += 1
             if checked.number % every == 0:
                 offsets.append([checked.offset, checked.line])
+                if len(offsets) > MAX_INDEX_ENTRIES:
+                    # Keep the index bounded on huge files: half the entries, twice apart.
+                    offsets = offsets[::2]
+                    every *= 2
             if track_keys and type(value := checked.value) is dict:
                 for key, item in value.items():
                     types = columns.get(key)
