@@ -199,12 +199,14 @@ def validate(
     else:
         columns = {c: {"string"} for c in source.columns[:MAX_COLUMNS]}
     track_keys = source.fmt is FileFormat.JSONL
+    # Parquet is indexed by its row groups; text formats by byte offsets, recorded here.
+    track_offsets = source.fmt is not FileFormat.PARQUET
     rows = valid = 0
     find_pii = pii.find
     with HashSpill(options.temp_dir) as spill:
         for checked in iter_checked(source, checker, on_bytes=throttle):
             rows += 1
-            if checked.number % every == 0:
+            if track_offsets and checked.number % every == 0:
                 offsets.append([checked.offset, checked.line])
                 if len(offsets) > MAX_INDEX_ENTRIES:
                     # Keep the index bounded on huge files: half the entries, twice apart.
