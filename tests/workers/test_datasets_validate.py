@@ -563,3 +563,30 @@ def test_windows_line_endings(tmp_path):
 
     page = read_page(path, FileFormat.CSV, ValidationOptions(), report.index, 1, 1)
     assert page[0].row == {"prompt": "two\r\nlines", "completion": "c"}
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 64])
+@pytest.mark.parametrize("trailing_newline", [True, False])
+def test_physical_lines_across_block_boundaries(monkeypatch, block, trailing_newline):
+    import random
+
+    from workers.datasets import readers
+
+    monkeypatch.setattr(readers, "BLOCK", block)
+    rng = random.Random(block)
+    lines = [
+        bytes(rng.choice(b"ab{}") for _ in range(rng.choice([0, 1, 5, 19, 20, 21, 45])))
+        for _ in range(200)
+    ]
+    data = b"\n".join(lines) + (b"\n" if trailing_newline else b"")
+    expected = []
+    offset = 0
+    for number, line in enumerate(lines, 1):
+        if line or trailing_newline or number < len(lines):
+            expected.append((number, offset, line if len(line) <= 20 else None, len(line)))
+        offset += len(line) + 1
+    got = [
+        (n, off, None if d is None else bytes(d), size)
+        for n, off, d, size in readers.physical_lines(io.BytesIO(data), 0, 1, 20, None)
+    ]
+    assert got == expected
