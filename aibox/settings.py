@@ -36,6 +36,10 @@ ENVIRONMENT_VARIABLES = (
     "AIBOX_IMPORT_DIRS",
     "AIBOX_MODEL_CACHE_DIR",
     "AIBOX_WORKER_OFFLINE_AFTER",
+    "AIBOX_HF_ENDPOINT",
+    "HF_ENDPOINT",
+    "AIBOX_HF_TOKEN",
+    "AIBOX_HF_CACHE_DIR",
 )
 
 DEBUG = env.bool("AIBOX_DEBUG", default=False)
@@ -101,6 +105,21 @@ MODEL_CACHE_DIR = Path(
 # A worker whose last heartbeat is older than this is offline; its replicas unavailable.
 WORKER_OFFLINE_AFTER = env.float("AIBOX_WORKER_OFFLINE_AFTER", default=10.0)
 
+# Hugging Face import: the hub or a mirror (huggingface_hub's own HF_ENDPOINT is honoured
+# when AIBox's is unset), a token for gated and private repos (sent only to that endpoint,
+# never stored or logged), and where downloads land before they are hashed into the store.
+HF_ENDPOINT = (
+    env.str("AIBOX_HF_ENDPOINT", default="")
+    or env.str("HF_ENDPOINT", default="")
+    or "https://huggingface.co"
+).rstrip("/")
+if not HF_ENDPOINT.startswith(("http://", "https://")):
+    raise ImproperlyConfigured(
+        f"AIBOX_HF_ENDPOINT must be an http:// or https:// address, not {HF_ENDPOINT!r}."
+    )
+HF_TOKEN = env.str("AIBOX_HF_TOKEN", default="")
+HF_CACHE_DIR = Path(env.str("AIBOX_HF_CACHE_DIR", default=str(ARTIFACT_ROOT / "hf-downloads")))
+
 # Keyed hash for API keys. Derived from the secret key unless set; rotating either
 # invalidates every issued API key (docs/operator-guide.md).
 API_KEY_HMAC_KEY = env.str("AIBOX_API_KEY_HMAC_KEY", default="") or f"api-key:{SECRET_KEY}"
@@ -120,6 +139,7 @@ INSTALLED_APPS = [
     "apps.accounts",
     "apps.audit",
     "apps.registry",
+    "apps.datasets",
     "apps.deployments",
     "apps.inference",
 ]

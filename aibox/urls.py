@@ -2,6 +2,7 @@ from django.urls import include, path
 
 from apps.accounts import api as accounts_api
 from apps.audit import api as audit_api
+from apps.datasets import api as datasets_api
 from apps.deployments import api as deployments_api
 from apps.registry import api as registry_api
 
@@ -24,6 +25,46 @@ api_v1 = [
         "registry/repos/<str:name>/import-path",
         registry_api.VersionImportPathView.as_view(),
         name="version_import_path",
+    ),
+    path(
+        "registry/repos/<str:name>/import-hf",
+        registry_api.ImportHfView.as_view(),
+        name="model_import_request",
+    ),
+    path(
+        "registry/imports/<int:pk>/", registry_api.ImportDetailView.as_view(), name="model_import"
+    ),
+    path("datasets/", datasets_api.DatasetListView.as_view(), name="datasets"),
+    path("datasets/<str:name>/", datasets_api.DatasetDetailView.as_view(), name="dataset"),
+    path(
+        "datasets/<str:name>/versions/",
+        datasets_api.VersionUploadView.as_view(),
+        name="dataset_version_upload",
+    ),
+    path(
+        "dataset-versions/<int:pk>/",
+        datasets_api.VersionDetailView.as_view(),
+        name="dataset_version",
+    ),
+    path(
+        "dataset-versions/<int:pk>/rows",
+        datasets_api.VersionRowsView.as_view(),
+        name="dataset_version_rows",
+    ),
+    path(
+        "dataset-versions/<int:pk>/derive",
+        datasets_api.VersionDeriveView.as_view(),
+        name="dataset_version_derive",
+    ),
+    path(
+        "dataset-versions/<int:pk>/export.csv",
+        datasets_api.VersionExportView.as_view(),
+        name="dataset_version_export",
+    ),
+    path(
+        "dataset-transforms/<int:pk>/",
+        datasets_api.TransformDetailView.as_view(),
+        name="dataset_transform",
     ),
     path("deployments/", deployments_api.DeploymentListView.as_view(), name="deployments"),
     path(
@@ -56,6 +97,7 @@ urlpatterns = [
     path("", include("apps.accounts.urls")),
     path("audit/", include("apps.audit.urls")),
     path("registry/", include("apps.registry.urls")),
+    path("datasets/", include("apps.datasets.urls")),
     path("deployments/", include("apps.deployments.urls")),
     path("api/v1/", include((api_v1, "api"))),
     path("v1/", include(("apps.inference.urls", "openai"))),

@@ -20,9 +20,9 @@ from apps.audit.services import audit_record
 # Which scopes each role may put on its own keys.
 ROLE_SCOPES: dict[str, frozenset[str]] = {
     Role.ADMIN: frozenset(Scope.values),
-    Role.DATA_SCIENTIST: frozenset({Scope.INFERENCE, Scope.REGISTRY_READ}),
+    Role.DATA_SCIENTIST: frozenset({Scope.INFERENCE, Scope.REGISTRY_READ, Scope.DATASETS}),
     Role.APP_DEVELOPER: frozenset({Scope.INFERENCE, Scope.REGISTRY_READ}),
-    Role.COMPLIANCE_OFFICER: frozenset({Scope.REGISTRY_READ, Scope.AUDIT_READ}),
+    Role.COMPLIANCE_OFFICER: frozenset({Scope.REGISTRY_READ, Scope.AUDIT_READ, Scope.DATASETS}),
 }
 
 API_KEY_PREFIX = "aibox"

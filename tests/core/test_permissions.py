@@ -9,8 +9,9 @@ from rest_framework.test import APIClient
 
 from apps.accounts.models import ApiKey, Role
 from apps.accounts.services import api_key_create
+from apps.datasets.services import dataset_create
 from apps.deployments.models import Deployment, State
-from apps.registry.models import SourceKind
+from apps.registry.models import ModelImport, SourceKind
 from apps.registry.services import artifact_store, model_repo_create, model_version_ingest
 from tests.conftest import make_user
 from tests.registry.conftest import write_tiny_gguf
@@ -89,11 +90,41 @@ MATRIX = {
         "/api/v1/registry/repos/{repo}/import-path",
         {ADMIN: 400, DS: 403, DEV: 403, CO: 403},  # admin: allowed, but not an import dir
     ),
+    "registry_import_hf": (
+        "Import a model from Hugging Face",
+        "post",
+        "/api/v1/registry/repos/{repo}/import-hf",
+        {ADMIN: 202, DS: 202, DEV: 403, CO: 403},
+    ),
+    "registry_import_view": (
+        "Follow a Hugging Face import",
+        "get",
+        "/api/v1/registry/imports/{model_import}/",
+        dict.fromkeys(ROLES, 200),
+    ),
     "registry_approve": (
         "Approve or deprecate model versions",
         "post",
         "/api/v1/registry/versions/{version}/approve",
         {ADMIN: 200, DS: 403, DEV: 403, CO: 200},
+    ),
+    "datasets_browse": (
+        "Browse datasets (data scientists: their own)",
+        "get",
+        "/datasets/",
+        {ADMIN: 200, DS: 200, DEV: 403, CO: 200},
+    ),
+    "datasets_create": (
+        "Create datasets, upload and derive versions",
+        "post",
+        "/api/v1/datasets/",
+        {ADMIN: 201, DS: 201, DEV: 403, CO: 403},
+    ),
+    "datasets_other": (
+        "See another data scientist's dataset",
+        "get",
+        "/api/v1/datasets/{dataset}/",
+        {ADMIN: 200, DS: 404, DEV: 403, CO: 200},
     ),
     "deployments_view": (
         "View deployments and workers",
@@ -125,6 +156,8 @@ POST_DATA = {
     "registry_create": {"name": "new-model", "licence": "mit"},
     "registry_import_path": {"path": "/etc/passwd"},
     "registry_approve": {"reason": "checked"},
+    "registry_import_hf": {"repo_id": "acme/model", "filename": "model.gguf"},
+    "datasets_create": {"name": "new-data", "licence": "cc-by-4.0"},
     "user_create": {"username": "newbie", "role": DEV, "password": "long enough password"},
     "user_edit": {"role": DEV, "is_active": "on"},
 }
@@ -155,8 +188,15 @@ def world(users, settings, tmp_path):
     deployment = Deployment.objects.create(
         name="tiny-served", model_version=version, running=False, state=State.STOPPED
     )
+    model_import = ModelImport.objects.create(
+        repo=repo, hf_repo_id="acme/model", filename="model.gguf", endpoint="http://hub.invalid"
+    )
+    dora = make_user(Role.DATA_SCIENTIST, username="dora")
+    dataset = dataset_create(actor=dora, name="dora-data", licence="cc0-1.0")
     return {
+        "dataset": dataset.name,
         "deployment": deployment.name,
+        "model_import": model_import.pk,
         "victim": victim.pk,
         "victim_key": key.api_key.pk,
         "repo": repo.name,

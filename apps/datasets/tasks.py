@@ -1,0 +1,19 @@
+"""Thin bridges: dataset jobs take ids and call the services, which call ``workers/``."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from apps.datasets import services
+
+
+@shared_task(name="datasets.version_validate", acks_late=True)
+def dataset_version_validate(version_id: int) -> None:
+    # Safe to run twice: only a version that is still validating is written.
+    services.dataset_version_validate(version_id=version_id)
+
+
+@shared_task(name="datasets.transform_run", acks_late=True)
+def dataset_transform_run(job_id: int) -> None:
+    # A duplicate delivery finds the job claimed and does nothing.
+    services.dataset_transform_run(job_id=job_id)

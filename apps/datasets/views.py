@@ -1,0 +1,235 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib import messages
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.paginator import Paginator
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.views.decorators.csrf import csrf_exempt, csrf_protect
+from django.views.decorators.http import require_http_methods, require_POST
+
+from apps.accounts.access import role_required
+from apps.accounts.models import Role
+from apps.datasets import selectors, services
+from apps.datasets.api import export_response
+from apps.datasets.forms import DatasetForm, FilterForm, SplitForm, UploadSettingsForm
+from apps.datasets.models import (
+    SEE_ALL_ROLES,
+    WRITER_ROLES,
+    Dataset,
+    DatasetVersion,
+    JobState,
+    Operation,
+    State,
+)
+from apps.datasets.uploads import ingest_upload
+from apps.registry.uploads import ArtifactUploadHandler, StagedUpload, discard_uploads
+
+READER_ROLES = (*WRITER_ROLES, Role.COMPLIANCE_OFFICER)
+ROWS_PER_PAGE = 20
+HISTOGRAM_BAR_PX = 120
+
+
+def _dataset_or_404(request: HttpRequest, name: str) -> Dataset:
+    try:
+        return selectors.dataset_get(user=request.user, name=name)
+    except Dataset.DoesNotExist as exc:
+        raise Http404("No such dataset.") from exc
+
+
+def _version_or_404(request: HttpRequest, pk: int) -> DatasetVersion:
+    try:
+        return selectors.dataset_version_get(user=request.user, pk=pk)
+    except DatasetVersion.DoesNotExist as exc:
+        raise Http404("No such dataset version.") from exc
+
+
+def _can_write(user, dataset: Dataset) -> bool:
+    return user.has_role(Role.ADMIN) or (
+        user.has_role(Role.DATA_SCIENTIST) and dataset.owner_id == user.pk
+    )
+
+
+@role_required(*READER_ROLES)
+@require_http_methods(["GET", "POST"])
+def dataset_list(request: HttpRequest) -> HttpResponse:
+    can_create = request.user.has_role(*WRITER_ROLES)
+    form = DatasetForm(request.POST or None)
+    if request.method == "POST":
+        if not can_create:
+            raise PermissionDenied("Your role does not allow you to create datasets.")
+        if form.is_valid():
+            try:
+                dataset = services.dataset_create(actor=request.user, **form.cleaned_data)
+            except ValidationError as exc:
+                form.add_error(None, exc)
+            else:
+                messages.success(request, f"Dataset {dataset.name} created. Upload its data.")
+                return redirect("datasets:detail", name=dataset.name)
+    context = {
+        "datasets": selectors.dataset_list(user=request.user),
+        "form": form,
+        "can_create": can_create,
+        "sees_all": request.user.has_role(*SEE_ALL_ROLES),
+    }
+    return render(request, "datasets/dataset_list.html", context)
+
+
+@role_required(*READER_ROLES)
+def dataset_detail(request: HttpRequest, name: str) -> HttpResponse:
+    dataset = _dataset_or_404(request, name)
+    versions = selectors.dataset_version_list(dataset=dataset)
+    context = {
+        "dataset": dataset,
+        "versions": versions,
+        "can_write": _can_write(request.user, dataset),
+        "settings_form": UploadSettingsForm(),
+        "upload_limit": settings.UPLOAD_MAX_BYTES,
+        "validating": any(v.state == State.VALIDATING for v in versions),
+    }
+    if request.htmx:
+        return render(request, "datasets/_version_rows.html", context)
+    return render(request, "datasets/dataset_detail.html", context)
+
+
+@csrf_exempt  # checked below, once the streaming upload handler is in place
+@role_required(*WRITER_ROLES)
+@require_POST
+def version_upload(request: HttpRequest, name: str) -> HttpResponse:
+    """The upload form posts here (with a progress bar); answers JSON for the page's script."""
+    handler = ArtifactUploadHandler(request)
+    request.upload_handlers = [handler]
+    try:
+        return csrf_protect(_version_upload)(request, name, handler)
+    finally:
+        # Whatever the outcome (a CSRF refusal too), no staged file outlives the request.
+        discard_uploads(getattr(request, "_files", None) or {})
+
+
+def _version_upload(
+    request: HttpRequest, name: str, handler: ArtifactUploadHandler
+) -> HttpResponse:
+    dataset = _dataset_or_404(request, name)
+    upload = request.FILES.get("file")
+    if handler.too_large:
+        return JsonResponse(
+            {"error": f"The file is larger than the upload limit of {handler.max_bytes:,} bytes."},
+            status=413,
+        )
+    if not isinstance(upload, StagedUpload):
+        return JsonResponse({"error": "Choose a file to upload."}, status=400)
+    form = UploadSettingsForm(request.POST)
+    if not form.is_valid():
+        errors = [f"{field}: {' '.join(e)}" for field, e in form.errors.items()]
+        return JsonResponse({"error": " ".join(errors)}, status=400)
+    data = form.cleaned_data
+    try:
+        version = ingest_upload(
+            actor=request.user,
+            dataset=dataset,
+            upload=upload,
+            via="web",
+            declared_shape=data["shape"],
+            column_mapping=data["column_mapping"],
+            tokenizer=data["tokenizer"],
+            max_tokens=data["max_tokens"],
+        )
+    except ValidationError as exc:
+        return JsonResponse({"error": " ".join(exc.messages)}, status=400)
+    except PermissionDenied as exc:
+        return JsonResponse({"error": str(exc)}, status=403)
+    messages.success(request, f"{version} uploaded; validating it now.")
+    url = reverse("datasets:version", args=[version.pk])
+    return JsonResponse({"version": version.pk, "url": url}, status=201)
+
+
+def _histogram(report: dict) -> list[dict]:
+    buckets = report.get("histogram") or []
+    top = max((b["count"] for b in buckets), default=0) or 1
+    return [{**b, "px": round(HISTOGRAM_BAR_PX * b["count"] / top)} for b in buckets]
+
+
+def _version_context(request: HttpRequest, version: DatasetVersion) -> dict:
+    transforms = list(selectors.dataset_transform_list(version=version))
+    busy = version.state == State.VALIDATING or any(
+        t.state in (JobState.QUEUED, JobState.RUNNING) for t in transforms
+    )
+    return {
+        "version": version,
+        "report": version.report,
+        "histogram": _histogram(version.report),
+        "transforms": transforms,
+        "children": version.children.select_related("dataset"),
+        "busy": busy,
+        "can_write": _can_write(request.user, version.dataset),
+        "split_form": SplitForm(),
+        "filter_form": FilterForm(),
+    }
+
+
+@role_required(*READER_ROLES)
+def version_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    version = _version_or_404(request, pk)
+    context = _version_context(request, version)
+    if request.htmx:
+        if request.GET.get("was") == State.VALIDATING and version.state != State.VALIDATING:
+            # Validation just ended: reload, so the preview and the derive forms appear.
+            return HttpResponse(headers={"HX-Refresh": "true"})
+        return render(request, "datasets/_version_status.html", context)
+    context["page"] = _rows_page(request, version)
+    return render(request, "datasets/version_detail.html", context)
+
+
+def _rows_page(request: HttpRequest, version: DatasetVersion) -> dict:
+    total = version.rows or 0
+    paginator = Paginator(range(total), ROWS_PER_PAGE)
+    page = paginator.get_page(request.GET.get("page"))
+    start = (page.number - 1) * ROWS_PER_PAGE
+    rows = selectors.dataset_version_rows(version=version, start=start, count=ROWS_PER_PAGE)
+    return {"page": page, "rows": rows}
+
+
+@role_required(*READER_ROLES)
+def version_rows(request: HttpRequest, pk: int) -> HttpResponse:
+    """The preview, one page of rows at a time (read by seeking, never the whole file)."""
+    version = _version_or_404(request, pk)
+    context = {"version": version, "page": _rows_page(request, version)}
+    if request.htmx:
+        return render(request, "datasets/_rows.html", context)
+    return render(request, "datasets/version_rows.html", context)
+
+
+@role_required(*WRITER_ROLES)
+@require_POST
+def version_derive(request: HttpRequest, pk: int, operation: str) -> HttpResponse:
+    version = _version_or_404(request, pk)
+    if operation not in Operation.values:
+        raise Http404("No such operation.")
+    form_class = {Operation.SPLIT: SplitForm, Operation.FILTER: FilterForm}.get(operation)
+    params: dict = {}
+    if form_class is not None:
+        form = form_class(request.POST)
+        if not form.is_valid():
+            messages.error(request, " ".join(e for es in form.errors.values() for e in es))
+            return redirect("datasets:version", pk=version.pk)
+        params = form.cleaned_data
+    try:
+        job = services.dataset_transform_request(
+            actor=request.user, version=version, operation=operation, params=params
+        )
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+    else:
+        messages.success(request, f"{job} queued.")
+    return redirect("datasets:version", pk=version.pk)
+
+
+@role_required(*READER_ROLES)
+def version_export(request: HttpRequest, pk: int) -> HttpResponse:
+    version = _version_or_404(request, pk)
+    response = export_response(request.user, version)
+    if response.status_code == 403:
+        raise PermissionDenied("Your role does not allow you to export this dataset.")
+    return response
