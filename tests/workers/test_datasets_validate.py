@@ -590,3 +590,20 @@ def test_physical_lines_across_block_boundaries(monkeypatch, block, trailing_new
         for n, off, d, size in readers.physical_lines(io.BytesIO(data), 0, 1, 20, None)
     ]
     assert got == expected
+
+
+@pytest.mark.parametrize("shape", list(Shape))
+def test_character_lengths_are_the_length_of_row_text(tmp_path, shape):
+    from workers.datasets import row_text
+
+    row = ROWS[shape]
+    canonical = {**{"input": ""}, **row} if shape is Shape.INSTRUCTION else row
+    report = run(write_jsonl(tmp_path / "d.jsonl", [row]))
+    assert report.length_stats["total"] == len(row_text(canonical, shape))
+
+
+def test_personal_data_behind_json_escapes_is_found(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": "café\ncall\n+44 20 7946 0958"}) + "\n")
+    assert "\\n+44" in path.read_text()
+    assert run(path).pii["phone"]["count"] == 1

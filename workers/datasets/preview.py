@@ -10,11 +10,10 @@ from typing import Any
 
 import orjson
 
-from . import pii
 from .core import FileFormat, ValidationOptions
 from .readers import Source
-from .rows import RowChecker, scan_text
-from .validation import Checked, iter_checked
+from .rows import RowChecker
+from .validation import Checked, iter_checked, personal_data
 
 RAW_LIMIT = 2048
 
@@ -93,8 +92,7 @@ def read_page(
 def _preview(checked: Checked, source: Source) -> PreviewRow:
     error = checked.error
     if error is None:
-        text = scan_text(checked.row, checked.shape, checked.text)
-        kinds = sorted({kind for kind, _ in pii.find(text)})
+        kinds = sorted({kind for kind, _ in personal_data(checked)})
         return PreviewRow(
             checked.number, checked.line, checked.row, checked.shape.value, None, None, None, kinds
         )

@@ -69,13 +69,13 @@ def row_text(row: dict[str, Any], shape: Shape) -> str:
     return row["text"]
 
 
-def scan_text(row: dict[str, Any], shape: Shape, text: str) -> str:
-    """The text personal data is looked for in: row_text, except that a prompt and its
-    completion are kept apart, so that the end of one and the start of the other never
-    make up (or hide) a number or an address."""
+def scan_text(row: dict[str, Any], shape: Shape, text: str | None = None) -> str:
+    """The text personal data is looked for in: row_text (passed in when it is already
+    built), except that a prompt and its completion are kept apart, so that the end of
+    one and the start of the other never make up (or hide) a number or an address."""
     if shape is Shape.PROMPT_COMPLETION:
         return f"{row['prompt']}\n{row['completion']}"
-    return text
+    return text if text is not None else row_text(row, shape)
 
 
 def detect_shape(view: dict[str, Any]) -> Shape | None:
@@ -121,8 +121,9 @@ class RowChecker:
             for f in _ALL_FIELDS
         }
 
-    def check(self, obj: Any, line: int, number: int) -> tuple[Shape | None, dict | None]:
-        """Return (shape, canonical row); raise BadRow for the row's first problem."""
+    def check(self, obj: Any, line: int, number: int) -> tuple[Shape, dict[str, Any], int]:
+        """Return (shape, canonical row, length of its row_text in characters); raise
+        BadRow for the row's first problem."""
         if not isinstance(obj, dict):
             raise BadRow("not_object", f"the row is a JSON {type_name(obj)}, not an object")
         view = {f: obj[src] for f, src in self.pairs if src in obj} if self.mapped else obj
@@ -139,7 +140,7 @@ class RowChecker:
                         f"dataset is {file_shape.value} ({', '.join(REQUIRED[file_shape])})"
                         + (f", set by line {self.shape_line}" if self.shape_line else ""),
                     )
-            return shape, self.canonical(view, shape)
+            return (shape, *self.canonical(view, shape))
         shape = detect_shape(view)
         if shape is None:
             keys = ", ".join(list(map(str, obj))[:8]) or "none"
@@ -150,16 +151,19 @@ class RowChecker:
             )
         if self.first_detected is None:
             self.first_detected = shape
-        row = self.canonical(view, shape)
+        row, chars = self.canonical(view, shape)
         if file_shape is None:
             self.shape = shape
             self.shape_row = number
             self.shape_line = line
-        return shape, row
+        return shape, row, chars
 
-    def canonical(self, view: dict[str, Any], shape: Shape) -> dict[str, Any]:
+    def canonical(self, view: dict[str, Any], shape: Shape) -> tuple[dict[str, Any], int]:
+        """The canonical row, and the length of its row_text (counted here, where it is
+        cheap, so that a row's text need only be built when something reads it)."""
         if shape is Shape.CHAT:
-            return {"messages": self.messages(view)}
+            messages, chars = self.messages(view)
+            return {"messages": messages}, chars
         if shape is Shape.INSTRUCTION:
             instruction = self.string(view, "instruction")
             value = view.get("input")
@@ -168,13 +172,14 @@ class RowChecker:
             elif not isinstance(value, str):
                 value = self.string(view, "input", allow_empty=True)
             output = self.string(view, "output")
-            return {"instruction": instruction, "input": value, "output": output}
+            chars = len(instruction) + len(value) + len(output) + 2
+            return {"instruction": instruction, "input": value, "output": output}, chars
         if shape is Shape.PROMPT_COMPLETION:
-            return {
-                "prompt": self.string(view, "prompt"),
-                "completion": self.string(view, "completion"),
-            }
-        return {"text": self.string(view, "text")}
+            prompt = self.string(view, "prompt")
+            completion = self.string(view, "completion")
+            return {"prompt": prompt, "completion": completion}, len(prompt) + len(completion)
+        text = self.string(view, "text")
+        return {"text": text}, len(text)
 
     def string(self, view: dict[str, Any], name: str, allow_empty: bool = False) -> str:
         value = view.get(name, _MISSING)
@@ -192,7 +197,7 @@ class RowChecker:
             raise BadRow("empty_content", f"{label} is empty", name)
         return value
 
-    def messages(self, view: dict[str, Any]) -> list[dict[str, str]]:
+    def messages(self, view: dict[str, Any]) -> tuple[list[dict[str, str]], int]:
         messages = view.get("messages", _MISSING)
         label = self.labels["messages"]
         if messages is _MISSING:
@@ -213,6 +218,8 @@ class RowChecker:
         if not messages:
             raise BadRow("empty_content", f"{label} is an empty list", "messages")
         out = []
+        append = out.append
+        chars = 0
         assistant = False
         roles = self.roles
         for i, message in enumerate(messages):
@@ -229,7 +236,8 @@ class RowChecker:
                 ):
                     if role == "assistant":
                         assistant = True
-                    out.append({"role": role, "content": content})
+                    append({"role": role, "content": content})
+                    chars += len(role) + len(content) + 3  # "role: content\n"
                     continue
             self._bad_message(i, message)
         if not assistant:
@@ -238,7 +246,7 @@ class RowChecker:
                 f"{label} has no assistant turn, so there is nothing to learn from",
                 "messages",
             )
-        return out
+        return out, chars
 
     def _bad_message(self, i: int, message: Any) -> None:
         if not isinstance(message, dict):

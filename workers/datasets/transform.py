@@ -16,12 +16,18 @@ from typing import Any, BinaryIO, TextIO
 
 import orjson
 
-from . import pii
 from .core import FIELDS, DatasetError, FileFormat, ValidationOptions
 from .readers import Source
-from .rows import RowChecker, scan_text
+from .rows import RowChecker
 from .stats import HashSpill
-from .validation import Checked, Progress, Throttle, iter_checked, row_digest
+from .validation import (
+    Checked,
+    Progress,
+    Throttle,
+    iter_checked,
+    personal_data,
+    row_digest,
+)
 
 OPS = ("split", "dedupe", "filter")
 
@@ -251,7 +257,7 @@ def _filter(
             _tally_invalid(details, checked)
             continue
         if drop_pii:
-            findings = pii.find(scan_text(checked.row, checked.shape, checked.text))
+            findings = personal_data(checked)
             if findings:
                 details["dropped_pii"] += 1
                 for kind in {kind for kind, _ in findings}:

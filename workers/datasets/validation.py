@@ -68,17 +68,21 @@ def iter_checked(
             )
         else:
             try:
-                shape, row = checker.check(value, ln, num)
+                shape, row, chars = checker.check(value, ln, num)
             except BadRow as bad:
                 error = RowError(ln, bad.code, bad.message, bad.field)
                 checked = Checked(num, ln, off, None, None, error, raw, value)
             else:
-                text = row_text(row, shape)
-                if many is not None:
+                if tokenize is None:
+                    checked = Checked(num, ln, off, shape, row, None, raw, value, None, chars)
+                elif many is not None:
+                    text = row_text(row, shape)
                     checked = Checked(num, ln, off, shape, row, None, raw, value, text)
                 else:
-                    length = tokenize(text) if tokenize is not None else len(text)
-                    checked = Checked(num, ln, off, shape, row, None, raw, value, text, length)
+                    text = row_text(row, shape)
+                    checked = Checked(
+                        num, ln, off, shape, row, None, raw, value, text, tokenize(text)
+                    )
                     if options.max_tokens is not None:
                         _limit(checked, options.max_tokens)
         if many is None:
@@ -111,6 +115,14 @@ def _limit(checked: Checked, max_tokens: int) -> None:
             f"the row has {checked.length:,} tokens; the model's context is {max_tokens:,}",
         )
         checked.row = None
+
+
+def personal_data(checked: Checked) -> list[tuple[str, str]]:
+    """The personal data in a valid row (kind, matched text)."""
+    raw = checked.raw
+    if type(raw) in (bytes, bytearray) and not pii.may_contain(raw):
+        return []
+    return pii.find(scan_text(checked.row, checked.shape, checked.text))
 
 
 def row_digest(row: dict[str, Any]) -> int:
@@ -202,7 +214,6 @@ def validate(
     # Parquet is indexed by its row groups; text formats by byte offsets, recorded here.
     track_offsets = source.fmt is not FileFormat.PARQUET
     rows = valid = 0
-    find_pii = pii.find
     with HashSpill(options.temp_dir) as spill:
         for checked in iter_checked(source, checker, on_bytes=throttle):
             rows += 1
@@ -229,7 +240,7 @@ def validate(
             valid += 1
             lengths.add(checked.length)
             spill.add(row_digest(checked.row))
-            tally.add(find_pii(scan_text(checked.row, checked.shape, checked.text)))
+            tally.add(personal_data(checked))
         duplicates = spill.duplicates()
     throttle.finish()
     if rows == 0:
