@@ -20,6 +20,7 @@ class TokenCounter:
         self.llm = llm
         self.threads = threads or min(8, len(os.sched_getaffinity(0)))
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
         self._direct = None
         try:
             import llama_cpp
@@ -50,8 +51,10 @@ class TokenCounter:
     def many(self, texts: list[str]) -> list[int]:
         if self.threads <= 1 or len(texts) < 2 * self.threads:
             return [self(text) for text in texts]
-        if self._pool is None:
+        if self._pool is None or self._pool_pid != os.getpid():
+            # A pool's threads do not survive a fork (Celery's prefork workers).
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="tokenize")
+            self._pool_pid = os.getpid()
         step = -(-len(texts) // self.threads)
         chunks = [texts[i : i + step] for i in range(0, len(texts), step)]
         counts: list[int] = []
