@@ -126,7 +126,7 @@ def _bisect(edges: list[int], x: int) -> int:
 
 
 # Digests held in memory before they are written out to the bucket files.
-SPILL_BUFFER_BYTES = 4 << 20
+SPILL_BUFFER_BYTES = 1 << 20
 
 
 class HashSpill:
