@@ -220,3 +220,26 @@ def test_export_without_valid_rows(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": ""}])
     with pytest.raises(DatasetError, match="no valid rows"):
         export_csv(path, FileFormat.JSONL, ValidationOptions(), io.BytesIO())
+
+
+def test_dedupe_counts_tokens_in_one_pass_only(tmp_path):
+    lines = [
+        {"text": "short"},
+        {"text": "much too long"},
+        {"text": "short"},
+        {"text": "much too long"},
+        {"text": "also short"},
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", lines)
+    calls = []
+
+    def tokenize(text):
+        calls.append(text)
+        return len(text.split())
+
+    options = ValidationOptions(tokenize=tokenize, max_tokens=2)
+    (out,) = transform(path, FileFormat.JSONL, options, "dedupe", {}, tmp_path / "o")
+    assert read_jsonl(out.path) == [{"text": "short"}, {"text": "also short"}]
+    assert out.details["dropped_duplicates"] == 1
+    assert out.details["dropped_invalid_by_code"] == {"too_long": 2}
+    assert len(calls) == len(lines)

@@ -94,11 +94,11 @@ class _Pass:
         self.source = source
         self.throttle = throttle
 
-    def __call__(self) -> Iterator[Checked]:
+    def __call__(self, count_tokens: bool = True) -> Iterator[Checked]:
         checker = RowChecker(
             self.source.options, json_cells=self.source.fmt is not FileFormat.JSONL
         )
-        return iter_checked(self.source, checker, on_bytes=self.throttle)
+        return iter_checked(self.source, checker, on_bytes=self.throttle, count_tokens=count_tokens)
 
 
 def transform(
@@ -218,7 +218,9 @@ def _dedupe(
     }
     out = writer("deduplicated")
     with HashSpill(options.temp_dir, with_numbers=True) as spill:
-        for checked in read():
+        # Identical rows have identical token counts, so a row and its copies are all too
+        # long or none is: finding the copies needs no tokenizer, the slow part.
+        for checked in read(count_tokens=False):
             if checked.error is None:
                 spill.add(row_digest(checked.row), checked.number)
         repeated = spill.repeated_numbers()

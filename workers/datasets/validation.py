@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +49,17 @@ def iter_checked(
     skip: int = 0,
     batch: int = 64,
     on_bytes: Callable[[int], None] | None = None,
+    count_tokens: bool = True,
 ) -> Iterator[Checked]:
     """Every data row of source from row `skip`, judged: the one definition of a valid
     row that validation, preview, transformations and export share.
 
     A tokenizer with a `many(texts)` method (tokens.TokenCounter, which counts on several
-    threads) is given `batch` rows at a time."""
+    threads) is given `batch` rows at a time. Without count_tokens, lengths are in
+    characters and no row is too long."""
     options = source.options
+    if not count_tokens:
+        options = replace(options, tokenize=None, max_tokens=None)
     tokenize = options.tokenize
     many = getattr(tokenize, "many", None)
     pending: list[Checked] = []
