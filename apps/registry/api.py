@@ -13,7 +13,13 @@ from rest_framework.views import APIView
 from apps.accounts.models import Role, Scope
 from apps.accounts.permissions import role_and_scope
 from apps.registry import selectors, services
-from apps.registry.models import WRITER_ROLES, ModelImport, ModelRepo, ModelVersion
+from apps.registry.models import (
+    WRITER_ROLES,
+    HubImport,
+    ModelImport,
+    ModelRepo,
+    ModelVersion,
+)
 from apps.registry.uploads import (
     ArtifactUploadHandler,
     StagedUpload,
@@ -73,20 +79,20 @@ class ModelRepoSerializer(serializers.ModelSerializer):
         read_only_fields = ["created_at"]
 
 
-class ModelImportSerializer(serializers.ModelSerializer):
+class HubImportSerializer(serializers.ModelSerializer):
+    """What every Hugging Face import shows; subclasses add what it is for."""
+
     url = serializers.SerializerMethodField()
     page = serializers.SerializerMethodField()
-    repo = serializers.CharField(source="repo.name")
     repo_id = serializers.CharField(source="hf_repo_id")
     created_by = serializers.CharField(source="created_by.username", default=None)
+    api_view = ""  # the name of the API view that shows one import
 
     class Meta:
-        model = ModelImport
         fields = [
             "id",
             "url",
             "page",
-            "repo",
             "repo_id",
             "filename",
             "revision",
@@ -104,11 +110,20 @@ class ModelImportSerializer(serializers.ModelSerializer):
             "finished_at",
         ]
 
-    def get_url(self, job: ModelImport) -> str:
-        return reverse("api:model_import", args=[job.pk])
+    def get_url(self, job: HubImport) -> str:
+        return reverse(self.api_view, args=[job.pk])
 
-    def get_page(self, job: ModelImport) -> str:
-        return reverse("registry:import", args=[job.pk])
+    def get_page(self, job: HubImport) -> str:
+        return job.get_absolute_url()
+
+
+class ModelImportSerializer(HubImportSerializer):
+    repo = serializers.CharField(source="repo.name")
+    api_view = "api:model_import"
+
+    class Meta:
+        model = ModelImport
+        fields = ["repo", *HubImportSerializer.Meta.fields]
 
 
 class ImportRequestSerializer(serializers.Serializer):

@@ -4,6 +4,7 @@ from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
 from django.core.validators import RegexValidator
 from django.db import models
+from django.urls import reverse
 from django.utils import timezone
 
 from apps.accounts.models import Role, User
@@ -125,6 +126,9 @@ class ModelVersion(models.Model):
     def __str__(self) -> str:
         return f"{self.repo.name} v{self.number}"
 
+    def get_absolute_url(self) -> str:
+        return reverse("registry:version", args=[self.pk])
+
     @property
     def sha256(self) -> str:
         return self.artifact_id
@@ -141,14 +145,14 @@ class ImportState(models.TextChoices):
     FAILED = "failed", "Failed"
 
 
-class ModelImport(models.Model):
-    """A request to bring one file from a Hugging Face hub into a repo, and its progress.
+class HubImport(models.Model):
+    """A request to bring one file from a Hugging Face hub in, and its progress: what a
+    model import and a dataset import have in common (each adds its target and version).
 
     The row is the job's truth: a worker claims it (queued → running), writes progress
     as bytes arrive and ends it succeeded (with the version) or failed (with a reason).
     """
 
-    repo = models.ForeignKey(ModelRepo, on_delete=models.PROTECT, related_name="imports")
     hf_repo_id = models.CharField("Hugging Face repo", max_length=200)
     filename = models.CharField(max_length=1000)
     revision = models.CharField(max_length=200, default="main")
@@ -161,9 +165,6 @@ class ModelImport(models.Model):
     resolved = models.JSONField(default=dict, blank=True)
     reason = models.TextField(blank=True)  # why it failed
     notes = models.TextField(blank=True)  # worth knowing though it succeeded (licences differ)
-    version = models.ForeignKey(
-        ModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
-    )
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
@@ -172,6 +173,7 @@ class ModelImport(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
+        abstract = True
         ordering = ["-created_at", "-id"]
 
     def __str__(self) -> str:
@@ -186,3 +188,15 @@ class ModelImport(models.Model):
         if not self.bytes_total:
             return None
         return min(100, self.bytes_done * 100 // self.bytes_total)
+
+
+class ModelImport(HubImport):
+    """An import of one GGUF file from a Hugging Face model repo into a model repo."""
+
+    repo = models.ForeignKey(ModelRepo, on_delete=models.PROTECT, related_name="imports")
+    version = models.ForeignKey(
+        ModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    def get_absolute_url(self) -> str:
+        return reverse("registry:import", args=[self.pk])

@@ -5,10 +5,10 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
@@ -25,6 +25,7 @@ from apps.registry.models import (
     WRITER_ROLES,
     Artifact,
     Format,
+    HubImport,
     ImportState,
     ModelImport,
     ModelRepo,
@@ -37,6 +38,7 @@ from workers.gguf_meta import InvalidGGUF, read_metadata_cached
 from workers.hub import (
     HubError,
     HubFile,
+    RepoType,
     check_filename,
     check_repo_id,
     check_revision,
@@ -358,6 +360,10 @@ def model_register_bundled(*, actor: User) -> IngestResult:
 
 
 # Hugging Face import ----------------------------------------------------------------
+# What follows up to model_import_request serves every import from a hub, whatever the
+# file becomes (a model version here, a dataset version in apps.datasets).
+
+H = TypeVar("H", bound=HubImport)
 
 # How often a running import writes its byte count to its row (the page polls it).
 IMPORT_PROGRESS_INTERVAL = 0.5
@@ -365,85 +371,43 @@ IMPORT_PROGRESS_INTERVAL = 0.5
 IMPORT_TIME_LIMIT = 6 * 60 * 60
 
 
-@transaction.atomic
-def model_import_request(
-    *, actor: User, repo: ModelRepo, repo_id: str, filename: str, revision: str = ""
-) -> ModelImport:
-    """Queue the import of one file from the Hugging Face hub in ``settings.HF_ENDPOINT``.
-
-    Everything that can be refused without the hub is refused here, before a job
-    exists: a malformed repo id, file name or revision, and a file that is not GGUF
-    (pickle formats above all). The hub is asked nothing until a worker runs the job.
-    """
-    require_role(actor, WRITER_ROLES, "import models")
+def hub_import_check(
+    *, repo_id: str, filename: str, revision: str, check_name: Callable[[str], str]
+) -> tuple[str, str, str]:
+    """The cleaned (repo id, file name, revision) of a requested import, refused here with
+    a ValidationError when malformed or when ``check_name`` refuses the file's own name
+    (a pickle format above all), before a job exists or the hub is asked anything."""
     try:
         repo_id = check_repo_id(repo_id)
         filename = check_filename(filename)
         revision = check_revision(revision)
     except HubError as exc:
         raise ValidationError(str(exc)) from exc
-    check_file_name(PurePosixPath(filename).name)
-    job = ModelImport.objects.create(
-        repo=repo,
-        hf_repo_id=repo_id,
-        filename=filename,
-        revision=revision,
-        endpoint=settings.HF_ENDPOINT,
-        created_by=actor,
-    )
+    check_name(PurePosixPath(filename).name)
+    return repo_id, filename, revision
+
+
+def hub_import_requested(
+    job: HubImport, *, actor: User, action: str, target: dict[str, Any], task: Any
+) -> None:
+    """Audit a new import (``<action>.request``, with ``target``: what it is for) and queue
+    ``task`` with its id once the enclosing transaction commits."""
     audit_record(
         actor=actor,
-        action="model_import.request",
+        action=f"{action}.request",
         target=job,
         details={
-            "repo": repo.name,
-            "hf_repo_id": repo_id,
-            "filename": filename,
-            "revision": revision,
-            "endpoint": job.endpoint,
-        },
-    )
-    from apps.registry import tasks
-
-    transaction.on_commit(lambda: tasks.model_import_run.delay(job.pk))
-    return job
-
-
-def _import_finish(
-    job: ModelImport, *, state: ImportState, reason: str = "", version: ModelVersion | None = None
-) -> None:
-    with transaction.atomic():
-        job.state = state
-        job.reason = reason
-        job.version = version
-        job.finished_at = timezone.now()
-        job.save(update_fields=["state", "reason", "version", "finished_at", "notes", "resolved"])
-        details: dict[str, Any] = {
-            "repo": job.repo.name,
+            **target,
             "hf_repo_id": job.hf_repo_id,
             "filename": job.filename,
             "revision": job.revision,
             "endpoint": job.endpoint,
-            "commit": job.resolved.get("commit", ""),
-            "requested_by": job.created_by.username if job.created_by else "",
-        }
-        if version is not None:
-            details |= {"version": version.pk, "sha256": version.sha256}
-        if reason:
-            details["reason"] = reason
-        if job.notes:
-            details["notes"] = job.notes
-        succeeded = state == ImportState.SUCCEEDED
-        audit_record(
-            actor=system_user(),
-            action="model_import.succeeded" if succeeded else "model_import.failed",
-            target=job,
-            outcome=Outcome.SUCCESS if succeeded else Outcome.FAILURE,
-            details=details,
-        )
+        },
+    )
+    transaction.on_commit(lambda: task.delay(job.pk))
 
 
-def _progress_writer(job: ModelImport):
+def _progress_writer(job: HubImport) -> Callable[[int, int], None]:
     last = 0.0
 
     def write(done: int, total: int) -> None:
@@ -452,17 +416,29 @@ def _progress_writer(job: ModelImport):
         if now - last < IMPORT_PROGRESS_INTERVAL and done < total:
             return
         last = now
-        ModelImport.objects.filter(pk=job.pk).update(bytes_done=done, bytes_total=total or None)
+        type(job).objects.filter(pk=job.pk).update(bytes_done=done, bytes_total=total or None)
 
     return write
 
 
-def _import_file(job: ModelImport, requester: User) -> IngestResult:
-    """Resolve, download, check and ingest; raises what the job's reason should say."""
+def hub_import_fetch(
+    job: HubImport, *, repo_type: RepoType, kind: str, recorded_licence: str
+) -> tuple[HubFile, Staged]:
+    """Bring the job's file from its hub into the artifact store's staging area.
+
+    Resolves the revision to a commit and records on the row what the hub says (and a
+    note when the card's licence is not the ``recorded_licence`` of this ``kind`` of
+    thing), refuses a file over AIBOX_UPLOAD_MAX_BYTES before downloading it, downloads
+    that commit's file with progress written to the row, and stages it, checking its
+    sha256 against the hub's. Raises HubError or ArtifactError, worded for the job's
+    reason; nothing is left behind but the returned staged file, which the caller commits
+    or discards.
+    """
     hub_file: HubFile = hub_file_info(
         repo_id=job.hf_repo_id,
         filename=job.filename,
         revision=job.revision,
+        repo_type=repo_type,
         endpoint=job.endpoint,
         token=settings.HF_TOKEN or None,
     )
@@ -474,12 +450,12 @@ def _import_file(job: ModelImport, requester: User) -> IngestResult:
         "licence": hub_file.licence,
         "gated": hub_file.gated,
     }
-    if hub_file.licence and hub_file.licence.lower() != job.repo.licence.lower():
+    if hub_file.licence and hub_file.licence.lower() != recorded_licence.lower():
         job.notes = (
-            f"The model card gives the licence {hub_file.licence}, but this model records "
-            f"{job.repo.licence}; both are kept in the version's provenance."
+            f"The {kind} card gives the licence {hub_file.licence}, but this {kind} records "
+            f"{recorded_licence}; both are kept in the version's provenance."
         )
-    ModelImport.objects.filter(pk=job.pk).update(
+    type(job).objects.filter(pk=job.pk).update(
         resolved=job.resolved, notes=job.notes, bytes_total=hub_file.size
     )
     limit = settings.UPLOAD_MAX_BYTES
@@ -488,7 +464,7 @@ def _import_file(job: ModelImport, requester: User) -> IngestResult:
             f"{job.filename} is {hub_file.size:,} bytes, over the limit of {limit:,} bytes "
             "(AIBOX_UPLOAD_MAX_BYTES)."
         )
-    workdir = Path(settings.HF_CACHE_DIR) / f"import-{job.pk}"
+    workdir = Path(settings.HF_CACHE_DIR) / f"{job._meta.model_name}-{job.pk}"
     try:
         path = hub_download(
             file=hub_file,
@@ -505,7 +481,12 @@ def _import_file(job: ModelImport, requester: User) -> IngestResult:
     except HubError:
         staged.discard()
         raise
-    source = {
+    return hub_file, staged
+
+
+def hub_import_source(job: HubImport, hub_file: HubFile) -> dict[str, Any]:
+    """The provenance a version imported from a hub records."""
+    return {
         "repo_id": hub_file.repo_id,
         "filename": hub_file.filename,
         "revision": hub_file.revision,
@@ -514,60 +495,164 @@ def _import_file(job: ModelImport, requester: User) -> IngestResult:
         "sha256_hub": hub_file.sha256,
         "endpoint": hub_file.endpoint,
         "licence": hub_file.licence,
-        "repo_licence": job.repo.licence,
         "import": job.pk,
     }
-    return model_version_ingest(
+
+
+def _import_finish(
+    job: HubImport,
+    *,
+    action: str,
+    target: dict[str, Any],
+    state: ImportState,
+    reason: str = "",
+    version: Any = None,
+) -> None:
+    with transaction.atomic():
+        job.state = state
+        job.reason = reason
+        job.version = version
+        job.finished_at = timezone.now()
+        job.save(update_fields=["state", "reason", "version", "finished_at", "notes", "resolved"])
+        details: dict[str, Any] = {
+            **target,
+            "hf_repo_id": job.hf_repo_id,
+            "filename": job.filename,
+            "revision": job.revision,
+            "endpoint": job.endpoint,
+            "commit": job.resolved.get("commit", ""),
+            "requested_by": job.created_by.username if job.created_by else "",
+        }
+        if version is not None:
+            details |= {"version": version.pk, "sha256": version.sha256}
+        if reason:
+            details["reason"] = reason
+        if job.notes:
+            details["notes"] = job.notes
+        succeeded = state == ImportState.SUCCEEDED
+        audit_record(
+            actor=system_user(),
+            action=f"{action}.{state}",
+            target=job,
+            outcome=Outcome.SUCCESS if succeeded else Outcome.FAILURE,
+            details=details,
+        )
+
+
+def _failure_reason(exc: Exception, job: HubImport) -> str:
+    if isinstance(exc, HubError | ArtifactError | PermissionDenied):
+        return str(exc)
+    if isinstance(exc, ValidationError):
+        return " ".join(exc.messages)
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return f"Stopped: still running after {IMPORT_TIME_LIMIT // 3600} hours."
+    log.exception("%s %s failed", job._meta.verbose_name, job.pk)
+    return f"The import failed unexpectedly ({type(exc).__name__}); see the worker log."
+
+
+def hub_import_claim(job_model: type[H], import_id: int, *related: str) -> H | None:
+    """Claim a queued import for this worker (queued → running) with a conditional
+    UPDATE; None when another delivery of the task has it or it has ended."""
+    claimed = job_model.objects.filter(pk=import_id, state=ImportState.QUEUED).update(
+        state=ImportState.RUNNING, started_at=timezone.now()
+    )
+    return job_model.objects.select_related(*related).get(pk=import_id) if claimed else None
+
+
+def hub_import_execute(
+    job: HubImport,
+    *,
+    action: str,
+    target: dict[str, Any],
+    ingest: Callable[[User], tuple[Any, bool]],
+) -> None:
+    """Carry a claimed (running) import to its end.
+
+    ``ingest(requester)`` brings the file in as the person who asked for it (their role
+    is checked again now) and returns (version, created). The end is recorded on the
+    row and audited by the system actor as ``<action>.succeeded`` or ``.failed``, with
+    ``target`` (what the import was for) in the details. Whatever fails, the job ends
+    failed with a reason a person can act on.
+    """
+    try:
+        if job.created_by is None:
+            raise PermissionDenied("The user who asked for this import no longer exists.")
+        version, created = ingest(job.created_by)
+    except Exception as exc:
+        reason = _failure_reason(exc, job)
+        _import_finish(job, action=action, target=target, state=ImportState.FAILED, reason=reason)
+        return
+    job.bytes_done = job.bytes_total = version.size
+    type(job).objects.filter(pk=job.pk).update(
+        bytes_done=job.bytes_done, bytes_total=job.bytes_total
+    )
+    if not created:
+        job.notes = " ".join(filter(None, [job.notes, f"The same file was already {version}."]))
+    _import_finish(job, action=action, target=target, state=ImportState.SUCCEEDED, version=version)
+
+
+@transaction.atomic
+def model_import_request(
+    *, actor: User, repo: ModelRepo, repo_id: str, filename: str, revision: str = ""
+) -> ModelImport:
+    """Queue the import of one file from the Hugging Face hub in ``settings.HF_ENDPOINT``.
+
+    Everything that can be refused without the hub is refused here, before a job
+    exists: a malformed repo id, file name or revision, and a file that is not GGUF
+    (pickle formats above all). The hub is asked nothing until a worker runs the job.
+    """
+    require_role(actor, WRITER_ROLES, "import models")
+    repo_id, filename, revision = hub_import_check(
+        repo_id=repo_id, filename=filename, revision=revision, check_name=check_file_name
+    )
+    job = ModelImport.objects.create(
+        repo=repo,
+        hf_repo_id=repo_id,
+        filename=filename,
+        revision=revision,
+        endpoint=settings.HF_ENDPOINT,
+        created_by=actor,
+    )
+    from apps.registry import tasks
+
+    hub_import_requested(
+        job,
+        actor=actor,
+        action="model_import",
+        target={"repo": repo.name},
+        task=tasks.model_import_run,
+    )
+    return job
+
+
+def _import_file(job: ModelImport, requester: User) -> tuple[ModelVersion, bool]:
+    hub_file, staged = hub_import_fetch(
+        job, repo_type="model", kind="model", recorded_licence=job.repo.licence
+    )
+    result = model_version_ingest(
         actor=requester,
         repo=job.repo,
         staged=staged,
         file_name=hub_file.name,
         source_kind=SourceKind.HUGGING_FACE,
-        source=source,
+        source={**hub_import_source(job, hub_file), "repo_licence": job.repo.licence},
     )
+    return result.version, result.created
 
 
 def model_import_run(*, import_id: int) -> None:
     """Run a queued import (the Celery task's body); a duplicate delivery does nothing.
 
-    The version is added as the person who asked for it (their role is checked again
-    now); the job's end is recorded by the system actor. Whatever fails, the job ends
-    failed with a reason a person can act on and no file is left behind.
+    The version is added as the person who asked for it; the job's end is recorded by
+    the system actor. Whatever fails, the job ends failed with a reason a person can act
+    on and no file is left behind.
     """
-    claimed = ModelImport.objects.filter(pk=import_id, state=ImportState.QUEUED).update(
-        state=ImportState.RUNNING, started_at=timezone.now()
-    )
-    if not claimed:
+    job = hub_import_claim(ModelImport, import_id, "repo", "created_by")
+    if job is None:
         return
-    job = ModelImport.objects.select_related("repo", "created_by").get(pk=import_id)
-    requester = job.created_by
-    try:
-        if requester is None:
-            raise PermissionDenied("The user who asked for this import no longer exists.")
-        result = _import_file(job, requester)
-    except (HubError, ArtifactError, PermissionDenied) as exc:
-        _import_finish(job, state=ImportState.FAILED, reason=str(exc))
-    except ValidationError as exc:
-        _import_finish(job, state=ImportState.FAILED, reason=" ".join(exc.messages))
-    except SoftTimeLimitExceeded:
-        hours = IMPORT_TIME_LIMIT // 3600
-        _import_finish(
-            job, state=ImportState.FAILED, reason=f"Stopped: still running after {hours} hours."
-        )
-    except Exception as exc:
-        log.exception("model import %s failed", import_id)
-        _import_finish(
-            job,
-            state=ImportState.FAILED,
-            reason=f"The import failed unexpectedly ({type(exc).__name__}); see the worker log.",
-        )
-    else:
-        job.bytes_done = job.bytes_total = result.version.size
-        ModelImport.objects.filter(pk=job.pk).update(
-            bytes_done=job.bytes_done, bytes_total=job.bytes_total
-        )
-        if not result.created:
-            job.notes = " ".join(
-                filter(None, [job.notes, f"The same file was already {result.version}."])
-            )
-        _import_finish(job, state=ImportState.SUCCEEDED, version=result.version)
+    hub_import_execute(
+        job,
+        action="model_import",
+        target={"repo": job.repo.name},
+        ingest=lambda requester: _import_file(job, requester),
+    )

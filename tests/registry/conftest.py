@@ -61,3 +61,38 @@ def repo(users) -> ModelRepo:
 def stored_files(root: Path) -> list[Path]:
     """Every file in the store, staging area included."""
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+# Hugging Face imports (a model's or a dataset's) -----------------------------------
+
+
+def wait_import_ended(client, url: str) -> dict:
+    """Poll an import's API URL until it has succeeded or failed; its last body."""
+    from tests.live import wait_until
+
+    def ended():
+        body = client.get(url).json()
+        return body if body["state"] in ("succeeded", "failed") else None
+
+    return wait_until(ended, what=f"the import at {url} ended", timeout=90)
+
+
+def wait_job_finished(job) -> None:
+    """Wait until an import's row (refreshed in place) says it has ended."""
+    from tests.live import wait_until
+
+    def ended():
+        job.refresh_from_db()
+        return job.finished
+
+    wait_until(ended, what=f"the import {job} ended", timeout=90)
+
+
+def import_leftovers(sha256: str) -> list[Path]:
+    """Files a failed import might have left: the artifact, staging, downloads."""
+    from apps.registry.services import artifact_store
+
+    store = artifact_store()
+    left = [p for p in (store.root / "tmp").rglob("*") if p.is_file()]
+    left += [p for p in (store.root / "hf-downloads").rglob("*") if p.is_file()]
+    return left + ([store.path_for(sha256)] if store.exists(sha256) else [])

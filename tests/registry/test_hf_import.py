@@ -17,8 +17,12 @@ from apps.registry import services
 from apps.registry.models import ImportState, ModelImport, ModelVersion, SourceKind
 from apps.registry.services import artifact_store
 from tests.conftest import client_for
-from tests.live import wait_until
-from tests.registry.conftest import write_tiny_gguf
+from tests.registry.conftest import (
+    import_leftovers,
+    wait_import_ended,
+    wait_job_finished,
+    write_tiny_gguf,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -48,22 +52,6 @@ def request_import(client, repo, **payload):
     return client.post(f"/api/v1/registry/repos/{repo.name}/import-hf", payload, format="json")
 
 
-def finished(client, url) -> dict:
-    def ended():
-        body = client.get(url).json()
-        return body if body["state"] in ("succeeded", "failed") else None
-
-    return wait_until(ended, what=f"the import at {url} ended", timeout=90)
-
-
-def store_leftovers(sha256: str) -> list:
-    """Files a failed import might have left: the artifact, staging, downloads."""
-    root = artifact_store().root
-    left = [p for p in (root / "tmp").rglob("*") if p.is_file()] if (root / "tmp").exists() else []
-    left += [p for p in (root / "hf-downloads").rglob("*") if p.is_file()]
-    return left + ([artifact_store().path_for(sha256)] if artifact_store().exists(sha256) else [])
-
-
 def test_import_through_the_api_records_provenance_progress_and_audit(hub, users, repo, gguf_bytes):
     ds = users[Role.DATA_SCIENTIST]
     commit = hub.add_file("acme/tiny-gguf", "gguf/tiny-Q4.gguf", gguf_bytes, licence="apache-2.0")
@@ -75,7 +63,7 @@ def test_import_through_the_api_records_provenance_progress_and_audit(hub, users
     assert body["state"] == "queued" and body["url"] == f"/api/v1/registry/imports/{body['id']}/"
     assert body["endpoint"] == hub.url and body["revision"] == "main"
 
-    done = finished(client, body["url"])
+    done = wait_import_ended(client, body["url"])
     assert done["state"] == "succeeded", done["reason"]
     sha256 = hashlib.sha256(gguf_bytes).hexdigest()
     assert done["bytes_done"] == done["bytes_total"] == len(gguf_bytes)
@@ -99,7 +87,7 @@ def test_import_through_the_api_records_provenance_progress_and_audit(hub, users
         "import": body["id"],
     }
     assert artifact_store().verify(sha256).read_bytes() == gguf_bytes
-    assert store_leftovers("0" * 64) == []
+    assert import_leftovers("0" * 64) == []
 
     events = {
         e.action: e
@@ -135,12 +123,7 @@ def test_the_pages_show_the_import_and_its_progress_block(hub, users, repo, gguf
     job = ModelImport.objects.get()
     page = ds.get(f"/registry/models/{repo.name}/").content.decode()
     assert f'id="import-{job.pk}"' in page
-
-    def ended():
-        job.refresh_from_db()
-        return job.finished
-
-    wait_until(ended, what="the import ended", timeout=90)
+    wait_job_finished(job)
     assert job.state == ImportState.SUCCEEDED, job.reason
     # The licence differs from the repo's: noted, not blocked.
     assert "card gives the licence mit, but this model records apache-2.0" in job.notes
@@ -182,7 +165,7 @@ def test_missing_repo_or_file_fails_with_a_reason(
     hub.add_file("acme/tiny-gguf", "tiny.gguf", gguf_bytes)
     client = api_as(users[Role.DATA_SCIENTIST])
     body = request_import(client, repo, repo_id=repo_id, filename=filename).json()
-    done = finished(client, body["url"])
+    done = wait_import_ended(client, body["url"])
     assert done["state"] == "failed" and message in done["reason"], done["reason"]
     assert done["version"] is None and not ModelVersion.objects.exists()
     failed = AuditEvent.objects.get(action="model_import.failed")
@@ -193,7 +176,7 @@ def test_a_gated_repo_without_a_token_fails_saying_so(hub, users, repo, gguf_byt
     hub.add_file("acme/gated", "g.gguf", gguf_bytes, gated_token=TOKEN)
     client = api_as(users[Role.ADMIN])
     body = request_import(client, repo, repo_id="acme/gated", filename="g.gguf").json()
-    done = finished(client, body["url"])
+    done = wait_import_ended(client, body["url"])
     assert done["state"] == "failed"
     assert "acme/gated/g.gguf is gated" in done["reason"] and "AIBOX_HF_TOKEN" in done["reason"]
 
@@ -204,7 +187,7 @@ def test_an_unreachable_hub_fails_saying_so(hub, users, repo, settings):
         settings.HF_ENDPOINT = f"http://127.0.0.1:{s.getsockname()[1]}"
     client = api_as(users[Role.DATA_SCIENTIST])
     body = request_import(client, repo, repo_id="acme/tiny", filename="tiny.gguf").json()
-    done = finished(client, body["url"])
+    done = wait_import_ended(client, body["url"])
     assert done["state"] == "failed" and "Could not reach the hub at" in done["reason"]
 
 
@@ -242,9 +225,9 @@ def test_a_file_that_is_not_gguf_fails_and_leaves_nothing(hub, users, repo):
     hub.add_file("acme/junk", "junk.gguf", junk)
     client = api_as(users[Role.DATA_SCIENTIST])
     body = request_import(client, repo, repo_id="acme/junk", filename="junk.gguf").json()
-    done = finished(client, body["url"])
+    done = wait_import_ended(client, body["url"])
     assert done["state"] == "failed" and "not a usable GGUF file" in done["reason"]
-    assert store_leftovers(hashlib.sha256(junk).hexdigest()) == []
+    assert import_leftovers(hashlib.sha256(junk).hexdigest()) == []
     assert not ModelVersion.objects.exists()
 
 
@@ -254,9 +237,9 @@ def test_bytes_that_differ_from_the_hubs_sha256_fail(hub, users, repo, tmp_path)
     hub.add_file("acme/liar", "tiny.gguf", gguf_bytes, announced_sha256="ab" * 32)
     client = api_as(users[Role.DATA_SCIENTIST])
     body = request_import(client, repo, repo_id="acme/liar", filename="tiny.gguf").json()
-    done = finished(client, body["url"])
+    done = wait_import_ended(client, body["url"])
     assert done["state"] == "failed" and "but the hub announced abab" in done["reason"]
-    assert store_leftovers(hashlib.sha256(gguf_bytes).hexdigest()) == []
+    assert import_leftovers(hashlib.sha256(gguf_bytes).hexdigest()) == []
 
 
 def test_app_developers_and_compliance_cannot_import(hub, users, repo):
@@ -330,4 +313,4 @@ def test_a_requester_who_lost_the_role_gets_no_version(fake_hub, settings, users
     job.refresh_from_db()
     assert job.state == ImportState.FAILED and "does not allow you" in job.reason
     assert not ModelVersion.objects.exists()
-    assert store_leftovers(hashlib.sha256(gguf_bytes).hexdigest()) == []
+    assert import_leftovers(hashlib.sha256(gguf_bytes).hexdigest()) == []
