@@ -18,10 +18,12 @@ from apps.datasets.models import (
     SEE_ALL_ROLES,
     WRITER_ROLES,
     Dataset,
+    DatasetImport,
     DatasetTransform,
     DatasetVersion,
 )
 from apps.datasets.uploads import ingest_upload
+from apps.registry.api import HubImportSerializer, ImportRequestSerializer
 from apps.registry.models import ModelVersion
 from apps.registry.uploads import ArtifactUploadHandler, StagedUpload, discard_uploads
 
@@ -102,6 +104,23 @@ class DatasetTransformSerializer(serializers.ModelSerializer):
         ]
 
 
+class DatasetImportSerializer(HubImportSerializer):
+    dataset = serializers.CharField(source="dataset.name")
+    tokenizer = serializers.PrimaryKeyRelatedField(read_only=True)
+    api_view = "api:dataset_import"
+
+    class Meta:
+        model = DatasetImport
+        fields = [
+            "dataset",
+            *HubImportSerializer.Meta.fields,
+            "declared_shape",
+            "column_mapping",
+            "tokenizer",
+            "max_tokens",
+        ]
+
+
 def _error(exc: ValidationError | PermissionDenied) -> Response:
     if isinstance(exc, PermissionDenied):
         return Response({"detail": str(exc)}, status=status.HTTP_403_FORBIDDEN)
@@ -164,13 +183,13 @@ def _upload_settings(data) -> dict:
     if data.get("tokenizer"):
         try:
             tokenizer = selectors.tokenizer_choices().get(pk=int(data["tokenizer"]))
-        except (ValueError, ModelVersion.DoesNotExist) as exc:
+        except (TypeError, ValueError, ModelVersion.DoesNotExist) as exc:
             raise ValidationError("tokenizer must be the id of a registered GGUF model.") from exc
     max_tokens = None
     if data.get("max_tokens"):
         try:
             max_tokens = int(data["max_tokens"])
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:
             raise ValidationError("max_tokens must be a whole number.") from exc
     return {
         "declared_shape": data.get("shape") or "",
@@ -221,6 +240,39 @@ class VersionUploadView(APIView):
         except (ValidationError, PermissionDenied) as exc:
             return _error(exc)
         return Response(DatasetVersionSerializer(version).data, status=status.HTTP_201_CREATED)
+
+
+class ImportHfView(APIView):
+    """POST ``{"repo_id", "filename", "revision"?}`` and the upload's optional ``shape``,
+    ``column_mapping``, ``tokenizer``, ``max_tokens``: queue an import from Hugging Face."""
+
+    permission_classes = [WRITERS]
+
+    def post(self, request: Request, name: str) -> Response:
+        dataset = _dataset(request, name)
+        serializer = ImportRequestSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        try:
+            job = services.dataset_import_request(
+                actor=request.user,
+                dataset=dataset,
+                **serializer.validated_data,
+                **_upload_settings(request.data),
+            )
+        except (ValidationError, PermissionDenied) as exc:
+            return _error(exc)
+        return Response(DatasetImportSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+
+
+class ImportDetailView(APIView):
+    permission_classes = [READERS]
+
+    def get(self, request: Request, pk: int) -> Response:
+        try:
+            job = selectors.dataset_import_get(user=request.user, pk=pk)
+        except DatasetImport.DoesNotExist as exc:
+            raise Http404("No such import.") from exc
+        return Response(DatasetImportSerializer(job).data)
 
 
 class VersionDetailView(APIView):

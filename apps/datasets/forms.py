@@ -6,6 +6,7 @@ from django.core.exceptions import ValidationError
 from apps.datasets import selectors
 from apps.datasets.models import Shape
 from apps.datasets.services import parse_column_mapping
+from apps.registry.forms import HfImportForm as RegistryHfImportForm
 from apps.registry.models import REPO_NAME
 
 
@@ -60,3 +61,19 @@ class FilterForm(forms.Form):
     drop_pii = forms.BooleanField(
         required=False, initial=True, label="Also drop rows with personal data"
     )
+
+
+class HfImportForm(RegistryHfImportForm, UploadSettingsForm):
+    """The dataset page's "Import from Hugging Face": a file of a dataset repo, and the
+    settings an upload takes."""
+
+    field_order = ["repo_id", "filename", "revision"]
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        help_texts = {
+            "repo_id": "owner/name of a dataset repo, e.g. acme/support-chats",
+            "filename": "A .jsonl, .csv or .parquet file, with its folder in the repo if any.",
+        }
+        for name, text in help_texts.items():
+            self.fields[name].help_text = text

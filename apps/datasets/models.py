@@ -2,10 +2,11 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.db import models
+from django.urls import reverse
 from django.utils import timezone
 
 from apps.accounts.models import Role, User
-from apps.registry.models import REPO_NAME, Artifact, ModelVersion
+from apps.registry.models import REPO_NAME, Artifact, HubImport, ModelVersion
 
 # Data scientists own their datasets; admins and compliance officers see all of them.
 WRITER_ROLES = (Role.ADMIN, Role.DATA_SCIENTIST)
@@ -123,6 +124,9 @@ class DatasetVersion(models.Model):
     def __str__(self) -> str:
         return f"{self.dataset.name} v{self.number}"
 
+    def get_absolute_url(self) -> str:
+        return reverse("datasets:version", args=[self.pk])
+
     @property
     def sha256(self) -> str:
         return self.artifact_id
@@ -179,3 +183,24 @@ class DatasetTransform(models.Model):
 
     def __str__(self) -> str:
         return f"{self.get_operation_display()} of {self.source_version}"
+
+
+class DatasetImport(HubImport):
+    """An import of one data file from a Hugging Face dataset repo into a dataset.
+
+    It carries the settings the resulting version is validated with, as an upload does.
+    """
+
+    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="imports")
+    declared_shape = models.CharField(max_length=32, choices=Shape.choices, blank=True)
+    column_mapping = models.JSONField(default=dict, blank=True)
+    tokenizer = models.ForeignKey(
+        ModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    max_tokens = models.PositiveIntegerField(null=True, blank=True)
+    version = models.ForeignKey(
+        DatasetVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    def get_absolute_url(self) -> str:
+        return reverse("datasets:import", args=[self.pk])

@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.db.models import Count, QuerySet
 
 from apps.accounts.models import User
-from apps.datasets.models import Dataset, DatasetTransform, DatasetVersion
+from apps.datasets.models import Dataset, DatasetImport, DatasetTransform, DatasetVersion
 from apps.registry.models import Format, ModelVersion, State
 from workers import datasets as data
 
@@ -38,6 +38,16 @@ def dataset_transform_get(*, user: User, pk: int) -> DatasetTransform:
     return DatasetTransform.objects.select_related("source_version__dataset").get(
         pk=pk, source_version__dataset__in=Dataset.objects.visible_to(user)
     )
+
+
+def dataset_import_list(*, dataset: Dataset) -> QuerySet[DatasetImport]:
+    return dataset.imports.select_related("dataset", "version__dataset", "created_by")
+
+
+def dataset_import_get(*, user: User, pk: int) -> DatasetImport:
+    return DatasetImport.objects.select_related(
+        "dataset", "version__dataset", "created_by", "tokenizer__repo"
+    ).get(pk=pk, dataset__in=Dataset.objects.visible_to(user))
 
 
 def tokenizer_choices() -> QuerySet[ModelVersion]:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.utils import timezone
@@ -24,6 +25,7 @@ from apps.audit.services import audit_record
 from apps.datasets.models import (
     WRITER_ROLES,
     Dataset,
+    DatasetImport,
     DatasetTransform,
     DatasetVersion,
     JobState,
@@ -34,7 +36,16 @@ from apps.datasets.models import (
 )
 from apps.registry.models import Artifact, ModelVersion
 from apps.registry.models import Format as ModelFormat
-from apps.registry.services import PICKLE_SUFFIXES, artifact_store
+from apps.registry.services import (
+    PICKLE_SUFFIXES,
+    artifact_store,
+    hub_import_check,
+    hub_import_claim,
+    hub_import_execute,
+    hub_import_fetch,
+    hub_import_requested,
+    hub_import_source,
+)
 from workers import datasets as data
 from workers.artifacts import Staged
 
@@ -42,7 +53,7 @@ log = logging.getLogger(__name__)
 
 ACCEPTED_SUFFIXES = frozenset({".jsonl", ".json", ".csv", ".parquet"})
 MAX_ERRORS_SHOWN = 200
-RESERVED_NAMES = frozenset({"versions"})  # URL segments under /datasets/
+RESERVED_NAMES = frozenset({"versions", "imports"})  # URL segments under /datasets/
 PROGRESS_EVERY_SECONDS = 0.5
 
 
@@ -480,6 +491,98 @@ def _finish_transform(
         },
     )
     return job
+
+
+# Hugging Face import: the registry's import of a model file, for a dataset repo's file.
+
+
+@transaction.atomic
+def dataset_import_request(
+    *,
+    actor: User,
+    dataset: Dataset,
+    repo_id: str,
+    filename: str,
+    revision: str = "",
+    declared_shape: str = "",
+    column_mapping: dict[str, str] | None = None,
+    tokenizer: ModelVersion | None = None,
+    max_tokens: int | None = None,
+) -> DatasetImport:
+    """Queue the import of one file of a dataset repo on ``settings.HF_ENDPOINT``.
+
+    Refused here, before a job exists and without asking the hub: a malformed repo id,
+    file name or revision, a file that is not data (pickle formats above all), and
+    settings an upload would be refused for. The version is validated as an upload is.
+    """
+    require_dataset_writer(actor, dataset, "import dataset versions")
+    repo_id, filename, revision = hub_import_check(
+        repo_id=repo_id, filename=filename, revision=revision, check_name=check_file_name
+    )
+    if declared_shape and declared_shape not in Shape.values:
+        raise ValidationError(f"{declared_shape!r} is not a dataset shape.")
+    column_mapping = clean_column_mapping(column_mapping)
+    _check_tokenizer(tokenizer, max_tokens)
+    job = DatasetImport.objects.create(
+        dataset=dataset,
+        hf_repo_id=repo_id,
+        filename=filename,
+        revision=revision,
+        endpoint=settings.HF_ENDPOINT,
+        declared_shape=declared_shape,
+        column_mapping=column_mapping,
+        tokenizer=tokenizer,
+        max_tokens=max_tokens,
+        created_by=actor,
+    )
+    from apps.datasets import tasks
+
+    hub_import_requested(
+        job,
+        actor=actor,
+        action="dataset_import",
+        target={"dataset": dataset.name},
+        task=tasks.dataset_import_run,
+    )
+    return job
+
+
+def _import_file(job: DatasetImport, requester: User) -> tuple[DatasetVersion, bool]:
+    hub_file, staged = hub_import_fetch(
+        job, repo_type="dataset", kind="dataset", recorded_licence=job.dataset.licence
+    )
+    version = dataset_version_ingest(
+        actor=requester,
+        dataset=job.dataset,
+        staged=staged,
+        file_name=hub_file.name,
+        source_kind=SourceKind.HUGGING_FACE,
+        source=hub_import_source(job, hub_file),
+        declared_shape=job.declared_shape,
+        column_mapping=job.column_mapping,
+        tokenizer=job.tokenizer,
+        max_tokens=job.max_tokens,
+    )
+    return version, True
+
+
+def dataset_import_run(*, import_id: int) -> None:
+    """Run a queued import (the Celery task's body); a duplicate delivery does nothing.
+
+    Downloads the file at the commit its revision resolved to, checks its sha256 against
+    the hub's and adds it as a version (created by the person who asked, whose right to
+    is checked again now), whose validation is then queued as an upload's is. Whatever
+    fails, the job ends failed with a reason and no file is left behind.
+    """
+    job = hub_import_claim(DatasetImport, import_id, "dataset", "tokenizer", "created_by")
+    if job is None:
+        return
+    hub_import_execute(
+        job,
+        action="dataset_import",
+        target={"dataset": job.dataset.name},
+        ingest=lambda requester: _import_file(job, requester),
+    )
 
 
 def dataset_version_export_csv(*, actor: User, version: DatasetVersion, out) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from celery import shared_task
 
 from apps.datasets import services
+from apps.registry.services import IMPORT_TIME_LIMIT
 
 
 @shared_task(name="datasets.version_validate", acks_late=True)
@@ -17,3 +18,16 @@ def dataset_version_validate(version_id: int) -> None:
 def dataset_transform_run(job_id: int) -> None:
     # A duplicate delivery finds the job claimed and does nothing.
     services.dataset_transform_run(job_id=job_id)
+
+
+# As the registry's import: not retried (a failed import ends failed with its reason), a
+# duplicate delivery finds the job claimed, and a large file may need hours.
+@shared_task(
+    name="datasets.import_run",
+    acks_late=True,
+    ignore_result=True,
+    soft_time_limit=IMPORT_TIME_LIMIT,
+    time_limit=IMPORT_TIME_LIMIT + 120,
+)
+def dataset_import_run(import_id: int) -> None:
+    services.dataset_import_run(import_id=import_id)

@@ -14,11 +14,18 @@ from apps.accounts.access import role_required
 from apps.accounts.models import Role
 from apps.datasets import selectors, services
 from apps.datasets.api import export_response
-from apps.datasets.forms import DatasetForm, FilterForm, SplitForm, UploadSettingsForm
+from apps.datasets.forms import (
+    DatasetForm,
+    FilterForm,
+    HfImportForm,
+    SplitForm,
+    UploadSettingsForm,
+)
 from apps.datasets.models import (
     SEE_ALL_ROLES,
     WRITER_ROLES,
     Dataset,
+    DatasetImport,
     DatasetVersion,
     JobState,
     Operation,
@@ -77,21 +84,69 @@ def dataset_list(request: HttpRequest) -> HttpResponse:
     return render(request, "datasets/dataset_list.html", context)
 
 
-@role_required(*READER_ROLES)
-def dataset_detail(request: HttpRequest, name: str) -> HttpResponse:
-    dataset = _dataset_or_404(request, name)
+def _dataset_context(request: HttpRequest, dataset: Dataset, **extra) -> dict:
     versions = selectors.dataset_version_list(dataset=dataset)
-    context = {
+    return {
         "dataset": dataset,
         "versions": versions,
         "can_write": _can_write(request.user, dataset),
         "settings_form": UploadSettingsForm(),
         "upload_limit": settings.UPLOAD_MAX_BYTES,
         "validating": any(v.state == State.VALIDATING for v in versions),
+        "hf_form": HfImportForm(),
+        "hf_endpoint": settings.HF_ENDPOINT,
+        "imports": selectors.dataset_import_list(dataset=dataset)[:5],
+        **extra,
     }
+
+
+@role_required(*READER_ROLES)
+def dataset_detail(request: HttpRequest, name: str) -> HttpResponse:
+    context = _dataset_context(request, _dataset_or_404(request, name))
     if request.htmx:
         return render(request, "datasets/_version_rows.html", context)
     return render(request, "datasets/dataset_detail.html", context)
+
+
+@role_required(*WRITER_ROLES)
+@require_POST
+def dataset_import_create(request: HttpRequest, name: str) -> HttpResponse:
+    """The dataset page's "Import from Hugging Face" form; the job runs on a worker."""
+    dataset = _dataset_or_404(request, name)
+    form = HfImportForm(request.POST)
+    if form.is_valid():
+        data = form.cleaned_data
+        try:
+            job = services.dataset_import_request(
+                actor=request.user,
+                dataset=dataset,
+                repo_id=data["repo_id"],
+                filename=data["filename"],
+                revision=data["revision"],
+                declared_shape=data["shape"],
+                column_mapping=data["column_mapping"],
+                tokenizer=data["tokenizer"],
+                max_tokens=data["max_tokens"],
+            )
+        except ValidationError as exc:
+            form.add_error(None, exc)
+        else:
+            messages.success(request, f"Import of {job} queued.")
+            return redirect("datasets:detail", name=dataset.name)
+    context = _dataset_context(request, dataset, hf_form=form)
+    return render(request, "datasets/dataset_detail.html", context, status=400)
+
+
+@role_required(*READER_ROLES)
+def dataset_import_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    """An import's page or, for htmx, its status block (polled until it ends)."""
+    try:
+        job = selectors.dataset_import_get(user=request.user, pk=pk)
+    except DatasetImport.DoesNotExist as exc:
+        raise Http404("No such import.") from exc
+    if request.htmx:
+        return render(request, "registry/_import_status.html", {"job": job})
+    return render(request, "datasets/import_detail.html", {"job": job})
 
 
 @csrf_exempt  # checked below, once the streaming upload handler is in place

@@ -9,6 +9,7 @@ from rest_framework.test import APIClient
 
 from apps.accounts.models import ApiKey, Role
 from apps.accounts.services import api_key_create
+from apps.datasets.models import DatasetImport
 from apps.datasets.services import dataset_create
 from apps.deployments.models import Deployment, State
 from apps.registry.models import ModelImport, SourceKind
@@ -120,6 +121,18 @@ MATRIX = {
         "/api/v1/datasets/",
         {ADMIN: 201, DS: 201, DEV: 403, CO: 403},
     ),
+    "datasets_import_hf": (
+        "Import a dataset file from Hugging Face (data scientists: into their own)",
+        "post",
+        "/api/v1/datasets/{own_dataset}/import-hf",
+        {ADMIN: 202, DS: 202, DEV: 403, CO: 403},
+    ),
+    "datasets_import_view": (
+        "Follow a dataset import (data scientists: their own)",
+        "get",
+        "/api/v1/dataset-imports/{dataset_import}/",
+        {ADMIN: 200, DS: 200, DEV: 403, CO: 200},
+    ),
     "datasets_other": (
         "See another data scientist's dataset",
         "get",
@@ -158,6 +171,7 @@ POST_DATA = {
     "registry_approve": {"reason": "checked"},
     "registry_import_hf": {"repo_id": "acme/model", "filename": "model.gguf"},
     "datasets_create": {"name": "new-data", "licence": "cc-by-4.0"},
+    "datasets_import_hf": {"repo_id": "acme/data", "filename": "train.jsonl"},
     "user_create": {"username": "newbie", "role": DEV, "password": "long enough password"},
     "user_edit": {"role": DEV, "is_active": "on"},
 }
@@ -193,8 +207,17 @@ def world(users, settings, tmp_path):
     )
     dora = make_user(Role.DATA_SCIENTIST, username="dora")
     dataset = dataset_create(actor=dora, name="dora-data", licence="cc0-1.0")
+    own_dataset = dataset_create(actor=ds, name="dana-data", licence="cc0-1.0")
+    dataset_import = DatasetImport.objects.create(
+        dataset=own_dataset,
+        hf_repo_id="acme/data",
+        filename="train.jsonl",
+        endpoint="http://hub.invalid",
+    )
     return {
         "dataset": dataset.name,
+        "own_dataset": own_dataset.name,
+        "dataset_import": dataset_import.pk,
         "deployment": deployment.name,
         "model_import": model_import.pk,
         "victim": victim.pk,
