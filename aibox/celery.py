@@ -31,7 +31,8 @@ class InferenceRuntime(bootsteps.StartStopStep):
         from workers.inference import runtime
 
         pool = getattr(worker.pool_cls, "__module__", str(worker.pool_cls)).rsplit(".", 1)[-1]
-        serving = pool in ("thread", "solo")
+        # A training worker (AIBOX_WORKER_SERVING=false) never holds a deployment.
+        serving = pool in ("thread", "solo") and settings.WORKER_SERVING
         if serving:
             runtime.configure(settings.REDIS_URL, settings.MODEL_CACHE_DIR)
         self.heartbeat = runtime.Heartbeat(

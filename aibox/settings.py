@@ -36,10 +36,14 @@ ENVIRONMENT_VARIABLES = (
     "AIBOX_IMPORT_DIRS",
     "AIBOX_MODEL_CACHE_DIR",
     "AIBOX_WORKER_OFFLINE_AFTER",
+    "AIBOX_WORKER_SERVING",
     "AIBOX_HF_ENDPOINT",
     "HF_ENDPOINT",
     "AIBOX_HF_TOKEN",
     "AIBOX_HF_CACHE_DIR",
+    "AIBOX_FINETUNE_WORK_DIR",
+    "AIBOX_FINETUNE_CACHE_DIR",
+    "AIBOX_FINETUNE_DEVICE",
 )
 
 DEBUG = env.bool("AIBOX_DEBUG", default=False)
@@ -103,6 +107,7 @@ MODEL_CACHE_DIR = Path(
     env.str("AIBOX_MODEL_CACHE_DIR", default=str(BASE_DIR / "var" / "model-cache"))
 )
 # A worker whose last heartbeat is older than this is offline; its replicas unavailable.
+WORKER_SERVING = env.bool("AIBOX_WORKER_SERVING", default=True)
 WORKER_OFFLINE_AFTER = env.float("AIBOX_WORKER_OFFLINE_AFTER", default=10.0)
 
 # Hugging Face import: the hub or a mirror (huggingface_hub's own HF_ENDPOINT is honoured
@@ -118,6 +123,15 @@ if not HF_ENDPOINT.startswith(("http://", "https://")):
         f"AIBOX_HF_ENDPOINT must be an http:// or https:// address, not {HF_ENDPOINT!r}."
     )
 HF_TOKEN = env.str("AIBOX_HF_TOKEN", default="")
+# Fine-tunes: each job's checkpoints and outputs (on the training worker), and base models
+# converted for transformers, cached by the GGUF's sha256 so a second job starts fast.
+FINETUNE_WORK_DIR = Path(
+    env.str("AIBOX_FINETUNE_WORK_DIR", default=str(BASE_DIR / "var" / "finetune"))
+)
+FINETUNE_CACHE_DIR = Path(
+    env.str("AIBOX_FINETUNE_CACHE_DIR", default=str(BASE_DIR / "var" / "finetune-cache"))
+)
+FINETUNE_DEVICE = env.str("AIBOX_FINETUNE_DEVICE", default="auto")
 HF_CACHE_DIR = Path(env.str("AIBOX_HF_CACHE_DIR", default=str(ARTIFACT_ROOT / "hf-downloads")))
 
 # Keyed hash for API keys. Derived from the secret key unless set; rotating either
@@ -140,6 +154,7 @@ INSTALLED_APPS = [
     "apps.audit",
     "apps.registry",
     "apps.datasets",
+    "apps.finetune",
     "apps.deployments",
     "apps.inference",
 ]

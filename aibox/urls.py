@@ -4,6 +4,7 @@ from apps.accounts import api as accounts_api
 from apps.audit import api as audit_api
 from apps.datasets import api as datasets_api
 from apps.deployments import api as deployments_api
+from apps.finetune import api as finetune_api
 from apps.registry import api as registry_api
 
 api_v1 = [
@@ -42,6 +43,14 @@ api_v1 = [
         name="dataset_version_upload",
     ),
     path(
+        "datasets/<str:name>/import-hf",
+        datasets_api.ImportHfView.as_view(),
+        name="dataset_import_request",
+    ),
+    path(
+        "dataset-imports/<int:pk>/", datasets_api.ImportDetailView.as_view(), name="dataset_import"
+    ),
+    path(
         "dataset-versions/<int:pk>/",
         datasets_api.VersionDetailView.as_view(),
         name="dataset_version",
@@ -66,6 +75,16 @@ api_v1 = [
         datasets_api.TransformDetailView.as_view(),
         name="dataset_transform",
     ),
+    path("finetunes/", finetune_api.JobListView.as_view(), name="finetunes"),
+    path("finetunes/<int:pk>/", finetune_api.JobDetailView.as_view(), name="finetune"),
+    *[
+        path(
+            f"finetunes/<int:pk>/{action}",
+            finetune_api.JobActionView.as_view(action=action),
+            name=f"finetune_{action}",
+        )
+        for action in ("cancel", "retry")
+    ],
     path("deployments/", deployments_api.DeploymentListView.as_view(), name="deployments"),
     path(
         "deployments/<str:name>/", deployments_api.DeploymentDetailView.as_view(), name="deployment"
@@ -98,6 +117,7 @@ urlpatterns = [
     path("audit/", include("apps.audit.urls")),
     path("registry/", include("apps.registry.urls")),
     path("datasets/", include("apps.datasets.urls")),
+    path("finetunes/", include("apps.finetune.urls")),
     path("deployments/", include("apps.deployments.urls")),
     path("api/v1/", include((api_v1, "api"))),
     path("v1/", include(("apps.inference.urls", "openai"))),

@@ -37,7 +37,13 @@ def process_env(**extra: str) -> dict[str, str]:
 
 
 def start_celery_worker(
-    *, env: dict[str, str], name: str, log: Path, pool: str = "threads", concurrency: int = 8
+    *,
+    env: dict[str, str],
+    name: str,
+    log: Path,
+    pool: str = "threads",
+    concurrency: int = 8,
+    queues: str = "",
 ) -> subprocess.Popen:
     """Start ``celery worker`` and wait for its first heartbeat (every pool sends one)."""
     from apps.deployments import selectors
@@ -60,6 +66,7 @@ def start_celery_worker(
             "INFO",
             "--without-mingle",
             "--without-gossip",
+            *(["--queues", queues] if queues else []),
         ],
         cwd=ROOT,
         env=env,

@@ -10,6 +10,7 @@ NAVIGATION: tuple[tuple[str, str, tuple[Role, ...]], ...] = (
     ("Dashboard", "core:home", ()),
     ("Models", "registry:repos", ()),
     ("Datasets", "datasets:list", (Role.ADMIN, Role.DATA_SCIENTIST, Role.COMPLIANCE_OFFICER)),
+    ("Fine-tunes", "finetune:list", (Role.ADMIN, Role.DATA_SCIENTIST, Role.COMPLIANCE_OFFICER)),
     ("Deployments", "deployments:list", ()),
     ("Playground", "deployments:playground", (Role.ADMIN, Role.DATA_SCIENTIST, Role.APP_DEVELOPER)),
     ("API keys", "accounts:api_keys", ()),

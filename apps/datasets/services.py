@@ -423,7 +423,8 @@ def dataset_transform_run(*, job_id: int) -> DatasetTransform | None:
         outputs = data.transform(
             path,
             data.FileFormat(source.format),
-            reading_options(source),
+            # Lengths matter to a transform only when rows over a token limit are failures.
+            reading_options(source, tokenize=bool(source.max_tokens)),
             job.operation,
             params,
             work,

@@ -14,12 +14,23 @@ class DeploymentForm(forms.ModelForm):
         label="Model version",
         help_text="Only approved GGUF models can be deployed.",
     )
+    adapter = forms.ModelChoiceField(
+        queryset=ModelVersion.objects.filter(format=Format.GGUF_LORA, state=State.APPROVED)
+        .select_related("repo")
+        .order_by("repo__name", "-number"),
+        required=False,
+        empty_label="None",
+        label="LoRA adapter",
+        help_text="An approved GGUF LoRA adapter trained on this model (from a fine-tune).",
+    )
 
     class Meta:
         model = Deployment
         fields = [
             "name",
             "model_version",
+            "adapter",
+            "adapter_scale",
             "preset",
             "context_length",
             "replicas",

@@ -60,6 +60,17 @@ class Deployment(models.Model):
     model_version = models.ForeignKey(
         "registry.ModelVersion", on_delete=models.PROTECT, related_name="deployments"
     )
+    # A LoRA adapter (GGUF) applied on top of the model, and how strongly.
+    adapter = models.ForeignKey(
+        "registry.ModelVersion",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="adapter_deployments",
+    )
+    adapter_scale = models.FloatField(
+        default=1.0, validators=[MinValueValidator(0.0), MaxValueValidator(4.0)]
+    )
     context_length = models.PositiveIntegerField(
         default=4096, validators=[MinValueValidator(128), MaxValueValidator(1_048_576)]
     )

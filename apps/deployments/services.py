@@ -7,6 +7,7 @@ Workers report replica states through Redis (a Celery task on the control queue)
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,8 @@ COMPUTE_OVERHEAD_BYTES = 48 * MIB
 HEADROOM_BYTES = 256 * MIB
 
 SETTINGS_FIELDS = (
+    "adapter",
+    "adapter_scale",
     "context_length",
     "threads",
     "gpu_layers",
@@ -106,12 +109,15 @@ def _mib(n: int) -> str:
 
 
 def _estimate_for(deployment: Deployment) -> MemoryEstimate:
-    return memory_estimate(
+    estimate = memory_estimate(
         version=deployment.model_version,
         context_length=deployment.context_length,
         parallel_slots=deployment.parallel_slots,
         batch_size=deployment.batch_size,
     )
+    if deployment.adapter is not None:  # loaded whole, next to the model
+        estimate = dataclasses.replace(estimate, weights=estimate.weights + deployment.adapter.size)
+    return estimate
 
 
 def _uses_gpu(deployment: Deployment, worker: selectors.WorkerStatus) -> bool:
@@ -178,6 +184,7 @@ def _reserved_memory() -> dict[tuple[str, int | None], int]:
 def _replica_spec(replica: Replica) -> ReplicaSpec:
     deployment = replica.deployment
     version = deployment.model_version
+    adapter = deployment.adapter
     return ReplicaSpec(
         replica_id=replica.pk,
         generation=replica.generation,
@@ -185,6 +192,9 @@ def _replica_spec(replica: Replica) -> ReplicaSpec:
         deployment_name=deployment.name,
         sha256=version.sha256,
         source_path=str(artifact_store().path_for(version.sha256)),
+        adapter_sha256=adapter.sha256 if adapter else "",
+        adapter_source_path=str(artifact_store().path_for(adapter.sha256)) if adapter else "",
+        adapter_scale=deployment.adapter_scale,
         architecture=version.architecture,
         context_length=deployment.context_length,
         threads=deployment.threads,
@@ -278,7 +288,30 @@ def _check_version(version: ModelVersion) -> None:
         )
 
 
+def _check_adapter(version: ModelVersion, adapter: ModelVersion | None) -> None:
+    """An adapter must be an approved GGUF LoRA made for this model."""
+    if adapter is None:
+        return
+    if adapter.format != Format.GGUF_LORA:
+        raise ValidationError(f"{adapter} is not a GGUF LoRA adapter (it is a {adapter.format}).")
+    if adapter.state != VersionState.APPROVED:
+        raise ValidationError(
+            f"The adapter {adapter} is {adapter.get_state_display().lower()}: only approved "
+            "adapters can be deployed."
+        )
+    parents = list(adapter.parents.all())
+    if parents and version not in parents:
+        names = ", ".join(str(p) for p in parents)
+        raise ValidationError(f"The adapter {adapter} was trained on {names}, not on {version}.")
+    if adapter.architecture and adapter.architecture != version.architecture:
+        raise ValidationError(
+            f"The adapter is for {adapter.architecture} models; {version} is "
+            f"{version.architecture}."
+        )
+
+
 def _check_settings(version: ModelVersion, values: dict[str, Any]) -> None:
+    _check_adapter(version, values.get("adapter"))
     limit = version.context_length
     if limit and values.get("context_length", 0) > limit:
         raise ValidationError(
@@ -335,6 +368,7 @@ def deployment_start(*, actor: User, deployment: Deployment) -> Deployment:
     """Serve a stopped (or failed) deployment again."""
     require_role(actor, MANAGER_ROLES, "start deployments")
     _check_version(deployment.model_version)
+    _check_adapter(deployment.model_version, deployment.adapter)
     with transaction.atomic():
         deployment = Deployment.objects.select_for_update().get(pk=deployment.pk)
         deployment.running = True

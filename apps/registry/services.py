@@ -128,6 +128,7 @@ def model_version_ingest(
     source_kind: SourceKind,
     source: dict[str, Any],
     parents: Sequence[ModelVersion] = (),
+    peft_config: dict[str, Any] | None = None,
 ) -> IngestResult:
     """Turn a received file into an immutable version of ``repo``.
 
@@ -139,6 +140,17 @@ def model_version_ingest(
     newly_stored = False
     try:
         require_role(actor, WRITER_ROLES, "add model versions")
+        if peft_config is not None:
+            return _ingest_peft(
+                actor=actor,
+                repo=repo,
+                staged=staged,
+                file_name=file_name,
+                config=peft_config,
+                source_kind=source_kind,
+                source=source,
+                parents=parents,
+            )
         file_name = check_file_name(file_name)
         existing = repo.versions.filter(artifact_id=staged.sha256).first()
         if existing is not None:
@@ -200,6 +212,69 @@ def model_version_ingest(
         raise
     finally:
         staged.discard()  # a no-op once committed
+
+
+def _ingest_peft(
+    *,
+    actor: User,
+    repo: ModelRepo,
+    staged: Staged,
+    file_name: str,
+    config: dict[str, Any],
+    source_kind: SourceKind,
+    source: dict[str, Any],
+    parents: Sequence[ModelVersion],
+) -> IngestResult:
+    """A PEFT LoRA adapter as fine-tunes produce it: safetensors weights (no code runs on
+    load), its adapter_config.json kept as the version's metadata."""
+    from safetensors import SafetensorError, safe_open
+
+    if PurePosixPath(file_name).suffix != ".safetensors" or PurePosixPath(file_name).name != (
+        file_name
+    ):
+        raise ValidationError(f"{file_name!r} is not a safetensors file name.")
+    existing = repo.versions.filter(artifact_id=staged.sha256).first()
+    if existing is not None:
+        return IngestResult(existing, created=False)
+    try:
+        with safe_open(str(staged.path), framework="numpy") as weights:
+            tensors = len(list(weights.keys()))
+    except (SafetensorError, OSError) as exc:
+        raise ValidationError(f"{file_name!r} is not a readable safetensors file: {exc}") from exc
+    with transaction.atomic():
+        ModelRepo.objects.select_for_update().get(pk=repo.pk)
+        artifact, _ = Artifact.objects.get_or_create(
+            sha256=staged.sha256, defaults={"size": staged.size}
+        )
+        artifact_store().commit(staged)
+        latest = repo.versions.order_by("-number").values_list("number", flat=True).first()
+        version = ModelVersion.objects.create(
+            repo=repo,
+            number=(latest or 0) + 1,
+            artifact=artifact,
+            file_name=file_name,
+            format=Format.PEFT_SAFETENSORS,
+            metadata={"adapter_config": config, "tensors": tensors},
+            source_kind=source_kind,
+            source=source,
+            created_by=actor,
+        )
+        version.parents.set(parents)
+        audit_record(
+            actor=actor,
+            action="model_version.create",
+            target=version,
+            details={
+                "sha256": staged.sha256,
+                "size": staged.size,
+                "file_name": file_name,
+                "format": version.format,
+                "source_kind": str(source_kind),
+                "source": source,
+                "parents": [p.pk for p in parents],
+            },
+        )
+    return IngestResult(version, created=True)
 
 
 def model_version_import_path(*, actor: User, repo: ModelRepo, path: str) -> IngestResult:

@@ -1,0 +1,86 @@
+"""How a running fine-tune's reports travel: the worker appends them to a Redis stream
+per job and asks for them to be applied; the control plane applies each stream entry
+once, in order, under the job's row lock (see services.finetune_progress_apply).
+
+Cancellation travels the other way: a flag in Redis that the runner polls every step.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+import redis
+from django.conf import settings
+
+STREAM_MAX = 20_000  # entries kept per job; applied ones are trimmed as it goes
+FLUSH_SECONDS = 1.0
+
+
+@lru_cache(maxsize=1)
+def client() -> redis.Redis:
+    return redis.Redis.from_url(settings.REDIS_URL)
+
+
+def stream_key(job_id: int) -> str:
+    return f"aibox:finetune:{job_id}:events"
+
+
+def cancel_key(job_id: int) -> str:
+    return f"aibox:finetune:{job_id}:cancel"
+
+
+def request_cancel(job_id: int) -> None:
+    client().set(cancel_key(job_id), "1", ex=7 * 24 * 3600)
+
+
+def clear_cancel(job_id: int) -> None:
+    client().delete(cancel_key(job_id))
+
+
+def cancel_requested(job_id: int) -> bool:
+    return bool(client().exists(cancel_key(job_id)))
+
+
+class Reporter:
+    """The runner's ``report`` callback: append to the job's stream, and at most once a
+    second (and on ``flush``) ask the control plane to apply what is new."""
+
+    def __init__(self, job_id: int, apply: Callable[[int], None]) -> None:
+        self.job_id = job_id
+        self.apply = apply
+        self.last_sent = 0.0
+        self.lock = threading.Lock()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        payload = json.dumps({**event, "at": time.time()}, default=str)
+        client().xadd(stream_key(self.job_id), {"e": payload}, maxlen=STREAM_MAX)
+        now = time.monotonic()
+        with self.lock:
+            due = now - self.last_sent >= FLUSH_SECONDS or event.get("event") != "progress"
+            if due:
+                self.last_sent = now
+        if due:
+            self.apply(self.job_id)
+
+    def flush(self) -> None:
+        self.apply(self.job_id)
+
+
+def read_after(job_id: int, last_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """Stream entries after ``last_id`` ("0" for all), oldest first."""
+    start = f"({last_id}" if last_id and last_id != "0" else "-"
+    entries = client().xrange(stream_key(job_id), min=start, max="+")
+    return [(entry_id.decode(), json.loads(fields[b"e"])) for entry_id, fields in entries]
+
+
+def trim(job_id: int, upto_id: str) -> None:
+    client().xtrim(stream_key(job_id), minid=upto_id)
+
+
+def drop(job_id: int) -> None:
+    client().delete(stream_key(job_id), cancel_key(job_id))

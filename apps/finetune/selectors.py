@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+from django.db.models import QuerySet
+
+from apps.accounts.models import User
+from apps.datasets.models import Dataset, DatasetVersion
+from apps.datasets.models import State as DataState
+from apps.finetune.models import FineTuneJob
+from apps.registry.models import Format, ModelVersion
+from apps.registry.models import State as VersionState
+
+CHART_WIDTH, CHART_HEIGHT = 560, 180
+
+
+def finetune_job_list(*, user: User) -> QuerySet[FineTuneJob]:
+    return FineTuneJob.objects.visible_to(user).select_related(
+        "base_model__repo", "dataset_version__dataset", "created_by", "adapter__repo"
+    )
+
+
+def finetune_job_get(*, user: User, pk: int) -> FineTuneJob:
+    return (
+        finetune_job_list(user=user)
+        .select_related("validation_version__dataset", "peft_adapter__repo")
+        .get(pk=pk)
+    )
+
+
+def base_model_choices() -> QuerySet[ModelVersion]:
+    return (
+        ModelVersion.objects.filter(format=Format.GGUF_MODEL)
+        .exclude(state=VersionState.DEPRECATED)
+        .select_related("repo")
+        .order_by("repo__name", "-number")
+    )
+
+
+def trainable_dataset_versions(*, user: User) -> QuerySet[DatasetVersion]:
+    return (
+        DatasetVersion.objects.filter(
+            state=DataState.VALID, dataset__in=Dataset.objects.visible_to(user)
+        )
+        .select_related("dataset")
+        .order_by("dataset__name", "-number")
+    )
+
+
+def loss_chart(history: list[dict]) -> dict:
+    """SVG polylines for the training and validation loss over steps."""
+    train = [(p["step"], p["train_loss"]) for p in history if p.get("train_loss") is not None]
+    valid = [
+        (p["step"], p["validation_loss"]) for p in history if p.get("validation_loss") is not None
+    ]
+    points = train + valid
+    if not points:
+        return {}
+    max_step = max(s for s, _ in points) or 1
+    top = max(v for _, v in points) or 1.0
+
+    def line(series: list[tuple[int, float]]) -> str:
+        return " ".join(
+            f"{CHART_WIDTH * s / max_step:.1f},{CHART_HEIGHT * (1 - v / top):.1f}"
+            for s, v in series
+        )
+
+    return {
+        "width": CHART_WIDTH,
+        "height": CHART_HEIGHT,
+        "train": line(train),
+        "validation": line(valid),
+        "top": top,
+        "max_step": max_step,
+        "valid_dots": [
+            {"x": CHART_WIDTH * s / max_step, "y": CHART_HEIGHT * (1 - v / top)} for s, v in valid
+        ],
+    }

@@ -1,0 +1,92 @@
+"""Bridges between fine-tune rows and ``workers.finetune``.
+
+``finetune.run`` goes to the ``training`` queue; a training worker runs one at a time
+(``--concurrency 1``), so jobs wait in order. The runner's reports go to a Redis
+stream and ``finetune.progress`` (on the control queue) applies them to the row.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
+
+from apps.finetune import progress, services
+from apps.finetune.models import FineTuneJob, JobState
+
+log = logging.getLogger(__name__)
+
+TRAINING_TIME_LIMIT = 24 * 3600
+
+
+@shared_task(name="finetune.progress", acks_late=True)
+def finetune_progress(job_id: int) -> None:
+    services.finetune_progress_apply(job_id=job_id)
+
+
+def _send_progress(job_id: int) -> None:
+    finetune_progress.delay(job_id)
+
+
+@shared_task(
+    name="finetune.run",
+    bind=True,
+    acks_late=True,
+    soft_time_limit=TRAINING_TIME_LIMIT,
+    time_limit=TRAINING_TIME_LIMIT + 300,
+)
+def finetune_run(self, job_id: int) -> None:
+    job = services.finetune_job_claim(job_id=job_id, worker=self.request.hostname or "")
+    if job is None:
+        return  # cancelled while queued, or another delivery has it
+    reporter = progress.Reporter(job_id, _send_progress)
+    work_dir = Path(settings.FINETUNE_WORK_DIR) / f"job-{job_id}"
+    try:
+        from workers.finetune import FinetuneError, ParamError, train
+        from workers.finetune.data import DataError
+
+        spec = services.train_spec(job, work_dir=work_dir, report=reporter)
+        result = train(spec, report=reporter, should_stop=lambda: progress.cancel_requested(job_id))
+    except (FinetuneError, ParamError, DataError) as exc:
+        reporter.flush()
+        services.finetune_job_finish(job_id=job_id, state=JobState.FAILED, reason=str(exc))
+        return
+    except SoftTimeLimitExceeded:
+        services.finetune_job_finish(
+            job_id=job_id,
+            state=JobState.FAILED,
+            reason=f"Stopped after {TRAINING_TIME_LIMIT // 3600} hours; retry to resume.",
+        )
+        return
+    except Exception as exc:  # the job fails with its reason; the worker goes on
+        log.exception("fine-tune %s failed", job_id)
+        services.finetune_job_finish(
+            job_id=job_id,
+            state=JobState.FAILED,
+            reason=f"The run failed unexpectedly ({type(exc).__name__}: {exc}); see the "
+            "worker log. Retrying resumes from the last checkpoint.",
+        )
+        return
+    reporter.flush()
+    if result.state == "cancelled":
+        services.finetune_job_finish(
+            job_id=job_id,
+            state=JobState.CANCELLED,
+            reason=f"Cancelled at step {result.steps}; the last checkpoint is kept.",
+            result=result.as_dict(),
+        )
+        return
+    services.finetune_job_finish(
+        job_id=job_id,
+        state=JobState.SUCCEEDED,
+        result=result.as_dict(),
+        peft_dir=result.peft_dir,
+        gguf_path=result.gguf_path,
+    )
+    # The adapters are in the artifact store now; checkpoints are no longer needed.
+    if FineTuneJob.objects.filter(pk=job_id, state=JobState.SUCCEEDED).exists():
+        shutil.rmtree(work_dir, ignore_errors=True)
