@@ -348,7 +348,11 @@ def deployment_create(
             details={
                 "model_version": model_version.pk,
                 "sha256": model_version.sha256,
-                "settings": {f: getattr(deployment, f) for f in SETTINGS_FIELDS},
+                "settings": {
+                    f: deployment.adapter_id if f == "adapter" else getattr(deployment, f)
+                    for f in SETTINGS_FIELDS
+                },
+                "adapter_sha256": deployment.adapter.sha256 if deployment.adapter else None,
                 "memory_estimate": estimate.as_dict(),
                 "placed_on": [r.worker for r in deployment.replica_set.all()],
             },

@@ -47,6 +47,7 @@ def _form(version, **overrides):
         "logging_level": "metadata",
         "queue_size": 8,
         "queue_timeout_seconds": 60,
+        "adapter_scale": 1.0,
     }
     return {**data, **overrides}
 
