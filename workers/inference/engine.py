@@ -55,8 +55,17 @@ def default_threads(cores: int) -> int:
 
 
 class Replica:
-    def __init__(self, spec: ReplicaSpec, model_path: Path, sink: EventSink, cpu_cores: int):
+    def __init__(
+        self,
+        spec: ReplicaSpec,
+        model_path: Path,
+        sink: EventSink,
+        cpu_cores: int,
+        *,
+        adapter_path: Path | None = None,
+    ):
         self.spec = spec
+        self._adapter_path = adapter_path
         self.sink = sink
         self._model_path = model_path
         self._threads = spec.threads or default_threads(cpu_cores)
@@ -91,6 +100,8 @@ class Replica:
             kwargs["pooling_type"] = LLAMA_POOLING_TYPE_MEAN
         if spec.gpu_index is not None and spec.gpu_layers != 0:
             kwargs.update(main_gpu=spec.gpu_index, split_mode=LLAMA_SPLIT_MODE_NONE)
+        if self._adapter_path is not None:
+            kwargs.update(lora_path=str(self._adapter_path), lora_scale=spec.adapter_scale)
         try:
             self.llm = Llama(**kwargs)
         except Exception as exc:  # noqa: BLE001 - llama.cpp reports load failures as ValueError etc.

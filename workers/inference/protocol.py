@@ -59,6 +59,10 @@ class ReplicaSpec:
     chat_template: str = ""
     has_chat_template: bool = False
     queue_size: int = 8
+    # A LoRA adapter applied on load (fetched and verified like the model).
+    adapter_sha256: str = ""
+    adapter_source_path: str = ""
+    adapter_scale: float = 1.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

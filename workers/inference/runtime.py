@@ -132,7 +132,12 @@ class Runtime:
                 return current  # a duplicate delivery of the same load
             self.unload(spec.replica_id, reason="The deployment is restarting.")
             path = self.cache.fetch(spec.sha256, Path(spec.source_path))
-            replica = Replica(spec, path, self.sink, self._cpu_cores)
+            adapter = (
+                self.cache.fetch(spec.adapter_sha256, Path(spec.adapter_source_path))
+                if spec.adapter_sha256
+                else None
+            )
+            replica = Replica(spec, path, self.sink, self._cpu_cores, adapter_path=adapter)
             replica.load()
             with self._lock:
                 if self._unloaded.get(spec.replica_id, 0) >= spec.generation:
