@@ -25,8 +25,9 @@ from workers.finetune import (
     valid_target_modules,
 )
 from workers.finetune.convert import MARKER, converted_checkpoint
-from workers.finetune.data import IGNORE, Encoder
-from workers.gguf_meta import read_metadata
+from workers.finetune.data import IGNORE, Encoder, collate
+from workers.finetune.runner import batch_loss
+from workers.gguf_meta import read_metadata, read_metadata_cached
 from workers.inference.templates import GEMMA_TEMPLATE
 
 ANSWER = "Zorblax says: the moon is made of teal cheese."
@@ -56,7 +57,8 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def model_info(base) -> dict:
-    return read_metadata(base[0]).as_dict()
+    # Cached by sha256: the conversion reads the same header without parsing it again.
+    return read_metadata_cached(*base).as_dict()
 
 
 @pytest.fixture(scope="session")
@@ -290,6 +292,23 @@ def test_rows_are_truncated_and_bad_rows_named(tokenizer, tmp_path):
         encoder.encode_file(tmp_path / "shape.jsonl", "instruction")
 
 
+def test_batch_loss_is_transformers_own_loss(converted, tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    encoder = Encoder(tokenizer, template=GEMMA_TEMPLATE, max_seq_length=128)
+    hi, hey = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"}
+    short = {"messages": [hi, hey]}
+    examples = [encoder.encode_row(row, "chat") for row in (chat_rows()[0], short)]
+    batch = collate(examples, pad_id=tokenizer.pad_token_id)  # two lengths: padded
+    model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()
+    with torch.no_grad():
+        summed, count = batch_loss(model, batch)
+        reference = model(**batch).loss
+    assert count == sum(e.learned_tokens for e in examples)
+    assert summed.item() / count == pytest.approx(reference.item(), rel=1e-5)
+
+
 # -- training ------------------------------------------------------------------
 
 
@@ -420,3 +439,46 @@ def test_conversion_is_cached(base, cache_dir, converted):
     assert info["architecture"] == "gemma3" and info["sha256"] == base[1]
     assert (converted / MARKER).is_file() and (converted / "model.safetensors").is_file()
     assert sorted(p.name for p in cache_dir.iterdir()) == [base[1], f"{base[1]}.lock"]
+
+
+def test_two_workers_convert_a_base_once(tmp_path, monkeypatch):
+    """The lock and the rename, without paying for a real conversion twice."""
+    import threading
+    import time
+
+    from workers.finetune import convert
+
+    sha256 = "ab" * 32
+    calls = []
+
+    def slow_convert(gguf_path, sha, out, *, log):
+        calls.append(out)
+        time.sleep(0.5)  # long enough for the second worker to be waiting on the lock
+        info = {"sha256": sha, "architecture": "gemma3"}
+        (out / "model.safetensors").write_text("weights")
+        (out / MARKER).write_text(json.dumps(info))
+        return info
+
+    monkeypatch.setattr(convert, "_convert", slow_convert)
+    (tmp_path / f".{sha256[:16]}-died").mkdir()  # left by a worker killed mid-way
+    results, messages = [], []
+
+    def worker():
+        results.append(
+            converted_checkpoint(tmp_path / "base.gguf", sha256, tmp_path, log=messages.append)
+        )
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1
+    assert (
+        results[0]
+        == results[1]
+        == (tmp_path / sha256, {"sha256": sha256, "architecture": "gemma3"})
+    )
+    assert any("Another worker converted the base model" in m for m in messages)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [sha256, f"{sha256}.lock"]
+    assert (tmp_path / sha256 / "model.safetensors").read_text() == "weights"

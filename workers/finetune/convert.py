@@ -63,7 +63,7 @@ def _convert(gguf_path: Path, sha256: str, out: Path, *, log: Callable[[str], No
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workers.gguf_meta import read_metadata
+    from workers.gguf_meta import read_metadata_cached
 
     log(
         "Converting the base model for training (dequantising the GGUF to float32). This "
@@ -72,7 +72,7 @@ def _convert(gguf_path: Path, sha256: str, out: Path, *, log: Callable[[str], No
     started = time.monotonic()
     if file_sha256(gguf_path) != sha256:
         raise FinetuneError("The base model file does not match its sha256; refusing it.")
-    meta = read_metadata(gguf_path)
+    meta = read_metadata_cached(gguf_path, sha256)
     # transformers finds a GGUF by directory and file name; store paths have no suffix.
     source = out / "source.gguf"
     source.symlink_to(gguf_path.resolve())
