@@ -67,8 +67,7 @@ def train(spec: TrainSpec, *, report: Report, should_stop: ShouldStop) -> TrainR
     """
     import torch
     import transformers
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     started = time.monotonic()
 
@@ -81,24 +80,7 @@ def train(spec: TrainSpec, *, report: Report, should_stop: ShouldStop) -> TrainR
         spec.base_model_path, spec.base_sha256, spec.cache_dir, log=log
     )
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    template = templates.choose(
-        override=spec.chat_template or "",
-        gguf_template=info.get("chat_template"),
-        architecture=info["architecture"],
-    )
-    encoder = Encoder(
-        tokenizer,
-        template=template.template if template else None,
-        max_seq_length=spec.max_seq_length,
-    )
-    examples, dropped = encoder.encode_file(spec.train_path, spec.shape)
-    if not examples:
-        raise DataError(
-            "No training row has anything left to learn within the maximum sequence length."
-        )
-    validation: list[Example] = []
-    if spec.validation_path is not None:
-        validation, _ = encoder.encode_file(spec.validation_path, spec.shape)
+    examples, dropped, validation = _examples(spec, tokenizer, info)
     rows_per_step = spec.batch_size * spec.gradient_accumulation
     max_steps = total_steps(
         rows=len(examples),
@@ -106,36 +88,17 @@ def train(spec: TrainSpec, *, report: Report, should_stop: ShouldStop) -> TrainR
         max_steps=spec.max_steps,
         rows_per_step=rows_per_step,
     )
+    note = f" ({dropped} with nothing to learn within the length dropped)" if dropped else ""
     log(
-        f"{len(examples)} training examples"
-        + (
-            f" ({dropped} dropped: nothing to learn within {spec.max_seq_length} tokens)"
-            if dropped
-            else ""
-        )
-        + f", {len(validation)} validation examples; {max_steps} steps on {device.type}."
+        f"{len(examples)} training examples{note}, {len(validation)} validation examples; "
+        f"{max_steps} steps on {device.type}."
     )
-
     checkpoints = _Checkpoints(spec.work_dir / "checkpoints", _fingerprint(spec))
     latest = checkpoints.latest()  # refuses another run's checkpoints before loading anything
 
     log(f"Loading the base model on {device.type}.")
     transformers.set_seed(spec.seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    lora = LoraConfig(
-        r=spec.lora_rank,
-        lora_alpha=spec.lora_alpha,
-        lora_dropout=spec.lora_dropout,
-        target_modules=list(spec.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    with warnings.catch_warnings():
-        # peft 0.21 calls a transformers 5 method that is deprecated; not ours to fix.
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
-        model = get_peft_model(model, lora)
-    # The adapter's base is an artifact, named by content rather than a local path.
-    model.peft_config["default"].base_model_name_or_path = f"sha256:{spec.base_sha256}"
-    model.to(device)
+    model = _lora_model(spec, base_dir, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=0.0)
 
@@ -245,6 +208,51 @@ def train(spec: TrainSpec, *, report: Report, should_stop: ShouldStop) -> TrainR
         train_examples=len(examples),
         dropped_examples=dropped,
     )
+
+
+def _examples(spec: TrainSpec, tokenizer, info: dict) -> tuple[list, int, list]:
+    """(training examples, rows dropped, validation examples)."""
+    template = templates.choose(
+        override=spec.chat_template or "",
+        gguf_template=info.get("chat_template"),
+        architecture=info["architecture"],
+    )
+    encoder = Encoder(
+        tokenizer,
+        template=template.template if template else None,
+        max_seq_length=spec.max_seq_length,
+    )
+    examples, dropped = encoder.encode_file(spec.train_path, spec.shape)
+    if not examples:
+        raise DataError(
+            "No training row has anything left to learn within the maximum sequence length."
+        )
+    validation: list[Example] = []
+    if spec.validation_path is not None:
+        validation, _ = encoder.encode_file(spec.validation_path, spec.shape)
+    return examples, dropped, validation
+
+
+def _lora_model(spec: TrainSpec, base_dir: Path, device):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    lora = LoraConfig(
+        r=spec.lora_rank,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules=list(spec.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    with warnings.catch_warnings():
+        # peft 0.21 calls a transformers 5 method that is deprecated; not ours to fix.
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+        model = get_peft_model(model, lora)
+    # The adapter's base is an artifact, named by content rather than a local path.
+    model.peft_config["default"].base_model_name_or_path = f"sha256:{spec.base_sha256}"
+    return model.to(device)
 
 
 def batch_loss(model, batch: dict[str, Any]) -> tuple[Any, int]:
