@@ -6,7 +6,6 @@ import tempfile
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import FileResponse, Http404
 from rest_framework import serializers, status
-from rest_framework.parsers import MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -25,7 +24,10 @@ from apps.datasets.models import (
 from apps.datasets.uploads import ingest_upload
 from apps.registry.api import HubImportSerializer, ImportRequestSerializer
 from apps.registry.models import ModelVersion
-from apps.registry.uploads import ArtifactUploadHandler, StagedUpload, discard_uploads
+from apps.registry.uploads import (
+    StreamedUploadMixin,
+    received_file,
+)
 
 READERS = role_and_scope(*WRITER_ROLES, *SEE_ALL_ROLES, scopes=(Scope.DATASETS,))
 WRITERS = role_and_scope(*WRITER_ROLES, scopes=(Scope.DATASETS,))
@@ -199,36 +201,18 @@ def _upload_settings(data) -> dict:
     }
 
 
-class VersionUploadView(APIView):
+class VersionUploadView(StreamedUploadMixin, APIView):
     """POST multipart ``file`` (+ ``shape``, ``column_mapping`` JSON, ``tokenizer``,
     ``max_tokens``): streamed to disk, stored once, validated by a background job."""
 
     permission_classes = [WRITERS]
-    parser_classes = [MultiPartParser]
-
-    def initialize_request(self, request, *args, **kwargs):
-        # Must be set before anything reads the body.
-        self.upload_handler = ArtifactUploadHandler(request)
-        request.upload_handlers = [self.upload_handler]
-        return super().initialize_request(request, *args, **kwargs)
 
     def post(self, request: Request, name: str) -> Response:
-        try:
-            return self._post(request, name)
-        finally:
-            discard_uploads(request.FILES)
-
-    def _post(self, request: Request, name: str) -> Response:
         dataset = _dataset(request, name)
-        upload = request.FILES.get("file")
-        if self.upload_handler.too_large:
-            limit = self.upload_handler.max_bytes
-            return Response(
-                {"detail": f"The file is larger than the upload limit of {limit:,} bytes."},
-                status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
-            )
-        if not isinstance(upload, StagedUpload):
-            return Response({"detail": "Send the data as a multipart field named 'file'."}, 400)
+        upload, message, code = received_file(request, self.upload_handler)
+        if upload is None:
+            message = message or "Send the data as a multipart field named 'file'."
+            return Response({"detail": message}, status=code)
         try:
             version = ingest_upload(
                 actor=request.user,

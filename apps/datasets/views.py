@@ -7,7 +7,6 @@ from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
-from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_http_methods, require_POST
 
 from apps.accounts.access import role_required
@@ -32,7 +31,11 @@ from apps.datasets.models import (
     State,
 )
 from apps.datasets.uploads import ingest_upload
-from apps.registry.uploads import ArtifactUploadHandler, StagedUpload, discard_uploads
+from apps.registry.uploads import (
+    ArtifactUploadHandler,
+    received_file,
+    streamed_upload,
+)
 
 READER_ROLES = (*WRITER_ROLES, Role.COMPLIANCE_OFFICER)
 ROWS_PER_PAGE = 20
@@ -149,32 +152,15 @@ def dataset_import_detail(request: HttpRequest, pk: int) -> HttpResponse:
     return render(request, "datasets/import_detail.html", {"job": job})
 
 
-@csrf_exempt  # checked below, once the streaming upload handler is in place
+@streamed_upload
 @role_required(*WRITER_ROLES)
 @require_POST
-def version_upload(request: HttpRequest, name: str) -> HttpResponse:
+def version_upload(request: HttpRequest, name: str, handler: ArtifactUploadHandler) -> HttpResponse:
     """The upload form posts here (with a progress bar); answers JSON for the page's script."""
-    handler = ArtifactUploadHandler(request)
-    request.upload_handlers = [handler]
-    try:
-        return csrf_protect(_version_upload)(request, name, handler)
-    finally:
-        # Whatever the outcome (a CSRF refusal too), no staged file outlives the request.
-        discard_uploads(getattr(request, "_files", None) or {})
-
-
-def _version_upload(
-    request: HttpRequest, name: str, handler: ArtifactUploadHandler
-) -> HttpResponse:
     dataset = _dataset_or_404(request, name)
-    upload = request.FILES.get("file")
-    if handler.too_large:
-        return JsonResponse(
-            {"error": f"The file is larger than the upload limit of {handler.max_bytes:,} bytes."},
-            status=413,
-        )
-    if not isinstance(upload, StagedUpload):
-        return JsonResponse({"error": "Choose a file to upload."}, status=400)
+    upload, message, code = received_file(request, handler)
+    if upload is None:
+        return JsonResponse({"error": message or "Choose a file to upload."}, status=code)
     form = UploadSettingsForm(request.POST)
     if not form.is_valid():
         errors = [f"{field}: {' '.join(e)}" for field, e in form.errors.items()]

@@ -4,7 +4,6 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import Http404
 from django.urls import reverse
 from rest_framework import serializers, status
-from rest_framework.parsers import MultiPartParser
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -21,10 +20,9 @@ from apps.registry.models import (
     ModelVersion,
 )
 from apps.registry.uploads import (
-    ArtifactUploadHandler,
-    StagedUpload,
-    discard_uploads,
+    StreamedUploadMixin,
     ingest_upload,
+    received_file,
 )
 from workers.artifacts import ArtifactError
 
@@ -184,36 +182,21 @@ class RepoDetailView(APIView):
         return Response(body)
 
 
-class VersionUploadView(APIView):
+class VersionUploadView(StreamedUploadMixin, APIView):
     """POST multipart ``file``: streamed to disk, hashed, parsed, stored once."""
 
     permission_classes = [role_and_scope(*WRITER_ROLES, scopes=(Scope.ADMIN,))]
-    parser_classes = [MultiPartParser]
-
-    def initialize_request(self, request, *args, **kwargs):
-        # Must be set before anything reads the body.
-        self.upload_handler = ArtifactUploadHandler(request)
-        request.upload_handlers = [self.upload_handler]
-        return super().initialize_request(request, *args, **kwargs)
 
     def post(self, request: Request, name: str) -> Response:
         repo = _repo(request, name)
-        upload = request.FILES.get("file")
-        if self.upload_handler.too_large:
-            limit = self.upload_handler.max_bytes
-            return Response(
-                {"detail": f"The file is larger than the upload limit of {limit:,} bytes."},
-                status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
-            )
-        if not isinstance(upload, StagedUpload):
-            discard_uploads(request.FILES)
-            return Response({"detail": "Send the model as a multipart field named 'file'."}, 400)
+        upload, message, code = received_file(request, self.upload_handler)
+        if upload is None:
+            message = message or "Send the model as a multipart field named 'file'."
+            return Response({"detail": message}, status=code)
         try:
             result = ingest_upload(actor=request.user, repo=repo, upload=upload, via="api")
         except ValidationError as exc:
             return _error(exc)
-        finally:
-            discard_uploads(request.FILES)
         code = status.HTTP_201_CREATED if result.created else status.HTTP_200_OK
         return Response(ModelVersionSerializer(result.version).data, status=code)
 

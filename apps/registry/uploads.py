@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
+from functools import wraps
 
 from django.conf import settings
 from django.core.files.uploadedfile import UploadedFile
 from django.core.files.uploadhandler import FileUploadHandler, StopUpload
+from django.http import HttpRequest, HttpResponse
+from django.views.decorators.csrf import csrf_exempt, csrf_protect
+from rest_framework.parsers import MultiPartParser
 
 from apps.registry.services import artifact_store
 from workers.artifacts import Staged
@@ -75,6 +80,57 @@ class ArtifactUploadHandler(FileUploadHandler):
         if self._staged is not None:
             self._staged.discard()
             self._staged = None
+
+
+def received_file(request, handler: ArtifactUploadHandler) -> tuple[StagedUpload | None, str, int]:
+    """The staged ``file`` field, or why there is none: (None, message, HTTP status).
+
+    An empty message on a 400 means no file was sent; the caller says how to send one.
+    """
+    upload = request.FILES.get("file")
+    if handler.too_large:
+        limit = handler.max_bytes
+        return None, f"The file is larger than the upload limit of {limit:,} bytes.", 413
+    if not isinstance(upload, StagedUpload):
+        return None, "", 400
+    return upload, "", 0
+
+
+def streamed_upload(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """For a page's upload endpoint: the body streams through ArtifactUploadHandler
+    (the view gets it as ``handler=``), CSRF is checked once that handler is in place,
+    and no staged file outlives the request, whatever the outcome."""
+
+    @csrf_exempt  # checked below, once the streaming upload handler is in place
+    @wraps(view)
+    def wrapped(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        handler = ArtifactUploadHandler(request)
+        request.upload_handlers = [handler]
+        try:
+            return csrf_protect(view)(request, *args, handler=handler, **kwargs)
+        finally:
+            discard_uploads(getattr(request, "_files", None) or {})
+
+    return wrapped
+
+
+class StreamedUploadMixin:
+    """For a DRF view taking a multipart ``file``: streamed to the artifact store's
+    staging area, and discarded after the request unless a service committed it."""
+
+    parser_classes = [MultiPartParser]
+
+    def initialize_request(self, request, *args, **kwargs):
+        # Must be set before anything reads the body.
+        self.upload_handler = ArtifactUploadHandler(request)
+        request.upload_handlers = [self.upload_handler]
+        return super().initialize_request(request, *args, **kwargs)
+
+    def finalize_response(self, request, response, *args, **kwargs):
+        files = getattr(request, "_files", None)  # only once the body was parsed
+        if hasattr(files, "values"):
+            discard_uploads(files)
+        return super().finalize_response(request, response, *args, **kwargs)
 
 
 def discard_uploads(files) -> None:

@@ -6,7 +6,6 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
-from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_http_methods, require_POST
 
 from apps.accounts.access import login_required, role_required
@@ -16,9 +15,9 @@ from apps.registry.forms import HfImportForm, ImportPathForm, ModelRepoForm, Rea
 from apps.registry.models import APPROVER_ROLES, WRITER_ROLES, ModelImport, ModelRepo, ModelVersion
 from apps.registry.uploads import (
     ArtifactUploadHandler,
-    StagedUpload,
-    discard_uploads,
     ingest_upload,
+    received_file,
+    streamed_upload,
 )
 from workers.artifacts import ArtifactError
 
@@ -112,44 +111,19 @@ def model_import_detail(request: HttpRequest, pk: int) -> HttpResponse:
     return render(request, "registry/import_detail.html", {"job": job})
 
 
-def _upload_request(request: HttpRequest) -> ArtifactUploadHandler:
-    handler = ArtifactUploadHandler(request)
-    request.upload_handlers = [handler]
-    return handler
-
-
-@csrf_exempt  # checked below, once the streaming upload handler is in place
+@streamed_upload
 @role_required(*WRITER_ROLES)
 @require_POST
-def version_upload(request: HttpRequest, name: str) -> HttpResponse:
+def version_upload(request: HttpRequest, name: str, handler: ArtifactUploadHandler) -> HttpResponse:
     """The upload form posts here (with a progress bar); answers JSON for the page's script."""
-    handler = _upload_request(request)
-    try:
-        return csrf_protect(_version_upload)(request, name, handler)
-    finally:
-        # Whatever the outcome (a CSRF refusal too), no staged file outlives the request.
-        discard_uploads(getattr(request, "_files", None) or {})
-
-
-def _version_upload(
-    request: HttpRequest, name: str, handler: ArtifactUploadHandler
-) -> HttpResponse:
     repo = _repo_or_404(request, name)
-    upload = request.FILES.get("file")
-    if handler.too_large:
-        return JsonResponse(
-            {"error": f"The file is larger than the upload limit of {handler.max_bytes:,} bytes."},
-            status=413,
-        )
-    if not isinstance(upload, StagedUpload):
-        discard_uploads(request.FILES)
-        return JsonResponse({"error": "Choose a file to upload."}, status=400)
+    upload, message, code = received_file(request, handler)
+    if upload is None:
+        return JsonResponse({"error": message or "Choose a file to upload."}, status=code)
     try:
         result = ingest_upload(actor=request.user, repo=repo, upload=upload, via="web")
     except ValidationError as exc:
         return JsonResponse({"error": " ".join(exc.messages)}, status=400)
-    finally:
-        discard_uploads(request.FILES)
     version = result.version
     note = "created" if result.created else "already exists (identical file)"
     messages.success(request, f"{version} {note}.")
