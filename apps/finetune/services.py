@@ -18,6 +18,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
 from apps.accounts.models import User
@@ -265,12 +266,13 @@ def finetune_job_claim(*, job_id: int, worker: str) -> FineTuneJob | None:
     """A training worker takes a queued job; a duplicate delivery gets None."""
     claimed = FineTuneJob.objects.filter(
         pk=job_id, state=JobState.QUEUED, cancel_requested=False
-    ).update(state=JobState.RUNNING, worker=worker, started_at=timezone.now())
-    if not claimed:
-        return None
-    job = FineTuneJob.objects.get(pk=job_id)
-    FineTuneJob.objects.filter(pk=job_id).update(attempts=job.attempts + 1)
-    return job
+    ).update(
+        state=JobState.RUNNING,
+        worker=worker,
+        started_at=timezone.now(),
+        attempts=F("attempts") + 1,
+    )
+    return FineTuneJob.objects.get(pk=job_id) if claimed else None
 
 
 @transaction.atomic

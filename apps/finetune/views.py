@@ -22,6 +22,20 @@ def _job_or_404(request: HttpRequest, pk: int) -> FineTuneJob:
         raise Http404("No such fine-tune.") from exc
 
 
+def _estimate(form: LaunchForm) -> tuple[dict | None, str | None]:
+    """(estimate, None), or (None, why not) for parameters the service would refuse."""
+    try:
+        params = services.clean_params(form.params())
+    except ValidationError as exc:
+        return None, " ".join(exc.messages)
+    estimate = services.finetune_estimate(
+        base_model=form.cleaned_data["base_model"],
+        dataset_version=form.cleaned_data["dataset_version"],
+        params=params,
+    )
+    return estimate, None
+
+
 @role_required(*READER_ROLES)
 @require_http_methods(["GET", "POST"])
 def job_list(request: HttpRequest) -> HttpResponse:
@@ -50,15 +64,7 @@ def job_list(request: HttpRequest) -> HttpResponse:
                 messages.success(request, f"{job} queued.")
                 return redirect("finetune:job", pk=job.pk)
     if form.is_bound and form.is_valid():
-        try:
-            params = services.clean_params(form.params())
-            estimate = services.finetune_estimate(
-                base_model=form.cleaned_data["base_model"],
-                dataset_version=form.cleaned_data["dataset_version"],
-                params=params,
-            )
-        except ValidationError:
-            estimate = None
+        estimate, _ = _estimate(form)
     jobs = list(selectors.finetune_job_list(user=request.user)[:100])
     context = {
         "jobs": [(job, services.queue_position(job)) for job in jobs],
@@ -76,18 +82,10 @@ def job_list(request: HttpRequest) -> HttpResponse:
 def job_estimate(request: HttpRequest) -> HttpResponse:
     """The launch form's live time and memory estimate (an htmx fragment)."""
     form = LaunchForm(request.GET, user=request.user)
-    estimate = error = None
     if form.is_valid():
-        try:
-            estimate = services.finetune_estimate(
-                base_model=form.cleaned_data["base_model"],
-                dataset_version=form.cleaned_data["dataset_version"],
-                params=services.clean_params(form.params()),
-            )
-        except ValidationError as exc:
-            error = " ".join(exc.messages)
+        estimate, error = _estimate(form)
     else:
-        error = "Choose a base model and training data to see an estimate."
+        estimate, error = None, "Choose a base model and training data to see an estimate."
     return render(request, "finetune/_estimate.html", {"estimate": estimate, "error": error})
 
 

@@ -71,7 +71,7 @@ def test_a_fine_tune_trains_and_registers_its_adapters(
     assert source["dataset_versions"][0]["sha256"] == train_version.sha256
     assert source["params"]["lora_rank"] == 4 and source["seed"] == 42
     assert {"torch", "transformers", "peft"} <= set(source["library_versions"])
-    assert source["hardware"] and source["duration_s"] > 0
+    assert source["hardware"] and source["duration_s"] is not None
 
     body = client_for(dana).get(f"/api/v1/finetunes/{job.pk}/").json()
     assert body["state"] == "succeeded" and body["adapter"] == adapter.pk
