@@ -5,10 +5,12 @@ docs/operator-guide.md (a test keeps the three in step). Local defaults are safe
 production run (``AIBOX_DEBUG`` off) refuses to start without a real secret key.
 """
 
+import ipaddress
 from datetime import timedelta
 from pathlib import Path
 
 import environ
+from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -37,6 +39,9 @@ ENVIRONMENT_VARIABLES = (
     "AIBOX_MODEL_CACHE_DIR",
     "AIBOX_WORKER_OFFLINE_AFTER",
     "AIBOX_WORKER_SERVING",
+    "AIBOX_USAGE_RETENTION_DAYS",
+    "AIBOX_PROMPT_RETENTION_DAYS",
+    "AIBOX_METRICS_ALLOWED_NETWORKS",
     "AIBOX_HF_ENDPOINT",
     "HF_ENDPOINT",
     "AIBOX_HF_TOKEN",
@@ -134,6 +139,25 @@ FINETUNE_CACHE_DIR = Path(
 FINETUNE_DEVICE = env.str("AIBOX_FINETUNE_DEVICE", default="auto")
 HF_CACHE_DIR = Path(env.str("AIBOX_HF_CACHE_DIR", default=str(ARTIFACT_ROOT / "hf-downloads")))
 
+# Retention (Celery beat, hourly): usage records older than this many days are deleted;
+# prompts and outputs stored in full (a deployment's "full" logging level) are blanked
+# sooner, after their own number of days. Audit events are never deleted.
+USAGE_RETENTION_DAYS = env.int("AIBOX_USAGE_RETENTION_DAYS", default=90)
+PROMPT_RETENTION_DAYS = env.int("AIBOX_PROMPT_RETENTION_DAYS", default=30)
+if USAGE_RETENTION_DAYS < 1 or PROMPT_RETENTION_DAYS < 1:
+    raise ImproperlyConfigured(
+        "AIBOX_USAGE_RETENTION_DAYS and AIBOX_PROMPT_RETENTION_DAYS must be whole numbers "
+        "of days, at least 1."
+    )
+# /metrics answers scrapers from these networks (CIDR, e.g. 10.0.0.0/8) without an API key.
+try:
+    METRICS_ALLOWED_NETWORKS = [
+        ipaddress.ip_network(n, strict=False)
+        for n in env.list("AIBOX_METRICS_ALLOWED_NETWORKS", default=[])
+    ]
+except ValueError as exc:
+    raise ImproperlyConfigured(f"AIBOX_METRICS_ALLOWED_NETWORKS: {exc}") from exc
+
 # Keyed hash for API keys. Derived from the secret key unless set; rotating either
 # invalidates every issued API key (docs/operator-guide.md).
 API_KEY_HMAC_KEY = env.str("AIBOX_API_KEY_HMAC_KEY", default="") or f"api-key:{SECRET_KEY}"
@@ -157,6 +181,7 @@ INSTALLED_APPS = [
     "apps.finetune",
     "apps.deployments",
     "apps.inference",
+    "apps.ops",
 ]
 
 MIDDLEWARE = [
@@ -271,6 +296,13 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Each worker also consumes its own queue: loads, unloads and requests for the
 # replicas it holds go there.
 CELERY_WORKER_DIRECT = True
+# Periodic tasks, sent by the one `celery -A aibox beat` process (bin/aibox run, the beat
+# service in docker-compose.yml). A plain dict: each app adds its own entries.
+CELERY_BEAT_SCHEDULE = {
+    "usage-prune": {"task": "ops.usage_prune", "schedule": crontab(minute=17)},
+}
+# Beat's record of when each entry last ran: under var/, never in the repository.
+CELERY_BEAT_SCHEDULE_FILENAME = str(BASE_DIR / "var" / "celerybeat-schedule")
 
 LOG_LEVEL = env.str("AIBOX_LOG_LEVEL", default="INFO").upper()
 LOGGING = {
