@@ -4,26 +4,35 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 
-from apps.accounts.access import login_required
-from apps.accounts.models import ApiKey, Role, User
+from apps.accounts.access import login_required, role_required
+from apps.accounts.models import ApiKey, Role
 from apps.audit.models import AuditEvent
 from apps.audit.selectors import audit_can_view
-from apps.core.selectors import live_workers_recent, readiness
+from apps.core.selectors import readiness
+from apps.ops import selectors as ops_selectors
 
 
 @login_required
 def home(request: HttpRequest) -> HttpResponse:
     user = request.user
+    if user.has_role(Role.ADMIN):
+        return dashboard(request)
     context: dict = {
         "my_active_keys": ApiKey.objects.filter(user=user).usable().count(),
         "show_audit": audit_can_view(user=user),
     }
-    if user.role == Role.ADMIN:
-        context["user_count"] = User.objects.filter(is_system=False, is_active=True).count()
-        context["workers"] = live_workers_recent()
     if context["show_audit"]:
         context["recent_events"] = AuditEvent.objects.order_by("-seq")[:8]
     return render(request, "core/home.html", context)
+
+
+@role_required(Role.ADMIN)
+@never_cache
+def dashboard(request: HttpRequest) -> HttpResponse:
+    """The operations dashboard, admins' home page; htmx polls its fragment."""
+    context = ops_selectors.dashboard()
+    template = "core/_dashboard.html" if request.htmx else "core/dashboard.html"
+    return render(request, template, context)
 
 
 @never_cache
