@@ -31,6 +31,7 @@ ENVIRONMENT_VARIABLES = (
     "REDIS_URL",
     "AIBOX_ARTIFACT_ROOT",
     "AIBOX_API_KEY_HMAC_KEY",
+    "AIBOX_AUDIT_SIGNING_KEY_FILE",
     "AIBOX_LOGIN_FAILURE_LIMIT",
     "AIBOX_LOGIN_COOLOFF_MINUTES",
     "AIBOX_LOG_LEVEL",
@@ -161,6 +162,11 @@ except ValueError as exc:
 # Keyed hash for API keys. Derived from the secret key unless set; rotating either
 # invalidates every issued API key (docs/operator-guide.md).
 API_KEY_HMAC_KEY = env.str("AIBOX_API_KEY_HMAC_KEY", default="") or f"api-key:{SECRET_KEY}"
+# The Ed25519 private key that signs audit exports, reports and dossiers: generated on
+# first use (mode 0600); back it up, and publish its public key (shown on /audit/).
+AUDIT_SIGNING_KEY_FILE = Path(
+    env.str("AIBOX_AUDIT_SIGNING_KEY_FILE", default=str(BASE_DIR / "var" / "audit-signing-key.pem"))
+)
 
 INSTALLED_APPS = [
     "django.contrib.auth",

@@ -78,6 +78,57 @@ class VerifyResult:
         return self.error is None
 
 
+class ChainChecker:
+    """Checks events fed one at a time in chain order; remembers the first broken link.
+
+    The streaming form of ``verify_events``: an export feeds every event of its range
+    through one of these while it writes them out, so no range is ever held in memory.
+    """
+
+    def __init__(
+        self, *, expected_prev_hash: str | None = GENESIS_HASH, expected_first_seq: int | None = 1
+    ) -> None:
+        self.checked = 0
+        self.first_hash: str | None = None
+        self.last_hash: str | None = None
+        self.error: ChainBreak | None = None
+        self._prev_hash = expected_prev_hash
+        self._expected_seq = expected_first_seq
+
+    def feed(self, event: Mapping[str, Any]) -> bool:
+        """Check one event; False once the chain is broken (at this event or before)."""
+        if self.error is not None:
+            return False
+        seq = event["seq"]
+        expected_seq = self._expected_seq
+        reason = None
+        if expected_seq is not None and seq != expected_seq:
+            if seq > expected_seq:
+                missing = (
+                    f"event #{expected_seq} is"
+                    if seq - 1 == expected_seq
+                    else f"events #{expected_seq}..#{seq - 1} are"
+                )
+                reason = f"{missing} missing before it"
+            else:
+                reason = f"out of order: expected #{expected_seq}"
+        elif self._prev_hash is not None and event["prev_hash"] != self._prev_hash:
+            reason = "its prev_hash does not match the previous event's hash"
+        elif compute_hash(event["prev_hash"], event) != event["hash"]:
+            reason = "its contents do not match its hash (altered after it was written)"
+        if reason is not None:
+            self.error = ChainBreak(seq, reason)
+            return False
+        self.checked += 1
+        self.first_hash = self.first_hash or event["hash"]
+        self.last_hash = self._prev_hash = event["hash"]
+        self._expected_seq = seq + 1
+        return True
+
+    def result(self) -> VerifyResult:
+        return VerifyResult(self.checked, self.first_hash, self.last_hash, self.error)
+
+
 def verify_events(
     events: Iterable[Mapping[str, Any]],
     *,
@@ -91,31 +142,10 @@ def verify_events(
     ``expected_prev_hash=None`` and ``expected_first_seq=None`` to trust the first
     event's link into the earlier part.
     """
-    checked = 0
-    first_hash = last_hash = None
-    prev_hash = expected_prev_hash
-    expected_seq = expected_first_seq
+    checker = ChainChecker(
+        expected_prev_hash=expected_prev_hash, expected_first_seq=expected_first_seq
+    )
     for event in events:
-        seq = event["seq"]
-        if expected_seq is not None and seq != expected_seq:
-            if seq > expected_seq:
-                missing = (
-                    f"event #{expected_seq} is"
-                    if seq - 1 == expected_seq
-                    else f"events #{expected_seq}..#{seq - 1} are"
-                )
-                reason = f"{missing} missing before it"
-            else:
-                reason = f"out of order: expected #{expected_seq}"
-            return VerifyResult(checked, first_hash, last_hash, ChainBreak(seq, reason))
-        if prev_hash is not None and event["prev_hash"] != prev_hash:
-            reason = "its prev_hash does not match the previous event's hash"
-            return VerifyResult(checked, first_hash, last_hash, ChainBreak(seq, reason))
-        if compute_hash(event["prev_hash"], event) != event["hash"]:
-            reason = "its contents do not match its hash (altered after it was written)"
-            return VerifyResult(checked, first_hash, last_hash, ChainBreak(seq, reason))
-        checked += 1
-        first_hash = first_hash or event["hash"]
-        last_hash = prev_hash = event["hash"]
-        expected_seq = seq + 1
-    return VerifyResult(checked, first_hash, last_hash, None)
+        if not checker.feed(event):
+            break
+    return checker.result()

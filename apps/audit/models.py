@@ -1,7 +1,9 @@
 import json
 
 from django.conf import settings
+from django.contrib.postgres.indexes import GinIndex, OpClass
 from django.db import models
+from django.db.models.functions import Cast, Upper
 
 
 class Outcome(models.TextChoices):
@@ -45,8 +47,18 @@ class AuditEvent(models.Model):
         indexes = [
             models.Index(fields=["action", "-seq"]),
             models.Index(fields=["actor_label", "-seq"]),
-            models.Index(fields=["target_type", "target_id"]),
             models.Index(fields=["created_at"]),
+            # For the filters of the audit page and exports (apps.audit.selectors).
+            models.Index(Upper("actor_label"), "seq", name="audit_actor_upper_seq"),
+            models.Index(fields=["outcome", "-seq"], name="audit_outcome_seq"),
+            models.Index(fields=["target_type", "target_id", "-seq"], name="audit_target_seq"),
+            models.Index(
+                OpClass("action", name="varchar_pattern_ops"), "seq", name="audit_action_prefix"
+            ),
+            GinIndex(
+                OpClass(Upper(Cast("details", models.TextField())), name="gin_trgm_ops"),
+                name="audit_details_trgm",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -78,3 +78,75 @@ def audit_record(
             hash=compute_hash(prev_hash, fields),
             **fields,
         )
+
+
+def audit_export_begin(*, actor: User, filters, fmt: str):
+    """Record an export of a filtered view and fix what it covers.
+
+    The export lists matching events up to the head of the log as it is now; its own
+    ``audit.export`` event, written here, comes after that head. Returns the
+    ``ExportPlan`` that ``apps.audit.exports.stream_export`` writes out.
+    """
+    from apps.audit.chain import format_timestamp
+    from apps.audit.exports import FORMATS, ExportPlan
+    from apps.audit.selectors import audit_head_seq, audit_seq_bounds
+
+    if fmt not in FORMATS:
+        raise ValueError(f"Unknown export format {fmt!r}; use one of {', '.join(FORMATS)}.")
+    with transaction.atomic():
+        head = audit_head_seq()
+        bounds = audit_seq_bounds(filters=filters, up_to_seq=head)
+        event = audit_record(
+            actor=actor,
+            action="audit.export",
+            details={
+                "format": fmt,
+                "filters": filters.as_dict(),
+                "log_head_seq": head,
+                "range": list(bounds) if bounds else None,
+            },
+        )
+    return ExportPlan(
+        fmt=fmt,
+        filters=filters,
+        head_seq=head,
+        bounds=bounds,
+        export_event_seq=event.seq,
+        generated_at=format_timestamp(event.created_at),
+        generated_by=event.actor_label,
+    )
+
+
+def audit_report_generate(*, actor: User, start, end, fmt: str) -> bytes:
+    """The signed compliance report for [start, end) as JSON or PDF; audited."""
+    from apps.audit.chain import format_timestamp
+    from apps.audit.reports import compliance_report, signed_json, signed_pdf
+
+    with transaction.atomic():
+        event = audit_record(
+            actor=actor,
+            action="audit.report",
+            details={"format": fmt, "start": format_timestamp(start), "end": format_timestamp(end)},
+        )
+    document = compliance_report(start=start, end=end)
+    render = signed_json if fmt == "json" else signed_pdf
+    return render(
+        "compliance-report", document, generated_by=event.actor_label, event_seq=event.seq
+    )
+
+
+def audit_dossier_generate(*, actor: User, version, fmt: str) -> bytes:
+    """The signed dossier of one model version as JSON or PDF; audited."""
+    from apps.audit.reports import model_dossier, signed_json, signed_pdf
+
+    with transaction.atomic():
+        event = audit_record(
+            actor=actor, action="audit.dossier", target=version, details={"format": fmt}
+        )
+    render = signed_json if fmt == "json" else signed_pdf
+    return render(
+        "model-dossier",
+        model_dossier(version=version),
+        generated_by=event.actor_label,
+        event_seq=event.seq,
+    )

@@ -61,6 +61,18 @@ MATRIX = {
         "/audit/",
         {ADMIN: 200, DS: 403, DEV: 403, CO: 200},
     ),
+    "audit_export": (
+        "Export the audit log (signed CSV, JSON Lines, PDF)",
+        "get",
+        "/audit/export.csv",
+        {ADMIN: 200, DS: 403, DEV: 403, CO: 200},
+    ),
+    "audit_report": (
+        "Compliance reports and model dossiers",
+        "get",
+        "/audit/models/{version}/",
+        {ADMIN: 200, DS: 403, DEV: 403, CO: 200},
+    ),
     "api_me": (
         "API: who am I (`GET /api/v1/me`)",
         "get",
