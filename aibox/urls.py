@@ -114,6 +114,7 @@ api_v1 = [
 urlpatterns = [
     path("", include("apps.core.urls")),
     path("", include("apps.accounts.urls")),
+    path("", include("apps.ops.urls")),
     path("audit/", include("apps.audit.urls")),
     path("registry/", include("apps.registry.urls")),
     path("datasets/", include("apps.datasets.urls")),

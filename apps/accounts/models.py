@@ -46,6 +46,7 @@ class Scope(models.TextChoices):
     REGISTRY_READ = "registry:read", "Read-only registry"
     DATASETS = "datasets", "Datasets (read, upload and derive)"
     AUDIT_READ = "audit:read", "Read the audit log"
+    METRICS = "metrics", "Prometheus metrics (/metrics)"
     ADMIN = "admin", "Administration"
 
 

@@ -28,7 +28,12 @@ ROLES = (ADMIN, DS, DEV, CO)
 # action: (docs row, method, path template, {role: expected status})
 # "{victim}" is another user's id, "{victim_key}" another user's API key id.
 MATRIX = {
-    "dashboard": ("View the dashboard", "get", "/", dict.fromkeys(ROLES, 200)),
+    "dashboard": (
+        "View the dashboard (admins: the operations dashboard; others: their own summary)",
+        "get",
+        "/",
+        dict.fromkeys(ROLES, 200),
+    ),
     "password": ("Change own password", "get", "/account/password/", dict.fromkeys(ROLES, 200)),
     "own_keys": (
         "List, create and revoke own API keys",
@@ -175,6 +180,12 @@ MATRIX = {
         "/api/v1/audit/events/",
         {ADMIN: 200, DS: 403, DEV: 403, CO: 200},
     ),
+    "metrics": (
+        "Read Prometheus metrics (`GET /metrics`)",
+        "get",
+        "/metrics",
+        {ADMIN: 200, DS: 403, DEV: 403, CO: 403},
+    ),
 }
 
 POST_DATA = {
@@ -258,7 +269,7 @@ def test_anonymous_callers_are_turned_away(db, world, action):
     _, method, path, _ = MATRIX[action]
     path = path.format(**world)
     response = getattr(Client(), method)(path)
-    if path.startswith("/api/"):
+    if path.startswith("/api/") or path == "/metrics":
         assert response.status_code == 401
     else:
         assert response.status_code == 302 and response["Location"].startswith("/login/")
