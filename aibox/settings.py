@@ -37,6 +37,9 @@ ENVIRONMENT_VARIABLES = (
     "AIBOX_LOG_LEVEL",
     "AIBOX_UPLOAD_MAX_BYTES",
     "AIBOX_IMPORT_DIRS",
+    "AIBOX_DEPLOY_LICENCE_ALLOWLIST",
+    "AIBOX_ARTIFACT_REVERIFY_BATCH",
+    "AIBOX_ARTIFACT_REVERIFY_EVERY",
     "AIBOX_MODEL_CACHE_DIR",
     "AIBOX_WORKER_OFFLINE_AFTER",
     "AIBOX_WORKER_SERVING",
@@ -107,6 +110,25 @@ ARTIFACT_ROOT = Path(env.str("AIBOX_ARTIFACT_ROOT", default=str(BASE_DIR / "var"
 UPLOAD_MAX_BYTES = env.int("AIBOX_UPLOAD_MAX_BYTES", default=50 * 1024**3)
 # Server directories that admins may import files from (none by default).
 IMPORT_DIRS = [Path(p) for p in env.list("AIBOX_IMPORT_DIRS", default=[])]
+# Licences that may be deployed: every term of a version's licence (an SPDX expression
+# that includes its parents' and its training data's) must be listed here, unless an
+# admin records a licence override. The bundled Gemma is under "gemma".
+DEPLOY_LICENCE_ALLOWLIST = env.list(
+    "AIBOX_DEPLOY_LICENCE_ALLOWLIST",
+    default=[
+        "apache-2.0",
+        "mit",
+        "bsd-2-clause",
+        "bsd-3-clause",
+        "cc0-1.0",
+        "cc-by-4.0",
+        "gemma",
+    ],
+)
+# Periodic full re-verification (Celery beat): each run re-hashes this many stored
+# artifacts, those verified longest ago first, every this many seconds.
+ARTIFACT_REVERIFY_BATCH = env.int("AIBOX_ARTIFACT_REVERIFY_BATCH", default=20)
+ARTIFACT_REVERIFY_EVERY = env.float("AIBOX_ARTIFACT_REVERIFY_EVERY", default=3600.0)
 
 # Each inference worker's local copy of the models it serves (verified by sha256).
 MODEL_CACHE_DIR = Path(
@@ -306,6 +328,11 @@ CELERY_WORKER_DIRECT = True
 # service in docker-compose.yml). A plain dict: each app adds its own entries.
 CELERY_BEAT_SCHEDULE = {
     "usage-prune": {"task": "ops.usage_prune", "schedule": crontab(minute=17)},
+    # Stored artifacts re-hashed a batch at a time (apps/registry/tasks.py).
+    "artifact-reverify": {
+        "task": "registry.artifact_reverify",
+        "schedule": ARTIFACT_REVERIFY_EVERY,
+    },
 }
 # Beat's record of when each entry last ran: under var/, never in the repository.
 CELERY_BEAT_SCHEDULE_FILENAME = str(BASE_DIR / "var" / "celerybeat-schedule")

@@ -109,6 +109,21 @@ api_v1 = [
         registry_api.VersionStateView.as_view(transition="deprecate"),
         name="version_deprecate",
     ),
+    path(
+        "registry/versions/<int:pk>/lineage",
+        registry_api.LineageView.as_view(),
+        name="version_lineage",
+    ),
+    path(
+        "registry/versions/<int:pk>/bom.cdx.json",
+        registry_api.BomView.as_view(),
+        name="version_bom",
+    ),
+    path(
+        "registry/versions/<int:pk>/licence-overrides",
+        registry_api.LicenceOverrideView.as_view(),
+        name="version_licence_overrides",
+    ),
 ]
 
 urlpatterns = [

@@ -23,7 +23,7 @@ from apps.deployments import selectors
 from apps.deployments.models import MANAGER_ROLES, Deployment, Replica, State
 from apps.registry.models import Format, ModelVersion
 from apps.registry.models import State as VersionState
-from apps.registry.services import artifact_store
+from apps.registry.services import artifact_store, model_version_deploy_check
 from workers.inference.protocol import ReplicaSpec
 
 MIB = 1024 * 1024
@@ -286,6 +286,8 @@ def _check_version(version: ModelVersion) -> None:
             f"{version} is {version.get_state_display().lower()}: only approved versions "
             "can be deployed."
         )
+    # Its stored file must still verify, and its licence be allowed (or overridden).
+    model_version_deploy_check(version=version)
 
 
 def _check_adapter(version: ModelVersion, adapter: ModelVersion | None) -> None:
@@ -299,6 +301,7 @@ def _check_adapter(version: ModelVersion, adapter: ModelVersion | None) -> None:
             f"The adapter {adapter} is {adapter.get_state_display().lower()}: only approved "
             "adapters can be deployed."
         )
+    model_version_deploy_check(version=adapter)
     parents = list(adapter.parents.all())
     if parents and version not in parents:
         names = ", ".join(str(p) for p in parents)

@@ -12,9 +12,13 @@ from rest_framework.views import APIView
 from apps.accounts.models import Role, Scope
 from apps.accounts.permissions import role_and_scope
 from apps.registry import selectors, services
+from apps.registry.licences import licence_not_allowed, version_licence
+from apps.registry.lineage import version_lineage
 from apps.registry.models import (
+    APPROVER_ROLES,
     WRITER_ROLES,
     HubImport,
+    LicenceOverride,
     ModelImport,
     ModelRepo,
     ModelVersion,
@@ -36,6 +40,12 @@ class ModelVersionSerializer(serializers.ModelSerializer):
     created_by = serializers.CharField(source="created_by.username", default=None)
     state_changed_by = serializers.CharField(source="state_changed_by.username", default=None)
     parents = serializers.PrimaryKeyRelatedField(many=True, read_only=True)
+    licence = serializers.SerializerMethodField(
+        help_text="The SPDX expression the version is bound by: its repo's licence AND its "
+        "parents' AND its training data's."
+    )
+    integrity_failed_at = serializers.DateTimeField(source="artifact.integrity_failed_at")
+    last_verified_at = serializers.DateTimeField(source="artifact.last_verified_at")
 
     class Meta:
         model = ModelVersion
@@ -65,7 +75,13 @@ class ModelVersionSerializer(serializers.ModelSerializer):
             "state_changed_by",
             "state_changed_at",
             "state_reason",
+            "licence",
+            "last_verified_at",
+            "integrity_failed_at",
         ]
+
+    def get_licence(self, version: ModelVersion) -> str:
+        return version_licence(version)
 
 
 class ModelRepoSerializer(serializers.ModelSerializer):
@@ -272,3 +288,82 @@ class ImportDetailView(APIView):
         except ModelImport.DoesNotExist as exc:
             raise Http404("No such import.") from exc
         return Response(ModelImportSerializer(job).data)
+
+
+class LineageView(APIView):
+    """GET the version's ancestors and descendants as typed nodes and edges."""
+
+    permission_classes = [READERS]
+
+    def get(self, request: Request, pk: int) -> Response:
+        lineage = version_lineage(user=request.user, version=_version(request, pk))
+        return Response(lineage.as_dict())
+
+
+class BomView(APIView):
+    """GET the version and everything it was made from as a CycloneDX 1.6 ML-BOM (JSON)."""
+
+    permission_classes = [READERS]
+
+    def get(self, request: Request, pk: int) -> Response:
+        version = _version(request, pk)
+        bom = services.model_version_bom(
+            actor=request.user, version=version, absolute=request.build_absolute_uri
+        )
+        return Response(
+            bom,
+            content_type="application/vnd.cyclonedx+json; version=1.6",
+            headers={"Content-Disposition": f'attachment; filename="{bom_file_name(version)}"'},
+        )
+
+
+def bom_file_name(version: ModelVersion) -> str:
+    return f"{version.repo.name}-v{version.number}.cdx.json"
+
+
+class LicenceOverrideSerializer(serializers.ModelSerializer):
+    version = serializers.PrimaryKeyRelatedField(read_only=True)
+    created_by = serializers.CharField(source="created_by.username", default=None, read_only=True)
+
+    class Meta:
+        model = LicenceOverride
+        fields = ["id", "version", "licence", "terms", "reason", "created_by", "created_at"]
+        read_only_fields = ["licence", "terms", "created_at"]
+
+
+class LicenceOverrideView(APIView):
+    """GET the version's licence, the terms the allow-list lacks and the overrides
+    recorded (admins and compliance officers); POST ``{"reason"}`` to record one
+    (admins)."""
+
+    permission_classes = [role_and_scope(*APPROVER_ROLES, scopes=(Scope.REGISTRY_READ,))]
+
+    def get_permissions(self):
+        if self.request.method == "POST":
+            return [role_and_scope(Role.ADMIN, scopes=(Scope.ADMIN,))()]
+        return super().get_permissions()
+
+    def get(self, request: Request, pk: int) -> Response:
+        version = _version(request, pk)
+        licence = version_licence(version)
+        return Response(
+            {
+                "licence": licence,
+                "not_allowed": licence_not_allowed(licence),
+                "overrides": LicenceOverrideSerializer(
+                    version.licence_overrides.select_related("created_by"), many=True
+                ).data,
+            }
+        )
+
+    def post(self, request: Request, pk: int) -> Response:
+        version = _version(request, pk)
+        serializer = LicenceOverrideSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        try:
+            override = services.licence_override_create(
+                actor=request.user, version=version, reason=serializer.validated_data["reason"]
+            )
+        except ValidationError as exc:
+            return _error(exc)
+        return Response(LicenceOverrideSerializer(override).data, status=status.HTTP_201_CREATED)

@@ -53,6 +53,10 @@ class Artifact(models.Model):
     size = models.BigIntegerField()
     created_at = models.DateTimeField(default=timezone.now)
     last_verified_at = models.DateTimeField(null=True, blank=True)
+    # Set when a re-hash found the file changed or missing; cleared when it verifies again.
+    # While set, nothing serves or trains on it.
+    integrity_failed_at = models.DateTimeField(null=True, blank=True)
+    integrity_failure = models.TextField(blank=True)
 
     def __str__(self) -> str:
         return self.sha256
@@ -136,6 +140,32 @@ class ModelVersion(models.Model):
     @property
     def size(self) -> int:
         return self.artifact.size
+
+
+class LicenceOverride(models.Model):
+    """An admin's recorded decision that a version may be deployed although its licence
+    names terms the deployment allow-list (AIBOX_DEPLOY_LICENCE_ALLOWLIST) does not.
+
+    It covers the terms it lists, so a term later dropped from the allow-list needs an
+    override of its own. Overrides are append-only: they are never edited or deleted.
+    """
+
+    version = models.ForeignKey(
+        ModelVersion, on_delete=models.PROTECT, related_name="licence_overrides"
+    )
+    licence = models.CharField(max_length=500)  # the version's licence when it was granted
+    terms = ArrayField(models.CharField(max_length=100))  # the terms it allows
+    reason = models.TextField()
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"licence override of {self.version} ({', '.join(self.terms)})"
 
 
 class ImportState(models.TextChoices):

@@ -14,12 +14,15 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
+from django.db.models import F
+from django.urls import reverse
 from django.utils import timezone
 
 from apps.accounts.models import Role, User
 from apps.accounts.services import require_role, system_user
 from apps.audit.models import Outcome
 from apps.audit.services import audit_record
+from apps.registry.licences import licence_check, licence_not_allowed, version_licence
 from apps.registry.models import (
     APPROVER_ROLES,
     WRITER_ROLES,
@@ -27,6 +30,7 @@ from apps.registry.models import (
     Format,
     HubImport,
     ImportState,
+    LicenceOverride,
     ModelImport,
     ModelRepo,
     ModelVersion,
@@ -96,7 +100,7 @@ def model_repo_create(
     require_role(actor, WRITER_ROLES, "create models")
     repo = ModelRepo(
         name=name.strip().lower(),
-        licence=licence.strip(),
+        licence=licence_check(licence),
         description=description,
         licence_url=licence_url,
         tags=sorted({t.strip() for t in tags if t.strip()}),
@@ -361,6 +365,9 @@ def model_version_verify(*, actor: User, version: ModelVersion) -> Path:
     try:
         path = artifact_store().verify(version.sha256)
     except IntegrityError as exc:
+        Artifact.objects.filter(pk=version.sha256, integrity_failed_at__isnull=True).update(
+            integrity_failed_at=timezone.now(), integrity_failure=str(exc)
+        )
         audit_record(
             actor=actor,
             action="artifact.integrity_failure",
@@ -369,8 +376,157 @@ def model_version_verify(*, actor: User, version: ModelVersion) -> Path:
             details={"sha256": version.sha256, "reason": str(exc)},
         )
         raise
-    Artifact.objects.filter(pk=version.sha256).update(last_verified_at=timezone.now())
+    Artifact.objects.filter(pk=version.sha256).update(
+        last_verified_at=timezone.now(), integrity_failed_at=None, integrity_failure=""
+    )
     return path
+
+
+def model_version_deploy_check(*, version: ModelVersion) -> None:
+    """Refuse (ValidationError, saying why and what to do) a version whose stored file
+    failed its last verification, or whose licence names a term that is neither on
+    AIBOX_DEPLOY_LICENCE_ALLOWLIST nor covered by an admin's licence override."""
+    failed_at, failure = Artifact.objects.filter(pk=version.sha256).values_list(
+        "integrity_failed_at", "integrity_failure"
+    )[0]
+    if failed_at is not None:
+        raise ValidationError(
+            f"{version} cannot be served: its stored file failed verification on "
+            f"{failed_at:%Y-%m-%d %H:%M} UTC ({failure}). Restore the file; it is served "
+            "again once it verifies."
+        )
+    licence = version_licence(version)
+    blocked = licence_not_allowed(licence)
+    covered = {
+        t for terms in version.licence_overrides.values_list("terms", flat=True) for t in terms
+    }
+    missing = [t for t in blocked if t not in covered]
+    if missing:
+        raise ValidationError(
+            f"{version} is under the licence {licence}; {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not on the deployment allow-list "
+            "(AIBOX_DEPLOY_LICENCE_ALLOWLIST). An admin can record a licence override with "
+            f"a reason on the version's page ({reverse('registry:version', args=[version.pk])}) "
+            f"or with POST /api/v1/registry/versions/{version.pk}/licence-overrides."
+        )
+
+
+@transaction.atomic
+def model_version_bom(
+    *, actor: User, version: ModelVersion, absolute: Callable[[str], str]
+) -> dict[str, Any]:
+    """The CycloneDX ML-BOM of ``version`` and what it was made from, as ``actor`` may see
+    it; the export is audited. ``absolute`` makes a path an absolute URL."""
+    from apps.registry.lineage import lineage_bom, version_lineage
+
+    bom = lineage_bom(version_lineage(user=actor, version=version), absolute=absolute)
+    audit_record(
+        actor=actor,
+        action="model_version.bom_export",
+        target=version,
+        details={
+            "serial_number": bom["serialNumber"],
+            "components": [c["bom-ref"] for c in bom["components"]],
+        },
+    )
+    return bom
+
+
+@transaction.atomic
+def licence_override_create(*, actor: User, version: ModelVersion, reason: str) -> LicenceOverride:
+    """Record an admin's decision that ``version`` may be deployed although its licence
+    names terms not on the deployment allow-list (audited, with the reason)."""
+    require_role(actor, (Role.ADMIN,), "override licence checks")
+    reason = reason.strip()
+    if not reason:
+        raise ValidationError("Say why this licence may be deployed.")
+    licence = version_licence(version)
+    terms = licence_not_allowed(licence)
+    if not terms:
+        raise ValidationError(
+            f"{version}'s licence {licence} is on the deployment allow-list: no override is needed."
+        )
+    override = LicenceOverride.objects.create(
+        version=version, licence=licence, terms=terms, reason=reason, created_by=actor
+    )
+    audit_record(
+        actor=actor,
+        action="model_version.licence_override",
+        target=version,
+        details={"override": override.pk, "licence": licence, "terms": terms, "reason": reason},
+    )
+    return override
+
+
+@dataclass(frozen=True)
+class ReverifyResult:
+    checked: int
+    failed: list[str]  # sha256s that no longer match their file
+
+
+def artifact_reverify(*, actor: User, limit: int) -> ReverifyResult:
+    """Re-hash up to ``limit`` stored artifacts, those verified longest ago first (never
+    verified before all others), and record the time on each.
+
+    A file that changed or went missing is marked (nothing serves or trains on it until
+    it verifies again) and audited as ``artifact.integrity_failure``; a marked file that
+    verifies again is cleared and audited as ``artifact.integrity_restored``.
+    """
+    store = artifact_store()
+    batch = list(
+        Artifact.objects.order_by(F("last_verified_at").asc(nulls_first=True), "created_at")[:limit]
+    )
+    failed: list[str] = []
+    for artifact in batch:
+        try:
+            store.verify(artifact.sha256)
+        except IntegrityError as exc:
+            failed.append(artifact.sha256)
+            _reverify_failed(actor, artifact, str(exc))
+            continue
+        with transaction.atomic():
+            Artifact.objects.filter(pk=artifact.pk).update(
+                last_verified_at=timezone.now(), integrity_failed_at=None, integrity_failure=""
+            )
+            if artifact.integrity_failed_at is not None:
+                audit_record(
+                    actor=actor,
+                    action="artifact.integrity_restored",
+                    target=artifact,
+                    details={"sha256": artifact.sha256, "versions": _users_of(artifact)},
+                )
+    return ReverifyResult(checked=len(batch), failed=failed)
+
+
+def _users_of(artifact: Artifact) -> list[str]:
+    from apps.datasets.models import DatasetVersion
+
+    models = [str(v) for v in ModelVersion.objects.filter(artifact=artifact).select_related("repo")]
+    datasets = DatasetVersion.objects.filter(artifact=artifact).select_related("dataset")
+    return models + [f"dataset {d}" for d in datasets]
+
+
+def _reverify_failed(actor: User, artifact: Artifact, reason: str) -> None:
+    now = timezone.now()
+    with transaction.atomic():
+        Artifact.objects.filter(pk=artifact.pk).update(
+            last_verified_at=now,
+            integrity_failed_at=F("integrity_failed_at") if artifact.integrity_failed_at else now,
+            integrity_failure=reason,
+        )
+        if artifact.integrity_failed_at is None:  # said once, not on every run
+            audit_record(
+                actor=actor,
+                action="artifact.integrity_failure",
+                target=artifact,
+                outcome=Outcome.FAILURE,
+                details={
+                    "sha256": artifact.sha256,
+                    "reason": reason,
+                    "versions": _users_of(artifact),
+                    "check": "periodic re-verification",
+                },
+            )
 
 
 def _assemble_bundled(store: ArtifactStore, bundled) -> Staged:

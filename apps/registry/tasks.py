@@ -19,3 +19,14 @@ from apps.registry import services
 )
 def model_import_run(import_id: int) -> None:
     services.model_import_run(import_id=import_id)
+
+
+# Celery beat runs this every AIBOX_ARTIFACT_REVERIFY_EVERY seconds (CELERY_BEAT_SCHEDULE).
+# Safe to run twice at once: each run only re-hashes files and records what it found.
+@shared_task(name="registry.artifact_reverify", ignore_result=True)
+def artifact_reverify(limit: int | None = None) -> None:
+    from django.conf import settings
+
+    from apps.accounts.services import system_user
+
+    services.artifact_reverify(actor=system_user(), limit=limit or settings.ARTIFACT_REVERIFY_BATCH)

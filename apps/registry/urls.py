@@ -12,4 +12,6 @@ urlpatterns = [
     path("models/<str:name>/import-hf", views.model_import_create, name="import_hf"),
     path("imports/<int:pk>/", views.model_import_detail, name="import"),
     path("versions/<int:pk>/", views.version_detail, name="version"),
+    path("versions/<int:pk>/lineage", views.version_lineage_page, name="lineage"),
+    path("versions/<int:pk>/bom.cdx.json", views.version_bom, name="bom"),
 ]

@@ -11,7 +11,10 @@ from django.views.decorators.http import require_http_methods, require_POST
 from apps.accounts.access import login_required, role_required
 from apps.accounts.models import Role
 from apps.registry import selectors, services
+from apps.registry.api import bom_file_name
 from apps.registry.forms import HfImportForm, ImportPathForm, ModelRepoForm, ReasonForm
+from apps.registry.licences import licence_not_allowed, version_licence
+from apps.registry.lineage import lineage_layout, version_lineage
 from apps.registry.models import APPROVER_ROLES, WRITER_ROLES, ModelImport, ModelRepo, ModelVersion
 from apps.registry.uploads import (
     ArtifactUploadHandler,
@@ -156,16 +159,36 @@ def version_import_path(request: HttpRequest, name: str) -> HttpResponse:
     return redirect("registry:repo", name=repo.name)
 
 
+def _version_or_404(request: HttpRequest, pk: int) -> ModelVersion:
+    try:
+        return selectors.model_version_get(user=request.user, pk=pk)
+    except ModelVersion.DoesNotExist as exc:
+        raise Http404("No such model version.") from exc
+
+
 @login_required
 @require_http_methods(["GET", "POST"])
 def version_detail(request: HttpRequest, pk: int) -> HttpResponse:
-    try:
-        version = selectors.model_version_get(user=request.user, pk=pk)
-    except ModelVersion.DoesNotExist as exc:
-        raise Http404("No such model version.") from exc
-    form = ReasonForm(request.POST or None)
-    if request.method == "POST":
-        action = request.POST.get("action")
+    version = _version_or_404(request, pk)
+    action = request.POST.get("action") if request.method == "POST" else None
+    form = ReasonForm(request.POST if action in ("approve", "deprecate") else None)
+    override_form = ReasonForm(
+        request.POST if action == "licence_override" else None, prefix="override"
+    )
+    if action == "licence_override":
+        if not request.user.has_role(Role.ADMIN):
+            raise PermissionDenied("Only admins may override a licence check.")
+        if override_form.is_valid():
+            try:
+                services.licence_override_create(
+                    actor=request.user, version=version, reason=override_form.cleaned_data["reason"]
+                )
+            except ValidationError as exc:
+                override_form.add_error(None, exc)
+            else:
+                messages.success(request, f"Licence override recorded for {version}.")
+                return redirect("registry:version", pk=version.pk)
+    elif action is not None:
         service = {
             "approve": services.model_version_approve,
             "deprecate": services.model_version_deprecate,
@@ -180,9 +203,54 @@ def version_detail(request: HttpRequest, pk: int) -> HttpResponse:
             else:
                 messages.success(request, f"{version} is now {version.get_state_display()}.")
                 return redirect("registry:version", pk=version.pk)
+    licence = version_licence(version)
+    not_allowed = licence_not_allowed(licence)
+    see_overrides = request.user.has_role(*APPROVER_ROLES)
     context = {
         "version": version,
         "form": form,
+        "override_form": override_form,
         "can_change_state": request.user.has_role(*APPROVER_ROLES),
+        "can_override": request.user.has_role(Role.ADMIN),
+        "licence": licence,
+        "not_allowed": not_allowed,
+        "overrides": version.licence_overrides.select_related("created_by")
+        if see_overrides
+        else None,
+        "uncovered": [
+            t
+            for t in not_allowed
+            if t not in {x for o in version.licence_overrides.all() for x in o.terms}
+        ],
     }
-    return render(request, "registry/version_detail.html", context)
+    status = 400 if (form.errors or override_form.errors) else 200
+    return render(request, "registry/version_detail.html", context, status=status)
+
+
+@login_required
+def version_lineage_page(request: HttpRequest, pk: int) -> HttpResponse:
+    """Ancestors and descendants of a version as a graph (inline SVG) and as lists."""
+    version = _version_or_404(request, pk)
+    lineage = version_lineage(user=request.user, version=version)
+    context = {
+        "version": version,
+        "lineage": lineage,
+        "layout": lineage_layout(lineage),
+        "ancestors": lineage.of_relation("ancestor"),
+        "descendants": lineage.of_relation("descendant"),
+        "licence": version_licence(version),
+    }
+    return render(request, "registry/lineage.html", context)
+
+
+@login_required
+def version_bom(request: HttpRequest, pk: int) -> HttpResponse:
+    """Download the CycloneDX ML-BOM (the same document as the API's)."""
+    version = _version_or_404(request, pk)
+    bom = services.model_version_bom(
+        actor=request.user, version=version, absolute=request.build_absolute_uri
+    )
+    response = JsonResponse(bom, json_dumps_params={"indent": 2})
+    response["Content-Type"] = "application/vnd.cyclonedx+json; version=1.6"
+    response["Content-Disposition"] = f'attachment; filename="{bom_file_name(version)}"'
+    return response

@@ -126,6 +126,25 @@ MATRIX = {
         "/api/v1/registry/versions/{version}/approve",
         {ADMIN: 200, DS: 403, DEV: 403, CO: 200},
     ),
+    "registry_lineage": (
+        "View a version's lineage and export its CycloneDX ML-BOM",
+        "get",
+        "/api/v1/registry/versions/{version}/bom.cdx.json",
+        dict.fromkeys(ROLES, 200),
+    ),
+    "registry_overrides_view": (
+        "See licence overrides",
+        "get",
+        "/api/v1/registry/versions/{version}/licence-overrides",
+        {ADMIN: 200, DS: 403, DEV: 403, CO: 200},
+    ),
+    # The version's licence (mit) is allowed, so an admin is told no override is needed.
+    "registry_override": (
+        "Record a licence override for deployment",
+        "post",
+        "/api/v1/registry/versions/{version}/licence-overrides",
+        {ADMIN: 400, DS: 403, DEV: 403, CO: 403},
+    ),
     "datasets_browse": (
         "Browse datasets (data scientists: their own)",
         "get",
@@ -192,6 +211,7 @@ POST_DATA = {
     "registry_create": {"name": "new-model", "licence": "mit"},
     "registry_import_path": {"path": "/etc/passwd"},
     "registry_approve": {"reason": "checked"},
+    "registry_override": {"reason": "legal agreed"},
     "registry_import_hf": {"repo_id": "acme/model", "filename": "model.gguf"},
     "datasets_create": {"name": "new-data", "licence": "cc-by-4.0"},
     "datasets_import_hf": {"repo_id": "acme/data", "filename": "train.jsonl"},

@@ -1,0 +1,588 @@
+"""Lineage: what a model version came from and what was made of it.
+
+``version_lineage`` walks the provenance links in both directions from one model
+version, across model versions (parents and children), dataset versions (their parent
+chains, and those a fine-tune trained on), fine-tune jobs and the deployments that
+serve a version or use it as an adapter. Edges point the way things flow: from an
+input to what was made from it. What the user may not see (another data scientist's
+dataset or job) is left out and counted, never shown.
+
+``lineage_bom`` turns the ancestry into a CycloneDX 1.6 ML-BOM; ``lineage_layout`` lays
+the graph out in columns for the lineage page's inline SVG.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from graphlib import TopologicalSorter
+from typing import Any
+
+from django.db.models import Q
+from django.urls import reverse
+from django.utils import timezone
+
+from apps.accounts.models import User
+from apps.registry.licences import spdx_for_cyclonedx, version_licence
+from apps.registry.models import Format, ModelVersion, SourceKind
+
+MODEL = "model_version"
+DATASET = "dataset_version"
+FINETUNE = "finetune_job"
+DEPLOYMENT = "deployment"
+
+# Edge kinds, from input to output.
+DERIVED = "derived"  # a model version's parent → the version
+DATASET_DERIVED = "dataset_derived"  # a dataset version → one derived from it (split…)
+BASE_MODEL = "base_model"  # a model version → a fine-tune of it
+TRAINING_DATA = "training_data"  # a dataset version → a fine-tune trained on it
+VALIDATION_DATA = "validation_data"
+PRODUCED = "produced"  # a fine-tune → the adapter it produced
+SERVES = "serves"  # a model version → a deployment that serves it
+ADAPTER_OF = "adapter_of"  # an adapter → a deployment that loads it
+
+
+@dataclass
+class Node:
+    key: str
+    kind: str
+    pk: int
+    label: str
+    url: str
+    relation: str  # root, ancestor or descendant
+    details: dict[str, Any] = field(default_factory=dict)
+    obj: Any = field(default=None, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.key,
+            "kind": self.kind,
+            "pk": self.pk,
+            "label": self.label,
+            "url": self.url,
+            "relation": self.relation,
+            "details": self.details,
+        }
+
+
+@dataclass(frozen=True)
+class Edge:
+    source: str
+    target: str
+    kind: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"source": self.source, "target": self.target, "kind": self.kind}
+
+
+@dataclass
+class Lineage:
+    root: Node
+    nodes: dict[str, Node]
+    edges: list[Edge]
+    restricted: int  # linked things the user may not see, left out
+
+    def of_relation(self, relation: str) -> list[Node]:
+        return [n for n in self.nodes.values() if n.relation == relation]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "root": self.root.key,
+            "nodes": [n.as_dict() for n in self.nodes.values()],
+            "edges": [e.as_dict() for e in self.edges],
+            "restricted": self.restricted,
+        }
+
+
+def _producing_jobs(version: ModelVersion):
+    from apps.finetune.models import FineTuneJob
+
+    job_id = (version.source or {}).get("finetune_job")
+    query = Q(adapter=version) | Q(peft_adapter=version)
+    if isinstance(job_id, int) and version.source_kind == SourceKind.FINE_TUNE:
+        query |= Q(pk=job_id)
+    return FineTuneJob.objects.filter(query).select_related(
+        "base_model__repo", "dataset_version__dataset", "validation_version__dataset"
+    )
+
+
+def finetune_datasets_of(version: ModelVersion) -> list:
+    """The dataset versions the fine-tune that produced ``version`` trained on."""
+    from apps.datasets.models import DatasetVersion
+
+    found: list = []
+    for job in _producing_jobs(version):
+        found += [d for d in (job.dataset_version, job.validation_version) if d is not None]
+    ids = [
+        d.get("id")
+        for d in (version.source or {}).get("dataset_versions", []) or []
+        if isinstance(d, dict)
+    ]
+    known = {d.pk for d in found}
+    found += list(
+        DatasetVersion.objects.filter(pk__in=[i for i in ids if isinstance(i, int)])
+        .exclude(pk__in=known)
+        .select_related("dataset")
+    )
+    return found
+
+
+class _Walker:
+    def __init__(self, user: User) -> None:
+        from apps.datasets.models import Dataset
+        from apps.deployments.models import Deployment
+        from apps.finetune.models import FineTuneJob
+
+        self.user = user
+        self.nodes: dict[str, Node] = {}
+        self.edges: dict[tuple[str, str], Edge] = {}
+        self.restricted: set[str] = set()
+        self.seen_up: set[str] = set()
+        self.datasets = Dataset.objects.visible_to(user)
+        self.jobs = FineTuneJob.objects.visible_to(user)
+        self.deployments = Deployment.objects.visible_to(user)
+
+    # Nodes --------------------------------------------------------------------------
+    def model(self, v: ModelVersion, relation: str) -> Node | None:
+        key = f"{MODEL}:{v.pk}"
+        if key not in self.nodes:
+            self.nodes[key] = Node(
+                key=key,
+                kind=MODEL,
+                pk=v.pk,
+                label=str(v),
+                url=reverse("registry:version", args=[v.pk]),
+                relation=relation,
+                details={
+                    "sha256": v.sha256,
+                    "format": v.format,
+                    "state": v.state,
+                    "source_kind": v.source_kind,
+                    "licence": v.repo.licence,
+                },
+                obj=v,
+            )
+        return self.nodes[key]
+
+    def dataset(self, d, relation: str) -> Node | None:
+        key = f"{DATASET}:{d.pk}"
+        if not self.datasets.filter(pk=d.dataset_id).exists():
+            self.restricted.add(key)
+            return None
+        if key not in self.nodes:
+            self.nodes[key] = Node(
+                key=key,
+                kind=DATASET,
+                pk=d.pk,
+                label=str(d),
+                url=reverse("datasets:version", args=[d.pk]),
+                relation=relation,
+                details={
+                    "sha256": d.sha256,
+                    "state": d.state,
+                    "source_kind": d.source_kind,
+                    "licence": d.dataset.licence,
+                    "rows": d.rows,
+                    "transformation": d.transformation,
+                },
+                obj=d,
+            )
+        return self.nodes[key]
+
+    def job(self, j, relation: str) -> Node | None:
+        key = f"{FINETUNE}:{j.pk}"
+        if not self.jobs.filter(pk=j.pk).exists():
+            self.restricted.add(key)
+            return None
+        if key not in self.nodes:
+            self.nodes[key] = Node(
+                key=key,
+                kind=FINETUNE,
+                pk=j.pk,
+                label=str(j),
+                url=reverse("finetune:job", args=[j.pk]),
+                relation=relation,
+                details={"state": j.state, "params": j.params},
+                obj=j,
+            )
+        return self.nodes[key]
+
+    def deployment(self, dep, relation: str) -> Node | None:
+        key = f"{DEPLOYMENT}:{dep.pk}"
+        if not self.deployments.filter(pk=dep.pk).exists():
+            self.restricted.add(key)
+            return None
+        if key not in self.nodes:
+            self.nodes[key] = Node(
+                key=key,
+                kind=DEPLOYMENT,
+                pk=dep.pk,
+                label=f"deployment {dep.name}",
+                url=reverse("deployments:detail", args=[dep.name]),
+                relation=relation,
+                details={"name": dep.name, "state": dep.state},
+                obj=dep,
+            )
+        return self.nodes[key]
+
+    def edge(self, source: Node | None, target: Node | None, kind: str) -> None:
+        if source is not None and target is not None:
+            self.edges.setdefault((source.key, target.key), Edge(source.key, target.key, kind))
+
+    # Walks --------------------------------------------------------------------------
+    def up(self, node: Node) -> None:
+        """Add everything ``node`` was made from, recursively."""
+        todo = [node]
+        while todo:
+            current = todo.pop()
+            new: list[Node] = []
+            if current.kind == MODEL:
+                v: ModelVersion = current.obj
+                job_bases: set[int] = set()
+                for j in _producing_jobs(v):
+                    jn = self.job(j, "ancestor")
+                    if jn is None:
+                        continue
+                    job_bases.add(j.base_model_id)
+                    self.edge(jn, current, PRODUCED)
+                    new.append(jn)
+                for parent in v.parents.select_related("repo", "artifact"):
+                    pn = self.model(parent, "ancestor")
+                    if parent.pk not in job_bases:  # else the job's edges say it
+                        self.edge(pn, current, DERIVED)
+                    new.append(pn)
+                if not job_bases:  # the job is hidden or gone: the data still binds it
+                    for d in finetune_datasets_of(v):
+                        dn = self.dataset(d, "ancestor")
+                        self.edge(dn, current, TRAINING_DATA)
+                        new += [dn] if dn else []
+            elif current.kind == FINETUNE:
+                j = current.obj
+                bn = self.model(j.base_model, "ancestor")
+                self.edge(bn, current, BASE_MODEL)
+                new.append(bn)
+                for d, kind in (
+                    (j.dataset_version, TRAINING_DATA),
+                    (j.validation_version, VALIDATION_DATA),
+                ):
+                    if d is not None:
+                        dn = self.dataset(d, "ancestor")
+                        self.edge(dn, current, kind)
+                        new += [dn] if dn else []
+            elif current.kind == DATASET and current.obj.parent_id:
+                parent = (
+                    type(current.obj)
+                    .objects.select_related("dataset", "artifact")
+                    .get(pk=current.obj.parent_id)
+                )
+                pn = self.dataset(parent, "ancestor")
+                self.edge(pn, current, DATASET_DERIVED)
+                new += [pn] if pn else []
+            todo += [n for n in new if n is not None and n.key not in self.seen_up]
+            self.seen_up.update(n.key for n in new if n is not None)
+
+    def down(self, node: Node) -> None:
+        """Add everything made from ``node``, recursively."""
+        from apps.deployments.models import Deployment
+        from apps.finetune.models import FineTuneJob
+
+        todo = [node]
+        seen = {node.key}
+        while todo:
+            current = todo.pop()
+            new: list[Node] = []
+            if current.kind == MODEL:
+                v: ModelVersion = current.obj
+                jobs = FineTuneJob.objects.filter(base_model=v).select_related(
+                    "adapter__repo", "peft_adapter__repo"
+                )
+                produced_by_job: set[int] = set()
+                for j in jobs:
+                    jn = self.job(j, "descendant")
+                    if jn is None:
+                        continue
+                    self.edge(current, jn, BASE_MODEL)
+                    new.append(jn)
+                    produced_by_job |= {j.adapter_id, j.peft_adapter_id}
+                for child in v.children.select_related("repo", "artifact"):
+                    cn = self.model(child, "descendant")
+                    if child.pk not in produced_by_job:
+                        self.edge(current, cn, DERIVED)
+                    new.append(cn)
+                for dep in Deployment.objects.filter(Q(model_version=v) | Q(adapter=v)):
+                    dn = self.deployment(dep, "descendant")
+                    self.edge(current, dn, SERVES if dep.model_version_id == v.pk else ADAPTER_OF)
+                    new += [dn] if dn else []
+            elif current.kind == FINETUNE:
+                j = current.obj
+                for out in (j.adapter, j.peft_adapter):
+                    if out is not None:
+                        on = self.model(out, "descendant")
+                        self.edge(current, on, PRODUCED)
+                        new.append(on)
+            todo += [n for n in new if n.key not in seen]
+            seen.update(n.key for n in new)
+
+
+def version_lineage(*, user: User, version: ModelVersion) -> Lineage:
+    """The ancestors and descendants of ``version`` that ``user`` may see, as a graph."""
+    walker = _Walker(user)
+    root = walker.model(version, "root")
+    walker.seen_up.add(root.key)
+    walker.up(root)
+    walker.down(root)
+    return Lineage(
+        root=root,
+        nodes=walker.nodes,
+        edges=list(walker.edges.values()),
+        restricted=len(walker.restricted),
+    )
+
+
+# Layout for the page's SVG --------------------------------------------------------
+
+NODE_W, NODE_H, GAP_X, GAP_Y, PAD = 190, 46, 60, 18, 10
+
+
+@dataclass
+class Placed:
+    node: Node
+    x: int
+    y: int
+
+
+def lineage_layout(lineage: Lineage) -> dict[str, Any]:
+    """Columns by longest path from the oldest inputs (a layered layout), rows in order
+    within a column; coordinates for an inline SVG."""
+    preds: dict[str, set[str]] = {key: set() for key in lineage.nodes}
+    for e in lineage.edges:
+        preds[e.target].add(e.source)
+    layer: dict[str, int] = {}
+    for key in TopologicalSorter(preds).static_order():
+        layer[key] = max((layer[p] + 1 for p in preds[key]), default=0)
+    columns: dict[int, list[str]] = {}
+    for key in lineage.nodes:  # nodes keep the order they were found in
+        columns.setdefault(layer[key], []).append(key)
+    placed: dict[str, Placed] = {}
+    for col, keys in sorted(columns.items()):
+        for row, key in enumerate(keys):
+            placed[key] = Placed(
+                lineage.nodes[key], PAD + col * (NODE_W + GAP_X), PAD + row * (NODE_H + GAP_Y)
+            )
+    edges = []
+    for e in lineage.edges:
+        a, b = placed[e.source], placed[e.target]
+        x1, y1 = a.x + NODE_W, a.y + NODE_H // 2
+        x2, y2 = b.x, b.y + NODE_H // 2
+        mid = (x1 + x2) // 2
+        edges.append({"kind": e.kind, "path": f"M{x1},{y1} C{mid},{y1} {mid},{y2} {x2},{y2}"})
+    width = PAD * 2 + (max(columns) + 1) * NODE_W + max(columns) * GAP_X
+    height = PAD * 2 + max(len(k) for k in columns.values()) * (NODE_H + GAP_Y) - GAP_Y
+    return {
+        "width": width,
+        "height": height,
+        "node_w": NODE_W,
+        "node_h": NODE_H,
+        "nodes": list(placed.values()),
+        "edges": edges,
+    }
+
+
+# CycloneDX ML-BOM -----------------------------------------------------------------
+
+SPEC_VERSION = "1.6"
+
+
+def _hashes(sha256: str) -> list[dict[str, str]]:
+    return [{"alg": "SHA-256", "content": sha256}]
+
+
+def _properties(values: dict[str, Any]) -> list[dict[str, str]]:
+    return [
+        {"name": f"aibox:{k}", "value": str(v)} for k, v in values.items() if v not in (None, "")
+    ]
+
+
+def _source_references(v: ModelVersion, absolute: Any) -> list[dict[str, str]]:
+    source = v.source or {}
+    refs: list[dict[str, str]] = []
+    if v.source_kind == SourceKind.HUGGING_FACE and source.get("repo_id"):
+        endpoint = source.get("endpoint") or "https://huggingface.co"
+        revision = source.get("commit") or source.get("revision") or "main"
+        refs.append(
+            {
+                "type": "distribution",
+                "url": f"{endpoint}/{source['repo_id']}/resolve/{revision}/{source['filename']}",
+                "comment": f"Imported from Hugging Face {source['repo_id']} at {revision}.",
+            }
+        )
+    elif v.source_kind == SourceKind.BUNDLED and source.get("upstream"):
+        refs.append(
+            {
+                "type": "distribution",
+                "url": source["upstream"],
+                "comment": f"Upstream of the bundled package {source.get('package', '')}.",
+            }
+        )
+    if v.repo.licence_url:
+        refs.append({"type": "license", "url": v.repo.licence_url})
+    refs.append(
+        {
+            "type": "other",
+            "url": absolute(v.get_absolute_url()),
+            "comment": f"This version in AIBox ({v.get_source_kind_display()}).",
+        }
+    )
+    return refs
+
+
+def _model_component(v: ModelVersion, datasets: Iterable, absolute: Any) -> dict[str, Any]:
+    licence = spdx_for_cyclonedx(version_licence(v))
+    component: dict[str, Any] = {
+        "type": "machine-learning-model",
+        "bom-ref": f"{MODEL}:{v.pk}",
+        "name": v.repo.name,
+        "version": str(v.number),
+        "description": v.repo.description or f"{v} ({v.get_format_display()})",
+        "hashes": _hashes(v.sha256),
+        "externalReferences": _source_references(v, absolute),
+        "properties": _properties(
+            {
+                "file_name": v.file_name,
+                "format": v.format,
+                "size": v.size,
+                "state": v.state,
+                "source_kind": v.source_kind,
+                "created_by": v.created_by.username if v.created_by else "",
+                "created_at": v.created_at.isoformat(),
+                "quantization": v.quantization,
+                "parameter_count": v.parameter_count,
+                "context_length": v.context_length,
+                "finetune_job": (v.source or {}).get("finetune_job"),
+            }
+        ),
+    }
+    if licence:
+        component["licenses"] = [licence]
+    if v.source_kind == SourceKind.HUGGING_FACE and v.source.get("repo_id"):
+        commit = v.source.get("commit")
+        component["purl"] = f"pkg:huggingface/{v.source['repo_id']}" + (
+            f"@{commit}" if commit else ""
+        )
+    adapter = v.format in (Format.GGUF_LORA, Format.PEFT_SAFETENSORS)
+    parameters: dict[str, Any] = {
+        "task": "text-generation",
+        "modelArchitecture": v.architecture or ("LoRA adapter" if adapter else ""),
+    }
+    if v.source_kind == SourceKind.FINE_TUNE:
+        parameters["approach"] = {"type": "supervised"}
+    refs = [{"ref": f"{DATASET}:{d.pk}"} for d in datasets]
+    if refs:
+        parameters["datasets"] = refs
+    component["modelCard"] = {
+        "modelParameters": {k: val for k, val in parameters.items() if val},
+    }
+    metrics = [
+        {"type": name, "value": str(value)}
+        for name, value in (
+            ("final training loss", (v.source or {}).get("final_train_loss")),
+            ("final validation loss", (v.source or {}).get("final_validation_loss")),
+        )
+        if value is not None
+    ]
+    if metrics:
+        component["modelCard"]["quantitativeAnalysis"] = {"performanceMetrics": metrics}
+    return component
+
+
+def _dataset_component(d, absolute: Any) -> dict[str, Any]:
+    component: dict[str, Any] = {
+        "type": "data",
+        "bom-ref": f"{DATASET}:{d.pk}",
+        "name": d.dataset.name,
+        "version": str(d.number),
+        "description": d.dataset.description or str(d),
+        "hashes": _hashes(d.sha256),
+        "data": [
+            {
+                "type": "dataset",
+                "name": str(d),
+                "description": d.dataset.source or f"{d.get_format_display()} file {d.file_name}",
+            }
+        ],
+        "externalReferences": [
+            {"type": "other", "url": absolute(d.get_absolute_url()), "comment": "In AIBox."}
+        ],
+        "properties": _properties(
+            {
+                "file_name": d.file_name,
+                "format": d.format,
+                "rows": d.rows,
+                "state": d.state,
+                "source_kind": d.source_kind,
+                "transformation": (d.transformation or {}).get("operation"),
+            }
+        ),
+    }
+    licence = spdx_for_cyclonedx(d.dataset.licence)
+    if licence:
+        component["licenses"] = [licence]
+    return component
+
+
+def lineage_bom(lineage: Lineage, *, absolute: Any = lambda url: url) -> dict[str, Any]:
+    """A CycloneDX 1.6 ML-BOM of the root version and everything it was made from.
+
+    Models are ``machine-learning-model`` components and datasets ``data`` components,
+    each with its SHA-256, licence and references to its source; ``dependencies`` say
+    what each was made from, and a fine-tuned model's card names its datasets.
+    ``absolute`` turns a path into an absolute URL (the request's).
+    """
+    from importlib.metadata import version as package_version
+
+    keep = {n.key for n in lineage.nodes.values() if n.relation in ("root", "ancestor")}
+    inputs: dict[str, list[str]] = {k: [] for k in keep}
+    for e in lineage.edges:
+        if e.source in keep and e.target in keep:
+            inputs[e.target].append(e.source)
+
+    def direct(key: str) -> list[str]:
+        # A fine-tune is not a component: what it took in is what its output depends on.
+        found: list[str] = []
+        for source in inputs[key]:
+            found += direct(source) if source.startswith(FINETUNE) else [source]
+        return list(dict.fromkeys(found))
+
+    components: dict[str, dict[str, Any]] = {}
+    for key in keep:
+        node = lineage.nodes[key]
+        if node.kind == MODEL:
+            datasets = [
+                lineage.nodes[k].obj for k in direct(key) if lineage.nodes[k].kind == DATASET
+            ]
+            components[key] = _model_component(node.obj, datasets, absolute)
+        elif node.kind == DATASET:
+            components[key] = _dataset_component(node.obj, absolute)
+    root = components.pop(lineage.root.key)
+    return {
+        "bomFormat": "CycloneDX",
+        "specVersion": SPEC_VERSION,
+        "serialNumber": f"urn:uuid:{uuid.uuid4()}",
+        "version": 1,
+        "metadata": {
+            "timestamp": timezone.now().replace(microsecond=0).isoformat(),
+            "tools": {
+                "components": [
+                    {"type": "application", "name": "AIBox", "version": package_version("aibox")}
+                ]
+            },
+            "component": root,
+        },
+        "components": sorted(components.values(), key=lambda c: c["bom-ref"]),
+        "dependencies": [
+            {"ref": key, "dependsOn": [k for k in direct(key) if k in keep]}
+            for key in sorted(keep)
+            if lineage.nodes[key].kind in (MODEL, DATASET)
+        ],
+    }
