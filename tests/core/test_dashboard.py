@@ -176,3 +176,33 @@ def finetune_job(users, settings, tmp_path) -> dict:
         source={},
     )
     return {"base_model": version, "dataset_version": dataset_version, "output_repo": "tuned"}
+
+
+@pytest.mark.browser
+@pytest.mark.django_db(transaction=True)
+def test_the_figures_refresh_in_the_browser_without_a_reload(browser, live_server):
+    from playwright.sync_api import expect
+
+    from tests.conftest import PASSWORD, make_user
+
+    make_user(Role.ADMIN, username="ada")
+    context = browser.new_context(base_url=live_server.url)
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    try:
+        page.goto("/login/")
+        page.get_by_label("Username").fill("ada")
+        page.get_by_label("Password").fill(PASSWORD)
+        page.get_by_role("button", name="Log in").click()
+        expect(page.locator("#ops-p50")).to_have_text("—")
+        page.evaluate("window.__not_reloaded = true")
+
+        make_usage(at=timezone.now(), latency_ms=321.0, deployment="live-chat")
+
+        # The next poll (every 5 s) brings the new figures into the same page.
+        expect(page.locator("#ops-p50")).to_have_text("321", timeout=15_000)
+        expect(page.locator("#ops-deployments, #ops-failures")).to_have_count(2)
+        expect(page.locator('polyline[data-line="p50"]')).to_have_count(1)
+        assert page.evaluate("window.__not_reloaded") is True
+    finally:
+        context.close()
