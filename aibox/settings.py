@@ -199,6 +199,8 @@ INSTALLED_APPS = [
     "django.contrib.humanize",
     "django.contrib.postgres",
     "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "django_htmx",
     "axes",
     "apps.core",
@@ -308,6 +310,32 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.CursorPagination",
     "PAGE_SIZE": 50,
     "UNAUTHENTICATED_USER": None,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+# The OpenAPI schema (/api/schema/) and its docs page (/api/docs/), for signed-in users
+# and API keys; Swagger UI is served from the drf-spectacular-sidecar package, never a CDN.
+SPECTACULAR_SETTINGS = {
+    "TITLE": "AIBox API",
+    "DESCRIPTION": "The AIBox control plane: registry, datasets, fine-tunes, deployments, "
+    "audit. See docs/api.md; the OpenAI-compatible endpoint under /v1/ is not listed here.",
+    "VERSION": "1",
+    "SCHEMA_PATH_PREFIX": "/api/v1",
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "PREPROCESSING_HOOKS": ["apps.registry.openapi.only_api_v1"],
+    # Several models have a "state"; each choice set gets its own name.
+    "ENUM_NAME_OVERRIDES": {
+        "ModelVersionStateEnum": "apps.registry.models.State",
+        "ImportStateEnum": "apps.registry.models.ImportState",
+        "DatasetVersionStateEnum": "apps.datasets.models.State",
+        "DatasetShapeEnum": "apps.datasets.models.Shape",
+        "DeploymentStateEnum": "apps.deployments.models.State",
+        "FineTuneJobStateEnum": "apps.finetune.models.JobState",
+    },
 }
 
 CELERY_BROKER_URL = REDIS_URL

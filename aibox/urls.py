@@ -1,4 +1,5 @@
 from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from apps.accounts import api as accounts_api
 from apps.audit import api as audit_api
@@ -136,6 +137,9 @@ urlpatterns = [
     path("finetunes/", include("apps.finetune.urls")),
     path("deployments/", include("apps.deployments.urls")),
     path("api/v1/", include((api_v1, "api"))),
+    # The OpenAPI schema of /api/v1/ and a browsable docs page (docs/api.md).
+    path("api/schema/", SpectacularAPIView.as_view(), name="api_schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="api_schema"), name="api_docs"),
     path("v1/", include(("apps.inference.urls", "openai"))),
 ]
 

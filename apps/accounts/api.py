@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from django.core.exceptions import ValidationError
 from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
@@ -55,6 +56,7 @@ def _validation_error(exc: ValidationError) -> Response:
 class MeView(APIView):
     permission_classes = [IsAuthenticated]
 
+    @extend_schema(responses=UserSerializer)
     def get(self, request: Request) -> Response:
         body = UserSerializer(request.user).data
         if isinstance(request.auth, ApiKey):
@@ -65,6 +67,7 @@ class MeView(APIView):
 class UserListView(APIView):
     permission_classes = [role_and_scope(Role.ADMIN, scopes=(Scope.ADMIN,))]
 
+    @extend_schema(responses=UserSerializer(many=True))
     def get(self, request: Request) -> Response:
         return Response(UserSerializer(selectors.user_list(), many=True).data)
 
@@ -74,10 +77,12 @@ class ApiKeyListView(APIView):
 
     permission_classes = [IsAuthenticated]
 
+    @extend_schema(operation_id="api_keys_list", responses=ApiKeySerializer(many=True))
     def get(self, request: Request) -> Response:
         keys = selectors.api_key_list(user=request.user)
         return Response(ApiKeySerializer(keys, many=True).data)
 
+    @extend_schema(request=ApiKeyCreateSerializer, responses={201: ApiKeySerializer})
     def post(self, request: Request) -> Response:
         # A key can mint keys only if it is an admin key; otherwise a leaked inference
         # key could be used to widen its own access.
@@ -101,6 +106,7 @@ class ApiKeyListView(APIView):
 class ApiKeyRevokeView(APIView):
     permission_classes = [IsAuthenticated]
 
+    @extend_schema(request=None, responses=ApiKeySerializer)
     def post(self, request: Request, pk: int) -> Response:
         api_key = get_object_or_404(ApiKey.objects.visible_to(request.user), pk=pk)
         services.api_key_revoke(actor=request.user, api_key=api_key)

@@ -5,6 +5,8 @@ import tempfile
 
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import FileResponse, Http404
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -22,7 +24,7 @@ from apps.datasets.models import (
     DatasetVersion,
 )
 from apps.datasets.uploads import ingest_upload
-from apps.registry.api import HubImportSerializer, ImportRequestSerializer
+from apps.registry.api import UPLOAD_REQUEST, HubImportSerializer, ImportRequestSerializer
 from apps.registry.models import ModelVersion
 from apps.registry.uploads import (
     StreamedUploadMixin,
@@ -147,10 +149,12 @@ class DatasetListView(APIView):
     def get_permissions(self):
         return [(WRITERS if self.request.method == "POST" else READERS)()]
 
+    @extend_schema(operation_id="datasets_list", responses=DatasetSerializer(many=True))
     def get(self, request: Request) -> Response:
         datasets = selectors.dataset_list(user=request.user)
         return Response(DatasetSerializer(datasets, many=True).data)
 
+    @extend_schema(request=DatasetSerializer, responses={201: DatasetSerializer})
     def post(self, request: Request) -> Response:
         serializer = DatasetSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -164,6 +168,7 @@ class DatasetListView(APIView):
 class DatasetDetailView(APIView):
     permission_classes = [READERS]
 
+    @extend_schema(responses=DatasetSerializer)
     def get(self, request: Request, name: str) -> Response:
         dataset = _dataset(request, name)
         body = DatasetSerializer(dataset).data
@@ -207,6 +212,7 @@ class VersionUploadView(StreamedUploadMixin, APIView):
 
     permission_classes = [WRITERS]
 
+    @extend_schema(request=UPLOAD_REQUEST, responses={201: DatasetVersionSerializer})
     def post(self, request: Request, name: str) -> Response:
         dataset = _dataset(request, name)
         upload, message, code = received_file(request, self.upload_handler)
@@ -232,6 +238,7 @@ class ImportHfView(APIView):
 
     permission_classes = [WRITERS]
 
+    @extend_schema(request=ImportRequestSerializer, responses={202: DatasetImportSerializer})
     def post(self, request: Request, name: str) -> Response:
         dataset = _dataset(request, name)
         serializer = ImportRequestSerializer(data=request.data)
@@ -251,6 +258,7 @@ class ImportHfView(APIView):
 class ImportDetailView(APIView):
     permission_classes = [READERS]
 
+    @extend_schema(responses=DatasetImportSerializer)
     def get(self, request: Request, pk: int) -> Response:
         try:
             job = selectors.dataset_import_get(user=request.user, pk=pk)
@@ -262,6 +270,7 @@ class ImportDetailView(APIView):
 class VersionDetailView(APIView):
     permission_classes = [READERS]
 
+    @extend_schema(responses=DatasetVersionSerializer)
     def get(self, request: Request, pk: int) -> Response:
         version = _version(request, pk)
         body = DatasetVersionSerializer(version).data
@@ -276,6 +285,7 @@ class VersionRowsView(APIView):
 
     permission_classes = [READERS]
 
+    @extend_schema(responses=OpenApiTypes.OBJECT)
     def get(self, request: Request, pk: int) -> Response:
         version = _version(request, pk)
         try:
@@ -309,6 +319,7 @@ class VersionDeriveView(APIView):
 
     permission_classes = [WRITERS]
 
+    @extend_schema(request=OpenApiTypes.OBJECT, responses={202: DatasetTransformSerializer})
     def post(self, request: Request, pk: int) -> Response:
         version = _version(request, pk)
         params = request.data.get("params") or {}
@@ -329,6 +340,7 @@ class VersionDeriveView(APIView):
 class VersionExportView(APIView):
     permission_classes = [READERS]
 
+    @extend_schema(responses={(200, "text/csv"): OpenApiTypes.STR})
     def get(self, request: Request, pk: int) -> FileResponse | Response:
         version = _version(request, pk)
         return export_response(request.user, version)
@@ -350,6 +362,7 @@ def export_response(user, version: DatasetVersion) -> FileResponse | Response:
 class TransformDetailView(APIView):
     permission_classes = [READERS]
 
+    @extend_schema(responses=DatasetTransformSerializer)
     def get(self, request: Request, pk: int) -> Response:
         try:
             job = selectors.dataset_transform_get(user=request.user, pk=pk)

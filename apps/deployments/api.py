@@ -4,6 +4,8 @@ from dataclasses import asdict
 
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import Http404
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -73,10 +75,12 @@ class DeploymentListView(APIView):
     def get_permissions(self):
         return [(MANAGERS if self.request.method == "POST" else READERS)()]
 
+    @extend_schema(operation_id="deployments_list", responses=DeploymentSerializer(many=True))
     def get(self, request: Request) -> Response:
         deployments = selectors.deployment_list(user=request.user)
         return Response(DeploymentSerializer(deployments, many=True).data)
 
+    @extend_schema(request=DeploymentSerializer, responses={201: DeploymentSerializer})
     def post(self, request: Request) -> Response:
         serializer = DeploymentSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -96,6 +100,7 @@ class DeploymentListView(APIView):
 class DeploymentDetailView(APIView):
     permission_classes = [READERS]
 
+    @extend_schema(responses=DeploymentSerializer)
     def get(self, request: Request, name: str) -> Response:
         return Response(DeploymentSerializer(_deployment(request, name)).data)
 
@@ -106,6 +111,7 @@ class DeploymentActionView(APIView):
     permission_classes = [MANAGERS]
     action = ""
 
+    @extend_schema(request=OpenApiTypes.OBJECT, responses=DeploymentSerializer)
     def post(self, request: Request, name: str) -> Response:
         deployment = _deployment(request, name)
         try:
@@ -132,6 +138,7 @@ class DeploymentActionView(APIView):
 class WorkerListView(APIView):
     permission_classes = [READERS]
 
+    @extend_schema(responses=OpenApiTypes.OBJECT)
     def get(self, request: Request) -> Response:
         return Response(
             [

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import Http404
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -84,10 +85,12 @@ class JobListView(APIView):
     def get_permissions(self):
         return [(LAUNCHERS if self.request.method == "POST" else READERS)()]
 
+    @extend_schema(operation_id="finetunes_list", responses=JobSerializer(many=True))
     def get(self, request: Request) -> Response:
         jobs = selectors.finetune_job_list(user=request.user)[:200]
         return Response(JobSerializer(jobs, many=True).data)
 
+    @extend_schema(request=LaunchSerializer, responses={201: JobSerializer})
     def post(self, request: Request) -> Response:
         serializer = LaunchSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -108,6 +111,7 @@ def _job(request: Request, pk: int) -> FineTuneJob:
 class JobDetailView(APIView):
     permission_classes = [READERS]
 
+    @extend_schema(responses=JobSerializer)
     def get(self, request: Request, pk: int) -> Response:
         return Response(JobSerializer(_job(request, pk)).data)
 
@@ -116,6 +120,7 @@ class JobActionView(APIView):
     permission_classes = [LAUNCHERS]
     action = ""
 
+    @extend_schema(request=None, responses=JobSerializer)
     def post(self, request: Request, pk: int) -> Response:
         job = _job(request, pk)
         service = {"cancel": services.finetune_job_cancel, "retry": services.finetune_job_retry}

@@ -3,6 +3,8 @@ from __future__ import annotations
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import Http404
 from django.urls import reverse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
@@ -31,6 +33,14 @@ from apps.registry.uploads import (
 from workers.artifacts import ArtifactError
 
 READERS = role_and_scope(*Role, scopes=(Scope.REGISTRY_READ,))
+# How the schema describes a streamed multipart upload (the views read the body themselves).
+UPLOAD_REQUEST = {
+    "multipart/form-data": {
+        "type": "object",
+        "properties": {"file": {"type": "string", "format": "binary"}},
+        "required": ["file"],
+    }
+}
 
 
 class ModelVersionSerializer(serializers.ModelSerializer):
@@ -140,6 +150,14 @@ class ModelImportSerializer(HubImportSerializer):
         fields = ["repo", *HubImportSerializer.Meta.fields]
 
 
+class ReasonSerializer(serializers.Serializer):
+    reason = serializers.CharField(help_text="Why: recorded with the change and audited.")
+
+
+class PathSerializer(serializers.Serializer):
+    path = serializers.CharField(help_text="A file under an AIBOX_IMPORT_DIRS directory.")
+
+
 class ImportRequestSerializer(serializers.Serializer):
     repo_id = serializers.CharField(max_length=200)
     filename = serializers.CharField(max_length=1000)
@@ -168,10 +186,12 @@ def _version(request: Request, pk: int) -> ModelVersion:
 class RepoListView(APIView):
     permission_classes = [READERS]
 
+    @extend_schema(operation_id="registry_repos_list", responses=ModelRepoSerializer(many=True))
     def get(self, request: Request) -> Response:
         repos = selectors.model_repo_list(user=request.user)
         return Response(ModelRepoSerializer(repos, many=True).data)
 
+    @extend_schema(request=ModelRepoSerializer, responses={201: ModelRepoSerializer})
     def post(self, request: Request) -> Response:
         serializer = ModelRepoSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -190,6 +210,7 @@ class RepoListView(APIView):
 class RepoDetailView(APIView):
     permission_classes = [READERS]
 
+    @extend_schema(responses=ModelRepoSerializer)
     def get(self, request: Request, name: str) -> Response:
         repo = _repo(request, name)
         body = ModelRepoSerializer(repo).data
@@ -203,6 +224,9 @@ class VersionUploadView(StreamedUploadMixin, APIView):
 
     permission_classes = [role_and_scope(*WRITER_ROLES, scopes=(Scope.ADMIN,))]
 
+    @extend_schema(
+        request=UPLOAD_REQUEST, responses={201: ModelVersionSerializer, 200: ModelVersionSerializer}
+    )
     def post(self, request: Request, name: str) -> Response:
         repo = _repo(request, name)
         upload, message, code = received_file(request, self.upload_handler)
@@ -220,6 +244,9 @@ class VersionUploadView(StreamedUploadMixin, APIView):
 class VersionImportPathView(APIView):
     permission_classes = [role_and_scope(Role.ADMIN, scopes=(Scope.ADMIN,))]
 
+    @extend_schema(
+        request=PathSerializer, responses={201: ModelVersionSerializer, 200: ModelVersionSerializer}
+    )
     def post(self, request: Request, name: str) -> Response:
         repo = _repo(request, name)
         path = request.data.get("path")
@@ -236,6 +263,7 @@ class VersionImportPathView(APIView):
 class VersionDetailView(APIView):
     permission_classes = [READERS]
 
+    @extend_schema(responses=ModelVersionSerializer)
     def get(self, request: Request, pk: int) -> Response:
         return Response(ModelVersionSerializer(_version(request, pk)).data)
 
@@ -246,6 +274,7 @@ class VersionStateView(APIView):
     permission_classes = [IsAuthenticated]
     transition = ""
 
+    @extend_schema(request=ReasonSerializer, responses=ModelVersionSerializer)
     def post(self, request: Request, pk: int) -> Response:
         version = _version(request, pk)
         service = {
@@ -266,6 +295,7 @@ class ImportHfView(APIView):
 
     permission_classes = [role_and_scope(*WRITER_ROLES, scopes=(Scope.ADMIN,))]
 
+    @extend_schema(request=ImportRequestSerializer, responses={202: ModelImportSerializer})
     def post(self, request: Request, name: str) -> Response:
         repo = _repo(request, name)
         serializer = ImportRequestSerializer(data=request.data)
@@ -282,6 +312,7 @@ class ImportHfView(APIView):
 class ImportDetailView(APIView):
     permission_classes = [READERS]
 
+    @extend_schema(responses=ModelImportSerializer)
     def get(self, request: Request, pk: int) -> Response:
         try:
             job = selectors.model_import_get(user=request.user, pk=pk)
@@ -295,6 +326,7 @@ class LineageView(APIView):
 
     permission_classes = [READERS]
 
+    @extend_schema(responses=OpenApiTypes.OBJECT)
     def get(self, request: Request, pk: int) -> Response:
         lineage = version_lineage(user=request.user, version=_version(request, pk))
         return Response(lineage.as_dict())
@@ -305,6 +337,7 @@ class BomView(APIView):
 
     permission_classes = [READERS]
 
+    @extend_schema(responses={(200, "application/vnd.cyclonedx+json"): OpenApiTypes.OBJECT})
     def get(self, request: Request, pk: int) -> Response:
         version = _version(request, pk)
         bom = services.model_version_bom(
@@ -343,6 +376,7 @@ class LicenceOverrideView(APIView):
             return [role_and_scope(Role.ADMIN, scopes=(Scope.ADMIN,))()]
         return super().get_permissions()
 
+    @extend_schema(responses=OpenApiTypes.OBJECT)
     def get(self, request: Request, pk: int) -> Response:
         version = _version(request, pk)
         licence = version_licence(version)
@@ -356,6 +390,7 @@ class LicenceOverrideView(APIView):
             }
         )
 
+    @extend_schema(request=LicenceOverrideSerializer, responses={201: LicenceOverrideSerializer})
     def post(self, request: Request, pk: int) -> Response:
         version = _version(request, pk)
         serializer = LicenceOverrideSerializer(data=request.data)
