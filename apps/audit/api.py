@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from rest_framework import serializers
+from rest_framework.exceptions import ValidationError
 from rest_framework.generics import ListAPIView
 from rest_framework.pagination import CursorPagination
 
@@ -8,7 +9,7 @@ from apps.accounts.models import Scope
 from apps.accounts.permissions import role_and_scope
 from apps.audit.chain import HASHED_FIELDS, format_timestamp
 from apps.audit.models import AuditEvent
-from apps.audit.selectors import AUDIT_READER_ROLES, AuditFilters, audit_event_list
+from apps.audit.selectors import AUDIT_READER_ROLES, audit_event_list
 
 
 class AuditEventSerializer(serializers.ModelSerializer):
@@ -30,19 +31,18 @@ class AuditCursorPagination(CursorPagination):
 
 
 class AuditEventListView(ListAPIView):
-    """Audit events, newest first, cursor-paginated; filters as query parameters."""
+    """Audit events, newest first, cursor-paginated; the audit page's filters as query
+    parameters (since, until, actor, action, target_type, target_id, target, outcome,
+    text); an invalid one answers 400."""
 
     permission_classes = [role_and_scope(*AUDIT_READER_ROLES, scopes=(Scope.AUDIT_READ,))]
     serializer_class = AuditEventSerializer
     pagination_class = AuditCursorPagination
 
     def get_queryset(self):
-        params = self.request.query_params
-        filters = AuditFilters(
-            action=params.get("action", ""),
-            actor=params.get("actor", ""),
-            target=params.get("target", ""),
-            outcome=params.get("outcome", ""),
-            text=params.get("text", ""),
-        )
+        from apps.audit.views import filter_form
+
+        form, filters = filter_form(self.request.query_params)
+        if filters is None:
+            raise ValidationError(form.errors.get_json_data())
         return audit_event_list(filters=filters)

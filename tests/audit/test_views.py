@@ -88,3 +88,19 @@ def test_api_events_verify_offline_as_served(log):
     events[10]["details"]["n"] = -1
     broken = verify_events(reversed(events), expected_prev_hash=None, expected_first_seq=None)
     assert not broken.ok and broken.error.seq == events[10]["seq"]
+
+
+def test_api_filters_by_target_and_time(log):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    client = APIClient()
+    client.force_login(log[Role.ADMIN])
+    audit_record(actor=log[Role.ADMIN], action="test.target", target_type="x.thing", target_id="7")
+    page = client.get("/api/v1/audit/events/?target_type=x.thing&target_id=7").json()
+    assert [e["action"] for e in page["results"]] == ["test.target"]
+    future = (timezone.now() + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M")
+    assert client.get(f"/api/v1/audit/events/?since={future}").json()["results"] == []
+    bad = client.get("/api/v1/audit/events/?since=soon")
+    assert bad.status_code == 400 and "since" in bad.json()
