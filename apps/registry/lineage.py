@@ -32,6 +32,13 @@ DATASET = "dataset_version"
 FINETUNE = "finetune_job"
 DEPLOYMENT = "deployment"
 
+KIND_LABELS = {
+    MODEL: "model",
+    DATASET: "dataset",
+    FINETUNE: "fine-tune",
+    DEPLOYMENT: "deployment",
+}
+
 # Edge kinds, from input to output.
 DERIVED = "derived"  # a model version's parent → the version
 DATASET_DERIVED = "dataset_derived"  # a dataset version → one derived from it (split…)
@@ -53,6 +60,10 @@ class Node:
     relation: str  # root, ancestor or descendant
     details: dict[str, Any] = field(default_factory=dict)
     obj: Any = field(default=None, repr=False)
+
+    @property
+    def kind_label(self) -> str:
+        return KIND_LABELS[self.kind]
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -342,7 +353,7 @@ def version_lineage(*, user: User, version: ModelVersion) -> Lineage:
 
 # Layout for the page's SVG --------------------------------------------------------
 
-NODE_W, NODE_H, GAP_X, GAP_Y, PAD = 190, 46, 60, 18, 10
+NODE_W, NODE_H, GAP_X, GAP_Y, PAD = 180, 46, 44, 18, 10
 
 
 @dataclass
@@ -359,8 +370,19 @@ def lineage_layout(lineage: Lineage) -> dict[str, Any]:
     for e in lineage.edges:
         preds[e.target].add(e.source)
     layer: dict[str, int] = {}
-    for key in TopologicalSorter(preds).static_order():
+    order = list(TopologicalSorter(preds).static_order())
+    for key in order:
         layer[key] = max((layer[p] + 1 for p in preds[key]), default=0)
+    # Then each input moves right, next to the first thing made from it, so an edge does
+    # not run across the column between (a base model sits beside the data it met).
+    succs: dict[str, list[str]] = {key: [] for key in lineage.nodes}
+    for e in lineage.edges:
+        succs[e.source].append(e.target)
+    for key in reversed(order):
+        if succs[key]:
+            layer[key] = min(layer[t] for t in succs[key]) - 1
+    low = min(layer.values())
+    layer = {key: value - low for key, value in layer.items()}
     columns: dict[int, list[str]] = {}
     for key in lineage.nodes:  # nodes keep the order they were found in
         columns.setdefault(layer[key], []).append(key)
