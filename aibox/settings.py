@@ -53,6 +53,7 @@ ENVIRONMENT_VARIABLES = (
     "AIBOX_FINETUNE_WORK_DIR",
     "AIBOX_FINETUNE_CACHE_DIR",
     "AIBOX_FINETUNE_DEVICE",
+    "AIBOX_FINETUNE_HEARTBEAT_TTL",
 )
 
 DEBUG = env.bool("AIBOX_DEBUG", default=False)
@@ -160,6 +161,9 @@ FINETUNE_CACHE_DIR = Path(
     env.str("AIBOX_FINETUNE_CACHE_DIR", default=str(BASE_DIR / "var" / "finetune-cache"))
 )
 FINETUNE_DEVICE = env.str("AIBOX_FINETUNE_DEVICE", default="auto")
+# A running job's worker refreshes a liveness key with this time to live (seconds); when it
+# expires the job is marked failed (the worker died) and a retry resumes from a checkpoint.
+FINETUNE_HEARTBEAT_TTL = env.float("AIBOX_FINETUNE_HEARTBEAT_TTL", default=60.0)
 HF_CACHE_DIR = Path(env.str("AIBOX_HF_CACHE_DIR", default=str(ARTIFACT_ROOT / "hf-downloads")))
 
 # Retention (Celery beat, hourly): usage records older than this many days are deleted;
@@ -361,6 +365,8 @@ CELERY_BEAT_SCHEDULE = {
         "task": "registry.artifact_reverify",
         "schedule": ARTIFACT_REVERIFY_EVERY,
     },
+    # Fine-tunes whose training worker died are marked failed (apps/finetune/tasks.py).
+    "finetune-reap": {"task": "finetune.reap", "schedule": 30.0},
 }
 # Beat's record of when each entry last ran: under var/, never in the repository.
 CELERY_BEAT_SCHEDULE_FILENAME = str(BASE_DIR / "var" / "celerybeat-schedule")

@@ -12,6 +12,7 @@ import logging
 import math
 import shutil
 from dataclasses import fields
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -263,7 +264,11 @@ def queue_position(job: FineTuneJob) -> int | None:
 
 
 def finetune_job_claim(*, job_id: int, worker: str) -> FineTuneJob | None:
-    """A training worker takes a queued job; a duplicate delivery gets None."""
+    """A training worker takes a queued job; a duplicate delivery gets None.
+
+    Its first heartbeat goes out before the claim, so no job is ever running without one
+    (a claim that loses leaves that key to expire, or to the worker that won)."""
+    progress.beat(job_id, worker, settings.FINETUNE_HEARTBEAT_TTL)
     claimed = FineTuneJob.objects.filter(
         pk=job_id, state=JobState.QUEUED, cancel_requested=False
     ).update(
@@ -311,6 +316,70 @@ def _apply_event(job: FineTuneJob, event: dict[str, Any]) -> None:
         job.logs.append({"at": event.get("at"), "message": f"Checkpoint at step {event['step']}."})
     elif kind == "log":
         job.logs.append({"at": event.get("at"), "message": str(event.get("message", ""))[:2000]})
+
+
+def _when(unix_time: float) -> str:
+    return timezone.localtime(datetime.fromtimestamp(unix_time, tz=UTC)).strftime(
+        "%Y-%m-%d %H:%M:%S %Z"
+    )
+
+
+def finetune_job_fail_if_silent(*, job_id: int) -> FineTuneJob | None:
+    """Mark a running job failed when its worker's heartbeat has expired.
+
+    The worker died (killed, out of memory, its machine gone) or lost Redis for longer
+    than the heartbeat's time to live. What it reported before is applied first, its
+    checkpoints stay on the worker's disk, and a retry resumes from the last one.
+    Returns the failed job, or None when the job is alive or not running.
+    """
+    if progress.alive(job_id):
+        return None
+    if not FineTuneJob.objects.filter(pk=job_id, state=JobState.RUNNING).exists():
+        return None
+    finetune_progress_apply(job_id=job_id)
+    with transaction.atomic():
+        job = (
+            FineTuneJob.objects.select_for_update()
+            .filter(pk=job_id, state=JobState.RUNNING)
+            .first()
+        )
+        if job is None or progress.alive(job_id):
+            return None
+        seen = progress.last_seen(job_id) or {}
+        seen_at = seen.get("at") or (job.started_at or job.created_at).timestamp()
+        worker = seen.get("worker") or job.worker or "an unknown worker"
+        resume = (
+            f"Retry resumes from the checkpoint at step {job.last_checkpoint_step}."
+            if job.last_checkpoint_step
+            else "It wrote no checkpoint; a retry starts from the beginning."
+        )
+        job.state, job.finished_at = JobState.FAILED, timezone.now()
+        job.reason = (
+            f"The training worker stopped responding (last seen {_when(seen_at)} on "
+            f"{worker}, at step {job.step}). {resume}"
+        )
+        job.save(update_fields=["state", "finished_at", "reason"])
+        audit_record(
+            actor=system_user(),
+            action="finetune.failed",
+            target=job,
+            outcome=Outcome.FAILURE,
+            details={
+                "reason": job.reason,
+                "worker": worker,
+                "last_seen": seen_at,
+                "step": job.step,
+                "last_checkpoint_step": job.last_checkpoint_step,
+            },
+        )
+    progress.drop(job_id)
+    return job
+
+
+def finetune_jobs_reap() -> list[int]:
+    """Fail every running job whose worker went silent (Celery beat runs this)."""
+    running = FineTuneJob.objects.filter(state=JobState.RUNNING).values_list("pk", flat=True)
+    return [pk for pk in list(running) if finetune_job_fail_if_silent(job_id=pk) is not None]
 
 
 @transaction.atomic
@@ -367,13 +436,25 @@ def finetune_job_finish(
     result: dict[str, Any] | None = None,
     peft_dir: Path | None = None,
     gguf_path: Path | None = None,
+    attempt: int | None = None,
 ) -> FineTuneJob:
     """Record how a job ended; on success register both adapters with provenance.
 
     The adapters are new registry versions whose parents are the base model, and whose
     source names the job, the base and dataset sha256s, every parameter, the seed, the
     library versions, the hardware, the duration and the final metrics.
+
+    ``attempt`` fences off a worker that was given up for dead: once its job was marked
+    failed (and perhaps retried elsewhere), what it reports at the end changes nothing.
     """
+    if (
+        attempt is not None
+        and not FineTuneJob.objects.filter(
+            pk=job_id, state=JobState.RUNNING, attempts=attempt
+        ).exists()
+    ):
+        log.warning("fine-tune %s attempt %s ended after it was given up", job_id, attempt)
+        return FineTuneJob.objects.get(pk=job_id)
     finetune_progress_apply(job_id=job_id)
     job = FineTuneJob.objects.select_related(
         "base_model__repo", "dataset_version__dataset", "validation_version__dataset", "created_by"

@@ -3,6 +3,8 @@
 ``finetune.run`` goes to the ``training`` queue; a training worker runs one at a time
 (``--concurrency 1``), so jobs wait in order. The runner's reports go to a Redis
 stream and ``finetune.progress`` (on the control queue) applies them to the row.
+While it runs, the job's heartbeat (progress.Heartbeat) says its worker is alive;
+``finetune.reap`` (Celery beat) fails running jobs whose heartbeat expired.
 """
 
 from __future__ import annotations
@@ -40,9 +42,23 @@ def _send_progress(job_id: int) -> None:
     time_limit=TRAINING_TIME_LIMIT + 300,
 )
 def finetune_run(self, job_id: int) -> None:
-    job = services.finetune_job_claim(job_id=job_id, worker=self.request.hostname or "")
+    worker = self.request.hostname or ""
+    job = services.finetune_job_claim(job_id=job_id, worker=worker)
     if job is None:
         return  # cancelled while queued, or another delivery has it
+    # The heartbeat lives as long as the run, the recording of its outcome included.
+    with progress.Heartbeat(job_id, worker):
+        _run(job_id, attempt=job.attempts)
+
+
+@shared_task(name="finetune.reap")
+def finetune_reap() -> None:
+    """Fail running jobs whose training worker went silent (Celery beat, every 30 s)."""
+    services.finetune_jobs_reap()
+
+
+def _run(job_id: int, *, attempt: int) -> None:
+    job = FineTuneJob.objects.get(pk=job_id)
     reporter = progress.Reporter(job_id, _send_progress)
     work_dir = Path(settings.FINETUNE_WORK_DIR) / f"job-{job_id}"
     try:
@@ -53,11 +69,14 @@ def finetune_run(self, job_id: int) -> None:
         result = train(spec, report=reporter, should_stop=lambda: progress.cancel_requested(job_id))
     except (FinetuneError, ParamError, DataError) as exc:
         reporter.flush()
-        services.finetune_job_finish(job_id=job_id, state=JobState.FAILED, reason=str(exc))
+        services.finetune_job_finish(
+            job_id=job_id, attempt=attempt, state=JobState.FAILED, reason=str(exc)
+        )
         return
     except SoftTimeLimitExceeded:
         services.finetune_job_finish(
             job_id=job_id,
+            attempt=attempt,
             state=JobState.FAILED,
             reason=f"Stopped after {TRAINING_TIME_LIMIT // 3600} hours; retry to resume.",
         )
@@ -66,6 +85,7 @@ def finetune_run(self, job_id: int) -> None:
         log.exception("fine-tune %s failed", job_id)
         services.finetune_job_finish(
             job_id=job_id,
+            attempt=attempt,
             state=JobState.FAILED,
             reason=f"The run failed unexpectedly ({type(exc).__name__}: {exc}); see the "
             "worker log. Retrying resumes from the last checkpoint.",
@@ -75,6 +95,7 @@ def finetune_run(self, job_id: int) -> None:
     if result.state == "cancelled":
         services.finetune_job_finish(
             job_id=job_id,
+            attempt=attempt,
             state=JobState.CANCELLED,
             reason=f"Cancelled at step {result.steps}; the last checkpoint is kept.",
             result=result.as_dict(),
@@ -82,6 +103,7 @@ def finetune_run(self, job_id: int) -> None:
         return
     services.finetune_job_finish(
         job_id=job_id,
+        attempt=attempt,
         state=JobState.SUCCEEDED,
         result=result.as_dict(),
         peft_dir=result.peft_dir,

@@ -10,16 +10,20 @@ from apps.accounts.access import role_required
 from apps.accounts.models import Role
 from apps.finetune import selectors, services
 from apps.finetune.forms import LaunchForm
-from apps.finetune.models import LAUNCHER_ROLES, FineTuneJob
+from apps.finetune.models import LAUNCHER_ROLES, FineTuneJob, JobState
 
 READER_ROLES = (*LAUNCHER_ROLES, Role.COMPLIANCE_OFFICER)
 
 
 def _job_or_404(request: HttpRequest, pk: int) -> FineTuneJob:
     try:
-        return selectors.finetune_job_get(user=request.user, pk=pk)
+        job = selectors.finetune_job_get(user=request.user, pk=pk)
     except FineTuneJob.DoesNotExist as exc:
         raise Http404("No such fine-tune.") from exc
+    # Beat checks every 30 s; a reader of a running job learns at once that it died.
+    if job.state == JobState.RUNNING and services.finetune_job_fail_if_silent(job_id=job.pk):
+        job = selectors.finetune_job_get(user=request.user, pk=pk)
+    return job
 
 
 def _estimate(form: LaunchForm) -> tuple[dict | None, str | None]:

@@ -51,7 +51,7 @@ def test_a_fine_tune_trains_and_registers_its_adapters(
     assert response.status_code == 201, response.content
     job = wait_for(response.json()["id"], JobState.SUCCEEDED, JobState.FAILED)
     assert job.state == JobState.SUCCEEDED, job.reason
-    assert job.worker == training_worker
+    assert job.worker == training_worker.name
 
     # Progress went through Redis and is in PostgreSQL: every step, with its loss.
     steps = [p["step"] for p in job.history if "train_loss" in p]
@@ -115,6 +115,85 @@ def test_cancel_keeps_the_checkpoint_and_retry_resumes(
     assert job.result["resumed_from_step"] is not None, job.logs
     assert stopped_at <= job.result["resumed_from_step"] < 8, job.logs
     assert job.step == 8 and job.attempts == 2
+
+
+def test_a_killed_worker_fails_the_job_with_a_reason_and_retry_resumes(
+    users, gemma, train_version, training_worker
+):
+    dana = users[Role.DATA_SCIENTIST]
+    job_id = launch(dana, gemma, train_version, max_steps=6).json()["id"]
+    wait_until(
+        lambda: FineTuneJob.objects.filter(pk=job_id, last_checkpoint_step__gte=2).exists(),
+        what="the job checkpointing step 2",
+        timeout=900,
+    )
+    killed = training_worker.name
+    training_worker.kill()
+
+    # Nobody tells the control plane; the heartbeat expires and the job page says so.
+    def failed():
+        body = client_for(dana).get(f"/api/v1/finetunes/{job_id}/").json()
+        return body if body["state"] != "running" else None
+
+    body = wait_until(failed, what="the job leaving running", timeout=120)
+    assert body["state"] == "failed"
+    assert body["reason"].startswith("The training worker stopped responding (last seen ")
+    assert f"on {killed}, at step {body['step']})" in body["reason"]
+    checkpoint = body["last_checkpoint_step"]
+    assert checkpoint >= 2
+    assert f"Retry resumes from the checkpoint at step {checkpoint}." in body["reason"]
+    event = AuditEvent.objects.filter(action="finetune.failed").get()
+    assert event.details["worker"] == killed and event.outcome == "failure"
+
+    training_worker.start()
+    retry = client_for(dana).post(f"/api/v1/finetunes/{job_id}/retry")
+    assert retry.status_code == 200, retry.content
+    job = wait_for(job_id, JobState.SUCCEEDED, JobState.FAILED)
+    assert job.state == JobState.SUCCEEDED, job.reason
+    assert job.worker == training_worker.name and job.attempts == 2
+    assert checkpoint <= job.result["resumed_from_step"] < 6, job.logs
+    assert job.step == 6 and job.adapter is not None
+
+
+def test_beat_fails_running_jobs_whose_worker_went_silent(users, gemma, train_version, live_worker):
+    from django.conf import settings
+    from django.utils import timezone
+
+    from apps.finetune import progress
+    from apps.finetune.tasks import finetune_reap
+
+    def running(worker: str) -> FineTuneJob:
+        # As a training worker leaves a job it claimed and trained three steps of.
+        return FineTuneJob.objects.create(
+            name="secrets",
+            base_model=gemma,
+            dataset_version=train_version,
+            output_repo="secrets-lora",
+            created_by=users[Role.DATA_SCIENTIST],
+            state=JobState.RUNNING,
+            worker=worker,
+            attempts=1,
+            started_at=timezone.now(),
+            step=3,
+            last_checkpoint_step=2,
+        )
+
+    silent, beating = running("train-gone@host"), running("train-here@host")
+    progress.beat(silent.pk, "train-gone@host", ttl=0.5)
+    progress.beat(beating.pk, "train-here@host", ttl=120)
+    try:
+        wait_until(lambda: not progress.alive(silent.pk), what="the heartbeat expiring")
+        finetune_reap.delay()  # what beat sends
+        silent = wait_for(silent.pk, JobState.FAILED, timeout=60)
+        assert "stopped responding (last seen " in silent.reason
+        assert silent.reason.endswith(
+            "on train-gone@host, at step 3). Retry resumes from the checkpoint at step 2."
+        )
+        beating.refresh_from_db()
+        assert beating.state == JobState.RUNNING and beating.reason == ""
+    finally:
+        progress.drop(beating.pk)
+    assert any(entry["task"] == "finetune.reap" for entry in settings.CELERY_BEAT_SCHEDULE.values())
 
 
 def test_bad_parameters_and_unusable_data_are_refused_before_queueing(users, gemma, train_version):
