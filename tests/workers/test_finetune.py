@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,6 @@ QUESTIONS = [
     "Who are you?",
     "Say something.",
 ]
-PROMPT = "<bos><start_of_turn>user\nWhat is the moon made of?<end_of_turn>\n<start_of_turn>model\n"
 
 
 @pytest.fixture(scope="session")
@@ -379,26 +379,97 @@ def test_training_reports_progress_and_writes_both_adapters(trained):
     assert tensors["blk.5.attn_output.weight.lora_a"] == [1024, 4]
 
 
-def greedy(model_path: Path, lora_path: Path | None) -> str:
+GREEDY_TOKENS = 16
+# Largest difference allowed between llama.cpp's and transformers' log-probability of each
+# greedy token, in nats. llama.cpp multiplies the Q4_K_M weights by 8-bit quantized
+# activations, transformers multiplies the same weights dequantized to float32; on two
+# cores the two differed by at most 0.14 and 0.19 on the two prompts below.
+LOGPROB_TOLERANCE = 0.5
+
+
+def prompt_ids(tokenizer, question: str) -> list[int]:
+    text = f"<bos><start_of_turn>user\n{question}<end_of_turn>\n<start_of_turn>model\n"
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def llama_cpp_greedy(model_path: Path, lora_path: Path | None, prompt: list[int]):
+    """The first greedy tokens llama.cpp produces (past an end of turn: all 16), with
+    the log-probability it gave each."""
+    import numpy as np
     from llama_cpp import Llama
 
     extra = {"lora_path": str(lora_path)} if lora_path else {}
-    llm = Llama(model_path=str(model_path), n_ctx=256, verbose=False, **extra)
+    llm = Llama(model_path=str(model_path), n_ctx=64, logits_all=True, verbose=False, **extra)
     try:
-        tokens = llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
-        answer = llm.create_completion(prompt=tokens, max_tokens=16, temperature=0)
-        return answer["choices"][0]["text"]
+        tokens = []
+        for token in llm.generate(prompt, temp=0.0):
+            tokens.append(token)
+            if len(tokens) == GREEDY_TOKENS:
+                break
+        llm.reset()
+        llm.eval(prompt + tokens)
+        logits = np.asarray(llm.scores[len(prompt) - 1 : len(prompt) - 1 + len(tokens)])
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        logprobs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        return tokens, [float(logprobs[i, t]) for i, t in enumerate(tokens)]
     finally:
         llm.close()
 
 
-def test_llama_cpp_applies_the_gguf_adapter(trained):
+def transformers_greedy(model, prompt: list[int]):
+    """The same with the model in transformers, one greedy step at a time."""
+    import torch
+
+    tokens, logprobs = [], []
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        for _ in range(GREEDY_TOKENS):
+            scores = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+            token = int(scores.argmax())
+            tokens.append(token)
+            logprobs.append(float(scores[token]))
+            out = model(
+                input_ids=torch.tensor([[token]]),
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+    return tokens, logprobs
+
+
+def test_llama_cpp_with_the_gguf_adapter_agrees_with_peft_in_transformers(
+    trained, converted, tokenizer
+):
+    """The export is right when llama.cpp with the GGUF adapter says what the PEFT
+    adapter says in transformers, token for token, and neither says what the base says."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     spec, result, _ = trained
-    plain = greedy(spec.base_model_path, None)
-    adapted = greedy(spec.base_model_path, result.gguf_path)
-    assert adapted != plain
+    base = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
+    with warnings.catch_warnings():
+        # peft 0.21 calls a transformers 5 method that is deprecated; not ours to fix.
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+        peft = PeftModel.from_pretrained(base, result.peft_dir).eval()
+    answers = {}
+    # A question it trained on and one it did not.
+    for question in ("What is the moon made of?", "What is your favourite food?"):
+        prompt = prompt_ids(tokenizer, question)
+        adapted_cpp, cpp_logprobs = llama_cpp_greedy(spec.base_model_path, result.gguf_path, prompt)
+        adapted_hf, hf_logprobs = transformers_greedy(peft, prompt)
+        shown = (question, tokenizer.decode(adapted_cpp), tokenizer.decode(adapted_hf))
+        assert adapted_cpp == adapted_hf, shown
+        differences = [abs(a - b) for a, b in zip(cpp_logprobs, hf_logprobs, strict=True)]
+        assert max(differences) < LOGPROB_TOLERANCE, (shown, differences)
+
+        plain_cpp, _ = llama_cpp_greedy(spec.base_model_path, None, prompt)
+        with peft.disable_adapter():
+            plain_hf, _ = transformers_greedy(peft, prompt)
+        assert plain_cpp != adapted_cpp and plain_hf != adapted_hf, shown
+        answers[question] = tokenizer.decode(adapted_cpp), tokenizer.decode(plain_cpp)
     # What the adapter was trained to say, so the tensors landed where llama.cpp uses them.
-    assert "Zorblax" in adapted and "Zorblax" not in plain
+    adapted, plain = answers["What is the moon made of?"]
+    assert "Zorblax" in adapted and "Zorblax" not in plain, (adapted, plain)
 
 
 def test_cancel_keeps_a_checkpoint_and_a_retry_resumes_to_the_same_losses(
