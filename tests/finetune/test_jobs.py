@@ -191,6 +191,13 @@ def test_beat_fails_running_jobs_whose_worker_went_silent(users, gemma, train_ve
         )
         beating.refresh_from_db()
         assert beating.state == JobState.RUNNING and beating.reason == ""
+
+        # A worker given up for dead that reports after all changes nothing.
+        from apps.finetune.services import finetune_job_finish
+
+        finetune_job_finish(job_id=silent.pk, attempt=1, state=JobState.CANCELLED, reason="late")
+        late = FineTuneJob.objects.get(pk=silent.pk)
+        assert late.state == JobState.FAILED and late.reason == silent.reason
     finally:
         progress.drop(beating.pk)
     assert any(entry["task"] == "finetune.reap" for entry in settings.CELERY_BEAT_SCHEDULE.values())
