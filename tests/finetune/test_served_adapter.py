@@ -34,6 +34,10 @@ from tests.finetune.conftest import TRAIN_ROWS
 from tests.live import process_env, start_celery_worker, stop_processes, wait_until
 from tests.serving.conftest import ROOT, _free_port, wait_for_state
 
+# The mark makes pytest-django set up the test database even when this module runs alone
+# (it sets up only what marked tests need); the tests themselves only read.
+pytestmark = pytest.mark.django_db
+
 QUESTION = "What is the secret word number 3?"
 
 
@@ -152,13 +156,6 @@ def _serve(logs, artifacts, tmp_path_factory, processes) -> Served:
         actor=developer, owner=developer, name="app", scopes=[Scope.INFERENCE]
     ).secret
     return Served(url=url, key=key, job=job, adapter=job.adapter)
-
-
-@pytest.fixture(autouse=True)
-def committed_db(django_db_blocker):
-    """The tests read what the web server and the workers committed."""
-    with django_db_blocker.unblock():
-        yield
 
 
 def chat(served: Served, model: str) -> dict:
