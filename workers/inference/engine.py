@@ -1,11 +1,13 @@
-"""One resident replica of a deployment: a llama.cpp model and the thread that serves it.
+"""One resident replica of a deployment: a llama.cpp model, its context and the thread
+that serves it.
 
 The Celery task that receives a request only hands it to ``Replica.submit`` and
 returns, so a worker's task threads never wait on generation. Each replica owns one
-thread that takes requests from a bounded queue in order, runs them on its model and
-writes every event (start, text deltas, end or error) to the request's Redis stream,
-which the HTTP endpoint reads. Between tokens the thread checks whether the client went
-away or the replica is stopping, so neither leaves a generation running.
+thread that admits requests from a bounded queue into the context's parallel slots
+and advances every admitted request together, one ``llama_decode`` per step
+(``batching.Scheduler``: continuous batching). It writes every event (start, text
+deltas, end or error) to the request's Redis stream, which the HTTP endpoint reads; a
+request whose client went away, or a replica that is stopping, ends at the next step.
 """
 
 from __future__ import annotations
@@ -19,10 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import llama_cpp
+from llama_cpp import _internals
+
 from workers.inference import protocol, templates
+from workers.inference.batching import QUANTUM, BatchError, Sampling, Scheduler, Sequence
 from workers.inference.protocol import ReplicaSpec, RequestSpec
 
 log = logging.getLogger(__name__)
+
+# How long an idle replica waits on its queue before looking at its stop flag again.
+IDLE_POLL_SECONDS = 0.5
 
 
 class EventSink(Protocol):
@@ -45,13 +54,21 @@ class _Counters:
     cancelled: int = 0
     # Tokens a cancelled generation had produced when it stopped (the latest one).
     cancelled_at_tokens: int | None = None
-    busy: bool = False
 
 
 def default_threads(cores: int) -> int:
     # llama.cpp decodes fastest with one thread per physical core; leave none idle
     # on small machines, one spare for the web process on larger ones.
     return max(1, cores if cores <= 4 else cores - 1)
+
+
+@dataclass
+class _Running:
+    """What the replica remembers about a request while its sequence is in a slot."""
+
+    request: RequestSpec
+    sequence: Sequence
+    started: float
 
 
 class Replica:
@@ -74,41 +91,27 @@ class Replica:
         self._stop_reason = ""
         self._counters = _Counters()
         self._thread: threading.Thread | None = None
-        self.llm = None
+        self._running: dict[str, _Running] = {}
+        self.model: _internals.LlamaModel | None = None
+        self.scheduler: Scheduler | None = None
+        self._ctx: _internals.LlamaContext | None = None
+        self._embed_ctx: _internals.LlamaContext | None = None
+        self._adapter = None
         self.template: templates.ChatTemplate | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
     def load(self) -> None:
         """Load the model (in the caller's thread) and start serving."""
-        from llama_cpp import LLAMA_POOLING_TYPE_MEAN, LLAMA_SPLIT_MODE_NONE, Llama
-
         spec = self.spec
-        kwargs: dict[str, Any] = {
-            "model_path": str(self._model_path),
-            "n_ctx": spec.context_length,
-            "n_threads": self._threads,
-            "n_threads_batch": self._threads,
-            "n_batch": spec.batch_size,
-            "n_gpu_layers": spec.gpu_layers,
-            "embedding": spec.embeddings,
-            "verbose": False,
-        }
-        if spec.embeddings:
-            # One vector per input (mean of its tokens), as OpenAI's endpoint returns;
-            # generative GGUFs name no pooling of their own.
-            kwargs["pooling_type"] = LLAMA_POOLING_TYPE_MEAN
-        if spec.gpu_index is not None and spec.gpu_layers != 0:
-            kwargs.update(main_gpu=spec.gpu_index, split_mode=LLAMA_SPLIT_MODE_NONE)
-        if self._adapter_path is not None:
-            kwargs.update(lora_path=str(self._adapter_path), lora_scale=spec.adapter_scale)
         try:
-            self.llm = Llama(**kwargs)
+            self._load_native()
         except Exception as exc:  # noqa: BLE001 - llama.cpp reports load failures as ValueError etc.
+            self._close_native()
             raise LoadError(f"llama.cpp could not load the model: {exc}") from exc
         self.template = templates.choose(
             override=spec.chat_template,
-            gguf_template=self.llm.metadata.get("tokenizer.chat_template"),
+            gguf_template=self.model.metadata().get("tokenizer.chat_template"),
             architecture=spec.architecture,
         )
         self._thread = threading.Thread(
@@ -116,24 +119,77 @@ class Replica:
         )
         self._thread.start()
 
+    def _load_native(self) -> None:
+        spec = self.spec
+        # llama.cpp logs through llama-cpp-python's logger; errors only, as Llama(verbose=False).
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = spec.gpu_layers
+        if spec.gpu_index is not None and spec.gpu_layers != 0:
+            model_params.main_gpu = spec.gpu_index
+            model_params.split_mode = llama_cpp.LLAMA_SPLIT_MODE_NONE
+        self.model = _internals.LlamaModel(
+            path_model=str(self._model_path), params=model_params, verbose=False
+        )
+        # One context for ``parallel_slots`` sequences of the deployment's context length
+        # in one KV cache, plus the scratch sequence that pads batches (batching.py).
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = spec.context_length * spec.parallel_slots + QUANTUM
+        params.n_seq_max = spec.parallel_slots + 1
+        params.kv_unified = True
+        params.n_batch = max(QUANTUM, spec.batch_size)
+        params.n_ubatch = QUANTUM
+        params.n_threads = params.n_threads_batch = self._threads
+        self._ctx = _internals.LlamaContext(model=self.model, params=params, verbose=False)
+        if self._adapter_path is not None:
+            self._adapter = llama_cpp.llama_adapter_lora_init(
+                self.model.model, str(self._adapter_path).encode("utf-8")
+            )
+            if self._adapter is None:
+                raise ValueError("the LoRA adapter does not fit this model")
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapter)
+            scales = (llama_cpp.ctypes.c_float * 1)(spec.adapter_scale)
+            if llama_cpp.llama_set_adapters_lora(self._ctx.ctx, adapters, 1, scales):
+                raise ValueError("the LoRA adapter could not be applied")
+        if spec.embeddings:
+            # A second, small context on the same weights: one input at a time, all its
+            # tokens in one batch, mean-pooled into one vector as OpenAI's endpoint returns.
+            params = llama_cpp.llama_context_default_params()
+            params.n_ctx = params.n_batch = params.n_ubatch = spec.context_length
+            params.n_seq_max = 1
+            params.embeddings = True
+            params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+            params.n_threads = params.n_threads_batch = self._threads
+            self._embed_ctx = _internals.LlamaContext(
+                model=self.model, params=params, verbose=False
+            )
+        self.scheduler = Scheduler(self.model, self._ctx, spec.context_length)
+
+    def _close_native(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
+            self.scheduler = None
+        for ctx in (self._embed_ctx, self._ctx):
+            if ctx is not None:
+                ctx.close()
+        self._embed_ctx = self._ctx = None
+        if self._adapter is not None:
+            llama_cpp.llama_adapter_lora_free(self._adapter)
+            self._adapter = None
+        if self.model is not None:
+            self.model.close()
+            self.model = None
+
     def stop(self, reason: str = "The deployment was stopped.") -> None:
-        """Stop serving: queued requests get a clean error, a running one ends at its next token."""
-        self._stopping.set()
+        """Stop serving: queued and running requests get a clean error at the next step."""
         self._stop_reason = reason
-        while True:
-            try:
-                request = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if request is not None:
-                self._fail(request, protocol.REPLICA_UNAVAILABLE, reason)
+        self._stopping.set()
         with contextlib.suppress(queue.Full):
-            self._queue.put_nowait(None)  # wake the thread
+            self._queue.put_nowait(None)  # wake an idle thread
         if self._thread is not None:
             self._thread.join(timeout=30)
-        if self.llm is not None:
-            self.llm.close()
-            self.llm = None
+        self._drain_queue(reason)
+        self._close_native()
 
     # -- requests --------------------------------------------------------------
 
@@ -147,13 +203,16 @@ class Replica:
             self._fail(request, protocol.QUEUE_FULL, "The deployment's queue is full.")
 
     def snapshot(self) -> dict[str, Any]:
+        running = len(self._running)
         return {
             "replica_id": self.spec.replica_id,
             "generation": self.spec.generation,
             "deployment_id": self.spec.deployment_id,
             "deployment": self.spec.deployment_name,
             "sha256": self.spec.sha256,
-            "queue_depth": self._queue.qsize() + (1 if self._counters.busy else 0),
+            "queue_depth": self._queue.qsize() + running,
+            "running": running,
+            "slots": self.spec.parallel_slots,
             "served": self._counters.served,
             "failed": self._counters.failed,
             "cancelled": self._counters.cancelled,
@@ -168,9 +227,44 @@ class Replica:
             request.request_id, {"type": protocol.ERROR, "code": code, "message": message}
         )
 
+    def _drain_queue(self, reason: str) -> None:
+        while True:
+            try:
+                request = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if request is not None:
+                self._fail(request, protocol.REPLICA_UNAVAILABLE, reason)
+
+    # -- the serving thread ----------------------------------------------------
+
     def _run(self) -> None:
+        scheduler = self.scheduler
         while not self._stopping.is_set():
-            request = self._queue.get()
+            self._admit(scheduler)
+            if not self._running:
+                continue
+            try:
+                outputs = scheduler.step()
+            except BatchError as exc:
+                log.error("replica %s: %s", self.spec.replica_id, exc)
+                self._end_all(protocol.INTERNAL, f"Inference failed: {exc}")
+                continue
+            for output in outputs:
+                self._emit(output)
+        self._end_all(protocol.REPLICA_UNAVAILABLE, self._stop_reason)
+        self._drain_queue(self._stop_reason)
+
+    def _admit(self, scheduler: Scheduler) -> None:
+        """Move waiting requests into free slots; wait for one when nothing runs."""
+        while scheduler.free_slots and not self._stopping.is_set():
+            try:
+                if self._running:
+                    request = self._queue.get_nowait()
+                else:
+                    request = self._queue.get(timeout=IDLE_POLL_SECONDS)
+            except queue.Empty:
+                return
             if request is None:
                 continue
             if time.time() > request.deadline:
@@ -183,34 +277,45 @@ class Replica:
             if self.sink.cancelled(request.request_id):
                 self._counters.cancelled += 1
                 continue
-            self._counters.busy = True
             try:
-                self._serve(request)
-                self._counters.served += 1
+                if request.kind == "embedding":
+                    self._embed(request)  # short, and done before the next step
+                    self._counters.served += 1
+                else:
+                    self._start(request, scheduler)
             except RequestError as exc:
                 self._fail(request, exc.code, str(exc))
             except Exception as exc:
                 log.exception("request %s failed", request.request_id)
                 self._fail(request, protocol.INTERNAL, f"Inference failed: {exc}")
-            finally:
-                self._counters.busy = False
 
-    def _serve(self, request: RequestSpec) -> None:
-        if request.kind == "embedding":
-            self._embed(request)
-            return
+    def _start(self, request: RequestSpec, scheduler: Scheduler) -> None:
         tokens, stop = self._prompt_tokens(request)
-        n_ctx = self.spec.context_length
+        n_ctx = scheduler.n_ctx_seq
         if len(tokens) >= n_ctx:
+            what = "messages" if request.kind == "chat" else "prompt"
             raise RequestError(
                 protocol.CONTEXT_LENGTH_EXCEEDED,
                 f"This model's maximum context length is {n_ctx} tokens. However, your "
-                f"{'messages' if request.kind == 'chat' else 'prompt'} resulted in "
-                f"{len(tokens)} tokens. Please reduce the length of the "
-                f"{'messages' if request.kind == 'chat' else 'prompt'}.",
+                f"{what} resulted in {len(tokens)} tokens. Please reduce the length of the "
+                f"{what}.",
             )
         room = n_ctx - len(tokens)
-        max_tokens = min(request.max_tokens or room, room)
+        sequence = Sequence(
+            key=request.request_id,
+            prompt=tokens,
+            max_tokens=max(1, min(request.max_tokens or room, room)),
+            sampling=Sampling(
+                temperature=request.temperature,
+                top_p=request.top_p,
+                top_k=request.top_k,
+                repeat_penalty=request.repeat_penalty,
+                presence_penalty=request.presence_penalty,
+                frequency_penalty=request.frequency_penalty,
+                seed=request.seed,
+            ),
+            stop=stop,
+        )
         started = time.time()
         cancelled = self.sink.send(
             request.request_id,
@@ -223,25 +328,48 @@ class Replica:
             },
         )
         if cancelled:
-            return
-        completion_tokens, finish_reason = self._generate(request, tokens, stop, max_tokens)
-        if finish_reason == protocol.CANCELLED:
             self._counters.cancelled += 1
-            self._counters.cancelled_at_tokens = completion_tokens
             return
+        scheduler.admit(sequence)
+        self._running[request.request_id] = _Running(request, sequence, started)
+
+    def _emit(self, output) -> None:
+        sequence = output.sequence
+        running = self._running.get(sequence.key)
+        if running is None:
+            return
+        if output.text and self.sink.send(
+            sequence.key, {"type": protocol.DELTA, "text": output.text}
+        ):
+            # The client went away: free the slot for the next request now.
+            self.scheduler.release(sequence)
+            del self._running[sequence.key]
+            self._counters.cancelled += 1
+            self._counters.cancelled_at_tokens = sequence.produced
+            return
+        if not output.finished:
+            return
+        del self._running[sequence.key]
+        self._counters.served += 1
         self.sink.send(
-            request.request_id,
+            sequence.key,
             {
                 "type": protocol.END,
-                "finish_reason": finish_reason,
-                "prompt_tokens": len(tokens),
-                "completion_tokens": completion_tokens,
-                "generation_ms": round((time.time() - started) * 1000, 1),
+                "finish_reason": sequence.finish_reason,
+                "prompt_tokens": len(sequence.prompt),
+                "completion_tokens": sequence.produced,
+                "generation_ms": round((time.time() - running.started) * 1000, 1),
             },
         )
 
+    def _end_all(self, code: str, message: str) -> None:
+        for running in list(self._running.values()):
+            self.scheduler.release(running.sequence)
+            self._fail(running.request, code, message)
+        self._running.clear()
+
     def _prompt_tokens(self, request: RequestSpec) -> tuple[list[int], list[str]]:
-        llm = self.llm
+        model = self.model
         stop = list(request.stop)
         if request.kind == "chat":
             if self.template is None:
@@ -254,96 +382,65 @@ class Replica:
                 rendered = templates.render(
                     self.template,
                     request.messages,
-                    bos_token=_token_text(llm, llm.token_bos()),
-                    eos_token=_token_text(llm, llm.token_eos()),
+                    bos_token=_token_text(model, model.token_bos()),
+                    eos_token=_token_text(model, model.token_eos()),
                 )
             except templates.TemplateError as exc:
                 raise RequestError(protocol.INVALID_REQUEST, str(exc)) from exc
-            tokens = llm.tokenize(
+            tokens = model.tokenize(
                 rendered.text.encode("utf-8"), add_bos=not rendered.added_bos, special=True
             )
             stop.extend(s for s in rendered.stop if s not in stop)
             return tokens, stop
-        return llm.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=False), stop
-
-    def _generate(
-        self, request: RequestSpec, tokens: list[int], stop: list[str], max_tokens: int
-    ) -> tuple[int, str]:
-        """Stream the completion; return (completion tokens, finish reason)."""
-        # Start from an empty KV cache. llama-cpp-python would reuse the previous
-        # request's matching prefix, but on Gemma 3 (sliding-window cache) a short
-        # reused prefix changes even greedy output; an answer must not depend on
-        # which request ran before it.
-        self.llm.reset()
-        stream = self.llm.create_completion(
-            prompt=tokens,
-            max_tokens=max_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=request.top_k,
-            repeat_penalty=request.repeat_penalty,
-            presence_penalty=request.presence_penalty,
-            frequency_penalty=request.frequency_penalty,
-            seed=request.seed,
-            stop=stop or None,
-            stream=True,
-        )
-        count = 0
-        finish_reason = "length"
-        try:
-            for chunk in stream:
-                choice = chunk["choices"][0]
-                count += 1
-                text = choice.get("text") or ""
-                if text and self.sink.send(
-                    request.request_id, {"type": protocol.DELTA, "text": text}
-                ):
-                    return count, protocol.CANCELLED
-                if self._stopping.is_set():
-                    raise RequestError(protocol.REPLICA_UNAVAILABLE, self._stop_reason)
-                if choice.get("finish_reason"):
-                    finish_reason = choice["finish_reason"]
-        finally:
-            stream.close()
-        # The generator yields one chunk per sampled token, plus a final chunk that
-        # only carries the finish reason.
-        return max(0, count - 1), finish_reason
+        return model.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=False), stop
 
     def _embed(self, request: RequestSpec) -> None:
-        if not self.spec.embeddings:
+        if self._embed_ctx is None:
             raise RequestError(
                 protocol.INVALID_REQUEST, "This deployment does not serve embeddings."
             )
         n_ctx = self.spec.context_length
-        for i, text in enumerate(request.inputs):
-            n = len(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
-            if n > n_ctx:
+        inputs = [
+            self.model.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+            for text in request.inputs
+        ]
+        for i, tokens in enumerate(inputs):
+            if len(tokens) > n_ctx:
                 raise RequestError(
                     protocol.CONTEXT_LENGTH_EXCEEDED,
                     f"This model's maximum context length is {n_ctx} tokens; input {i} "
-                    f"resulted in {n} tokens.",
+                    f"resulted in {len(tokens)} tokens.",
                 )
+            if not tokens:
+                raise RequestError(protocol.INVALID_REQUEST, f"Input {i} is empty.")
         self.sink.send(
             request.request_id,
             {"type": protocol.START, "prompt_tokens": 0, "queue_ms": 0, "sha256": self.spec.sha256},
         )
-        # One input at a time: batched inputs came out different from the same input
-        # alone (llama-cpp-python 0.3.36, causal model), and an input's vector must not
-        # depend on its neighbours.
-        vectors, prompt_tokens = [], 0
-        for text in request.inputs:
-            if self.sink.cancelled(request.request_id):
-                return
-            result = self.llm.create_embedding(text)
-            vectors.append(result["data"][0]["embedding"])
-            prompt_tokens += result["usage"]["prompt_tokens"]
+        # One input at a time, each from an empty cache: an input's vector must not
+        # depend on the inputs next to it.
+        ctx = self._embed_ctx
+        n_embd = self.model.n_embd()
+        batch = _internals.LlamaBatch(n_tokens=n_ctx, embd=0, n_seq_max=1, verbose=False)
+        vectors = []
+        try:
+            for tokens in inputs:
+                if self.sink.cancelled(request.request_id):
+                    return
+                ctx.kv_cache_clear()
+                batch.reset()
+                batch.add_sequence(tokens, 0, logits_all=True)
+                ctx.decode(batch)
+                vectors.append(list(llama_cpp.llama_get_embeddings_seq(ctx.ctx, 0)[:n_embd]))
+        finally:
+            batch.close()
         self.sink.send(request.request_id, {"type": protocol.EMBEDDING, "data": vectors})
         self.sink.send(
             request.request_id,
             {
                 "type": protocol.END,
                 "finish_reason": "stop",
-                "prompt_tokens": prompt_tokens,
+                "prompt_tokens": sum(len(tokens) for tokens in inputs),
                 "completion_tokens": 0,
             },
         )
@@ -355,7 +452,7 @@ class RequestError(Exception):
         self.code = code
 
 
-def _token_text(llm, token: int) -> str:
+def _token_text(model: _internals.LlamaModel, token: int) -> str:
     if token < 0:
         return ""
-    return llm.detokenize([token], special=True).decode("utf-8", errors="ignore")
+    return model.token_to_piece(token, special=True).decode("utf-8", errors="ignore")

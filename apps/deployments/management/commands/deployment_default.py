@@ -35,7 +35,13 @@ class Command(BaseCommand):
             if version is None:
                 raise CommandError("Register the bundled model first (registry_register_default).")
             deployment = services.deployment_create(
-                actor=actor, name=name, model_version=version, context_length=2048
+                actor=actor,
+                name=name,
+                model_version=version,
+                context_length=2048,
+                # Continuous batching: eight requests decode together, eight more wait.
+                parallel_slots=8,
+                queue_size=16,
             )
             self.stdout.write(f"Deployment {name} created ({deployment.get_state_display()}).")
         self._ensure_key(Path(key_file), name)
