@@ -12,6 +12,7 @@ gone) stops refreshing it, the key expires, and the control plane marks the job 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -106,7 +107,9 @@ class Heartbeat:
     def __exit__(self, *exc_info: object) -> None:
         self.stopped.set()
         self.thread.join(timeout=5)
-        client().delete(alive_key(self.job_id))
+        # Should Redis be away, the key expires on its own; the outcome is recorded already.
+        with contextlib.suppress(redis.RedisError):
+            client().delete(alive_key(self.job_id))
 
     def _run(self) -> None:
         interval = max(0.2, self.ttl / 5)
