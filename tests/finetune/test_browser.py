@@ -15,7 +15,9 @@ from tests.conftest import PASSWORD
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
-STEPS = 4
+# Enough steps of two rows that the training outlasts several of the page's one-second
+# polls (and of the worker's once-a-second reports), so the bar is seen part way.
+STEPS = 12
 
 
 @pytest.fixture
@@ -43,13 +45,14 @@ def test_launch_from_the_form_and_watch_it_train(
     launch.get_by_label("Max seq length").fill("64")
     launch.get_by_label("Learning rate").fill("0.005")
     launch.get_by_label("Max steps").fill(str(STEPS))
+    launch.get_by_label("Batch size").fill("2")
     # The estimate follows the form as it changes.
     expect(launch.locator("[data-estimate]")).to_contain_text(f"{STEPS} steps")
     launch.get_by_role("button", name="Launch").click()
 
     expect(page).to_have_url(re.compile(r"/finetunes/\d+/$"))
     job = FineTuneJob.objects.get()
-    assert job.params["max_steps"] == STEPS and job.params["lora_rank"] == 4
+    assert job.params["max_steps"] == STEPS and job.params["batch_size"] == 2
 
     # htmx polls the job: the bar shows a step between the first and the last, and the
     # loss chart has appeared while it is still running.

@@ -103,6 +103,9 @@ def _serve(logs, artifacts, tmp_path_factory, processes) -> Served:
     env = process_env(
         AIBOX_ARTIFACT_ROOT=str(artifacts),
         AIBOX_MODEL_CACHE_DIR=str(tmp_path_factory.mktemp("served-model-cache")),
+        # Should llama.cpp crash the worker, its log keeps the last lines and the stacks.
+        PYTHONUNBUFFERED="1",
+        PYTHONFAULTHANDLER="1",
     )
     port = _free_port()
     processes.append(
@@ -141,16 +144,11 @@ def _serve(logs, artifacts, tmp_path_factory, processes) -> Served:
             pytest.fail(f"uvicorn did not come up; see {logs / 'uvicorn.log'}")
         time.sleep(0.2)
 
-    for deployment in (
-        deployment_create(actor=admin, name="gemma-base", model_version=gemma, context_length=256),
-        deployment_create(
-            actor=admin,
-            name="gemma-secrets",
-            model_version=gemma,
-            adapter=job.adapter,
-            context_length=256,
-        ),
-    ):
+    # One at a time, so that a failure to load names the deployment that caused it.
+    for name, adapter in (("gemma-base", None), ("gemma-secrets", job.adapter)):
+        deployment = deployment_create(
+            actor=admin, name=name, model_version=gemma, adapter=adapter, context_length=256
+        )
         wait_for_state(deployment, State.READY, timeout=180)
     key = api_key_create(
         actor=developer, owner=developer, name="app", scopes=[Scope.INFERENCE]
