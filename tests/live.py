@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from django.conf import settings
 from django.db import connection
@@ -34,6 +36,47 @@ def process_env(**extra: str) -> dict[str, str]:
         "AIBOX_LOG_LEVEL": "INFO",
         **extra,
     }
+
+
+def start_web_server(*, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    """uvicorn serving AIBox on a free local port; returns it and its URL once /healthz answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "aibox.asgi:application",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--lifespan",
+            "off",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(healthy, what=f"uvicorn coming up (see {log})", timeout=30)
+    except BaseException:
+        stop_processes([process])
+        raise
+    return process, url
 
 
 def start_celery_worker(

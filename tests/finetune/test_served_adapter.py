@@ -9,8 +9,6 @@ the web server and the workers are other processes; the database is flushed at t
 from __future__ import annotations
 
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,8 +29,14 @@ from apps.registry.services import model_register_bundled, model_version_approve
 from tests.conftest import client_for, make_user
 from tests.datasets.conftest import jsonl, upload, wait_validated
 from tests.finetune.conftest import TRAIN_ROWS
-from tests.live import process_env, start_celery_worker, stop_processes, wait_until
-from tests.serving.conftest import ROOT, _free_port, wait_for_state
+from tests.live import (
+    process_env,
+    start_celery_worker,
+    start_web_server,
+    stop_processes,
+    wait_until,
+)
+from tests.serving.conftest import wait_for_state
 
 # The mark makes pytest-django set up the test database even when this module runs alone
 # (it sets up only what marked tests need); the tests themselves only read.
@@ -107,42 +111,10 @@ def _serve(logs, artifacts, tmp_path_factory, processes) -> Served:
         PYTHONUNBUFFERED="1",
         PYTHONFAULTHANDLER="1",
     )
-    port = _free_port()
-    processes.append(
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "aibox.asgi:application",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--lifespan",
-                "off",
-                "--log-level",
-                "warning",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=(logs / "uvicorn.log").open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-    )
+    server, url = start_web_server(env=env, log=logs / "uvicorn.log")
+    processes.append(server)
     name = f"serve-ft-{uuid.uuid4().hex[:6]}@localhost"
     processes.append(start_celery_worker(env=env, name=name, log=logs / "serving-worker.log"))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"uvicorn did not come up; see {logs / 'uvicorn.log'}")
-        time.sleep(0.2)
 
     # One at a time, so that a failure to load names the deployment that caused it.
     for name, adapter in (("gemma-base", None), ("gemma-secrets", job.adapter)):

@@ -7,16 +7,13 @@ tests end, as Django's transactional tests do.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 from django.conf import settings
 from django.core.management import call_command
@@ -28,16 +25,16 @@ from apps.deployments.models import Deployment, State
 from apps.registry.models import ModelVersion
 from apps.registry.services import model_register_bundled
 from tests.conftest import PASSWORD, make_user
-from tests.live import process_env, start_celery_worker, stop_processes, wait_until
+from tests.live import (
+    process_env,
+    start_celery_worker,
+    start_web_server,
+    stop_processes,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 OFFLINE_AFTER = 4.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -90,7 +87,6 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Stac
     )
     original = (settings.ARTIFACT_ROOT, settings.WORKER_OFFLINE_AFTER)
     settings.ARTIFACT_ROOT, settings.WORKER_OFFLINE_AFTER = artifacts, OFFLINE_AFTER
-    port = _free_port()
     # The web server runs with production static files (whitenoise's manifest).
     subprocess.run(
         [sys.executable, "manage.py", "collectstatic", "--no-input", "-v", "0"],
@@ -102,7 +98,7 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Stac
         admin = make_user(Role.ADMIN, username="serve-admin")
         version = model_register_bundled(actor=system_user()).version
         stack = Stack(
-            url=f"http://127.0.0.1:{port}",
+            url="",
             env=env,
             worker=f"serve-{uuid.uuid4().hex[:6]}@localhost",
             version=version,
@@ -120,38 +116,9 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Stac
         stack.keys["compliance"] = api_key_create(
             actor=auditor, owner=auditor, name="audit", scopes=[Scope.REGISTRY_READ]
         ).secret
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "aibox.asgi:application",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--lifespan",
-                "off",
-                "--log-level",
-                "warning",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=(logs / "uvicorn.log").open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        stack.processes.append(server)
         stack.start_worker(stack.worker)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{stack.url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"uvicorn did not come up; see {logs / 'uvicorn.log'}")
-            time.sleep(0.2)
+        server, stack.url = start_web_server(env=env, log=logs / "uvicorn.log")
+        stack.processes.append(server)
         stack.deploy("gemma", context_length=512, preset="precise", logging_level="hashed")
         try:
             yield stack

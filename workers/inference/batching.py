@@ -32,7 +32,6 @@ from __future__ import annotations
 import codecs
 import ctypes
 import itertools
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import llama_cpp
@@ -310,9 +309,3 @@ class Scheduler:
                 self.model.vocab, token, self._piece, len(self._piece), 0, False
             )
         return self._piece.raw[:n]
-
-    def drain(self) -> Iterator[Sequence]:
-        """Release every active sequence, yielding each (the replica is stopping)."""
-        for sequence in self.active:
-            self.release(sequence)
-            yield sequence

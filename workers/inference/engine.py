@@ -25,7 +25,7 @@ import llama_cpp
 from llama_cpp import _internals
 
 from workers.inference import protocol, templates
-from workers.inference.batching import QUANTUM, BatchError, Sampling, Scheduler, Sequence
+from workers.inference.batching import QUANTUM, BatchError, Output, Sampling, Scheduler, Sequence
 from workers.inference.protocol import ReplicaSpec, RequestSpec
 
 log = logging.getLogger(__name__)
@@ -333,7 +333,7 @@ class Replica:
         scheduler.admit(sequence)
         self._running[request.request_id] = _Running(request, sequence, started)
 
-    def _emit(self, output) -> None:
+    def _emit(self, output: Output) -> None:
         sequence = output.sequence
         running = self._running.get(sequence.key)
         if running is None:
