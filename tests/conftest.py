@@ -91,17 +91,44 @@ def browser():
     del os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _close_connection_pools(django_db_setup):
-    """Django's connection pool keeps connections open; close it before the test database
-    is dropped."""
+@pytest.fixture(scope="session")
+def test_database(django_db_setup, django_db_blocker):
+    """The test database, for fixtures that use it outside a test's transaction.
+
+    pytest-django creates it only when a collected test asks for the database by marker
+    or by the ``db`` fixture. A run of only tests that reach it through session fixtures
+    (a live stack, a million audit events) would otherwise write to the database that
+    DATABASE_URL names, which is the developer's own.
+    """
+    from django.conf import settings
+    from django.test.utils import setup_databases, teardown_databases
+
+    if settings.DATABASES["default"]["NAME"].startswith("test_"):
+        yield
+        return
+    with django_db_blocker.unblock():
+        config = setup_databases(verbosity=0, interactive=False, aliases={"default"})
     yield
+    _close_pools()
+    with django_db_blocker.unblock():
+        teardown_databases(config, verbosity=0)
+
+
+def _close_pools() -> None:
     from django.db import connections
 
     for connection in connections.all():
         close_pool = getattr(connection, "close_pool", None)
         if close_pool is not None:
             close_pool()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_connection_pools(django_db_setup):
+    """Django's connection pool keeps connections open; close it before the test database
+    is dropped."""
+    yield
+    _close_pools()
 
 
 @dataclass
@@ -112,7 +139,7 @@ class LiveWorker:
 
 
 @pytest.fixture(scope="session")
-def live_worker(django_db_setup, tmp_path_factory) -> Iterator[LiveWorker]:
+def live_worker(test_database, tmp_path_factory) -> Iterator[LiveWorker]:
     """A real Celery worker (prefork, so it never holds a deployment) on the test
     database, for tests of background jobs. Tests that use it point
     ``settings.ARTIFACT_ROOT`` at ``live_worker.artifact_root`` and commit their rows

@@ -25,7 +25,7 @@ N = 1_000_000
 
 
 @pytest.fixture(scope="module")
-def million(django_db_setup, django_db_blocker):
+def million(test_database, django_db_blocker):
     with django_db_blocker.unblock():
         assert not AuditEvent.objects.exists(), "the million-event log needs an empty table"
         head = synthetic.write_log(N)

@@ -55,7 +55,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(
-    django_db_setup, django_db_blocker, live_worker, training_worker, tmp_path_factory
+    test_database, django_db_blocker, live_worker, training_worker, tmp_path_factory
 ) -> Iterator[Served]:
     logs = tmp_path_factory.mktemp("served-adapter")
     original = settings.ARTIFACT_ROOT

@@ -76,7 +76,7 @@ def wait_for_state(deployment: Deployment, state: str, *, timeout: float = 60) -
 
 
 @pytest.fixture(scope="package")
-def stack(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Stack]:
+def stack(test_database, django_db_blocker, tmp_path_factory) -> Iterator[Stack]:
     logs = tmp_path_factory.mktemp("serving-logs")
     artifacts = tmp_path_factory.mktemp("artifacts")
     cache = tmp_path_factory.mktemp("model-cache")
