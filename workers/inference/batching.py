@@ -1,27 +1,34 @@
 """Continuous batching: many requests decoded together on one resident llama.cpp context.
 
-A replica's context holds ``parallel_slots`` sequences in one KV cache; each sequence
-attends only to its own cells, so one request never sees another's tokens. Every
-step the scheduler builds one ``llama_batch`` that holds the next token of each
-generating sequence followed by prompt chunks of newly admitted ones, calls
-``llama_decode`` once, and samples each sequence that produced logits with its own
-sampler chain (its own temperature, top-p, penalties and seed). A sequence
-that ends (end of generation, a stop sequence, max_tokens, cancellation) has its KV
-cache removed at once and its slot goes to the next waiting request.
+A replica's context has ``parallel_slots`` sequences, each in its own KV-cache stream,
+so one request never sees another's tokens. Every step the scheduler decodes the next
+token of every generating sequence in one ``llama_decode`` call, samples each with its
+own sampler chain (its own temperature, top-p, penalties and seed), then reads prompt
+chunks of newly admitted requests. A sequence that ends (end of generation, a stop
+sequence, max_tokens, cancellation) has its KV cache removed at once and its slot goes
+to the next waiting request.
 
-Decoding is bound by memory bandwidth: a step reads the weights once whether the batch
-holds one token or sixteen, so N streams cost little more per step than one.
+Decoding is bound by memory bandwidth: a step reads the weights once whether it holds
+one token or sixteen, so N streams cost little more per step than one.
 
-Batch invariance. llama.cpp's CPU matrix kernels round differently depending on how
-many rows a micro-batch has (one row takes a vector path, groups of four a packed
-path, larger tiles others), so on its own a request's greedy answer would change with
-the number of requests it happens to share a step with. The scheduler therefore
-decodes in micro-batches of exactly ``QUANTUM`` rows (``n_ubatch``) and pads every
-batch to a multiple of ``QUANTUM`` with tokens of a scratch sequence that is erased
-after the step: every row of every request goes through the same kernels, alone or
-not, and greedy output is identical either way (tests/serving/test_batching.py). The
-price is paid only below ``QUANTUM`` concurrent streams (a lone stream computes eight
-rows to use one); see docs/serving.md for the figures.
+Batch invariance: a request's computation is the same, bit for bit, whatever else runs
+beside it, so greedy decoding gives the same text alone or in a batch. Three things
+make it so (docs/serving.md has the measurements):
+
+- Weights are not repacked (``use_extra_bufts = False``, engine.py). llama.cpp's
+  repacked CPU kernels round a row differently with the number of rows in the batch;
+  the plain kernels compute every row the same way.
+- Each sequence has its own KV stream (``kv_unified = False``) that it fills from cell 0
+  in position order. In a shared cache, cells freed by a finished request are reused
+  by running ones, which changes the order attention sums in.
+- A lone decode row is never sent alone: llama.cpp splits one query row's attention
+  over threads once its cache passes 512 cells and combines the parts in another
+  order, so the scheduler adds a row of a neighbouring slot (a pad, erased after the
+  step). Rows of idle slots between generating ones are padded the same way, so every
+  step is one micro-batch of consecutive streams, which llama.cpp requires.
+
+Prompts are read in chunks of ``PROMPT_CHUNK`` tokens at fixed offsets, so how a prompt
+is cut never depends on the traffic either.
 
 This module is only llama.cpp and plain Python; ``engine.Replica`` feeds it requests
 from its queue and turns what it yields into events.
@@ -43,8 +50,33 @@ RANDOM_SEED = 0xFFFFFFFF
 PENALTY_LAST_N = 64
 # min_p that llama-cpp-python's create_completion applies unless told otherwise.
 MIN_P = 0.05
-# Rows per llama.cpp micro-batch; every batch is padded to a multiple of it.
-QUANTUM = 8
+# Prompts are read in chunks of this many tokens, at multiples of it.
+PROMPT_CHUNK = 64
+
+
+def model_params(gpu_layers: int) -> llama_cpp.llama_model_params:
+    """Model parameters for batched serving: weights in their file's layout."""
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = gpu_layers
+    # No repacked weights: their kernels round a row differently with the number of rows
+    # in a batch (module docstring). The plain kernels decode a lone stream as fast here.
+    params.use_extra_bufts = False
+    return params
+
+
+def context_params(slots: int, context_length: int, threads: int) -> llama_cpp.llama_context_params:
+    """Context parameters for a ``Scheduler``: one KV stream per slot.
+
+    Each stream holds one request's context plus a cell for a pad row; a micro-batch
+    holds a prompt chunk or a row from every slot.
+    """
+    params = llama_cpp.llama_context_default_params()
+    params.n_seq_max = slots
+    params.n_ctx = (context_length + 1) * slots
+    params.kv_unified = False
+    params.n_batch = params.n_ubatch = max(PROMPT_CHUNK, slots)
+    params.n_threads = params.n_threads_batch = threads
+    return params
 
 
 @dataclass(frozen=True)
@@ -167,23 +199,28 @@ class BatchError(Exception):
 class Scheduler:
     """The sequences of one context and the step that advances all of them at once.
 
-    Not thread-safe: one thread (the replica's) owns the scheduler and its context.
+    The context must have one KV stream per slot (``kv_unified = False``) and micro-
+    batches of at least ``max(PROMPT_CHUNK, n_slots)`` tokens. Not thread-safe: one
+    thread (the replica's) owns the scheduler and its context.
     """
 
     def __init__(
-        self, model: _internals.LlamaModel, ctx: _internals.LlamaContext, context_length: int
+        self,
+        model: _internals.LlamaModel,
+        ctx: _internals.LlamaContext,
+        context_length: int,
+        prompt_budget: int = PROMPT_CHUNK,
     ) -> None:
         self.model = model
         self.ctx = ctx
-        # The context's last sequence id is the scratch sequence that pads batches.
-        self.n_slots = llama_cpp.llama_n_seq_max(ctx.ctx) - 1
-        self._pad_seq = self.n_slots
-        self.n_batch = llama_cpp.llama_n_batch(ctx.ctx)
-        # Context per request; the KV cache holds n_slots of them.
+        self.n_slots = llama_cpp.llama_n_seq_max(ctx.ctx)
+        # Prompt tokens read per step, in whole chunks (at least one).
+        self.prompt_budget = max(PROMPT_CHUNK, prompt_budget)
+        # Context per request; each slot's stream holds one.
         self.n_ctx_seq = context_length
         self.n_vocab = model.n_vocab()
         self._memory = llama_cpp.llama_get_memory(ctx.ctx)
-        self._batch = llama_cpp.llama_batch_init(self.n_batch + QUANTUM, 0, 1)
+        self._batch = llama_cpp.llama_batch_init(max(PROMPT_CHUNK, self.n_slots), 0, 1)
         self._pad_token = max(0, model.token_bos())
         self._slots: list[Sequence | None] = [None] * self.n_slots
         self._piece = ctypes.create_string_buffer(256)
@@ -200,7 +237,10 @@ class Scheduler:
         return self._slots.count(None)
 
     def admit(self, sequence: Sequence) -> None:
-        """Give a sequence a free slot with an empty KV cache; it prefills from the next step."""
+        """Give a sequence the lowest free slot, with an empty KV stream; it prefills next step.
+
+        The lowest, so running slots stay together and steps need few pad rows.
+        """
         slot = self._slots.index(None)
         llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
         sequence.slot = slot
@@ -230,44 +270,69 @@ class Scheduler:
     # -- the step --------------------------------------------------------------
 
     def step(self) -> list[Output]:
-        """Decode one batch for every active sequence; sample those that have logits.
+        """Decode one token of every generating sequence, then read prompt chunks.
 
-        Generating sequences go first (one token each) so a long prompt never stalls
-        running streams for more than one step; prompts fill the rest of the batch in
-        admission order, and a prompt longer than what is left continues next step.
+        Generating sequences go first so new prompts delay running streams by at most
+        ``prompt_budget`` tokens per step; prompts are read in admission order.
         """
-        batch = self._batch
-        batch.n_tokens = 0
+        outputs = []
         generating = [s for s in self.active if not s.prefilling]
-        prefilling = sorted((s for s in self.active if s.prefilling), key=lambda s: s.admitted)
-        for sequence in generating:
-            sequence._output = self._add(
-                sequence.last_token, sequence.fed + sequence.produced - 1, sequence.slot, True
-            )
-        for sequence in prefilling:
-            room = self.n_batch - batch.n_tokens
-            if room <= 0:
-                sequence._output = -1
-                continue
-            start = sequence.fed
-            end = min(len(sequence.prompt), start + room)
-            for pos in range(start, end):
-                self._add(sequence.prompt[pos], pos, sequence.slot, pos == len(sequence.prompt) - 1)
-            sequence.fed = end
-            sequence._output = batch.n_tokens - 1 if end == len(sequence.prompt) else -1
-        if batch.n_tokens == 0:
-            return []
-        for pos in range(-batch.n_tokens % QUANTUM):
-            self._add(self._pad_token, pos, self._pad_seq, False)
-        rc = llama_cpp.llama_decode(self.ctx.ctx, batch)
-        llama_cpp.llama_memory_seq_rm(self._memory, self._pad_seq, -1, -1)
+        if generating:
+            self._decode_next_tokens(generating)
+            # Sample before the next llama_decode overwrites the logits.
+            outputs += [self._sample(sequence) for sequence in generating]
+        budget = self.prompt_budget
+        for sequence in sorted((s for s in self.active if s.prefilling), key=lambda s: s.admitted):
+            while budget > 0 and sequence.prefilling:
+                budget -= self._decode_prompt_chunk(sequence)
+            if not sequence.prefilling:
+                outputs.append(self._sample(sequence))
+            if budget <= 0:
+                break
+        return outputs
+
+    def _decode_next_tokens(self, generating: list[Sequence]) -> None:
+        """One micro-batch: a row per slot from the first generating one to the last."""
+        first = min(s.slot for s in generating)
+        last = max(s.slot for s in generating)
+        if first == last and self.n_slots > 1:  # never one row alone (module docstring)
+            last = first + 1 if first + 1 < self.n_slots else first
+            first = last - 1
+        self._batch.n_tokens = 0
+        pads = []
+        for slot in range(first, last + 1):
+            sequence = self._slots[slot]
+            if sequence is not None and not sequence.prefilling:
+                pos = len(sequence.prompt) + sequence.produced - 1
+                sequence._output = self._add(sequence.last_token, pos, slot, True)
+            else:
+                # Next position of a prefilling slot, or 0 of an idle one: its cache
+                # stays as it was once the pad is erased.
+                pos = sequence.fed if sequence is not None else 0
+                self._add(self._pad_token, pos, slot, False)
+                pads.append((slot, pos))
+        self._decode(pads)
+
+    def _decode_prompt_chunk(self, sequence: Sequence) -> int:
+        """Read the next chunk of a prompt; return its length."""
+        start = sequence.fed
+        end = min(len(sequence.prompt), (start // PROMPT_CHUNK + 1) * PROMPT_CHUNK)
+        self._batch.n_tokens = 0
+        for pos in range(start, end):
+            last = pos == len(sequence.prompt) - 1
+            index = self._add(sequence.prompt[pos], pos, sequence.slot, last)
+            if last:
+                sequence._output = index
+        self._decode([])
+        sequence.fed = end
+        return end - start
+
+    def _decode(self, pads: list[tuple[int, int]]) -> None:
+        rc = llama_cpp.llama_decode(self.ctx.ctx, self._batch)
+        for slot, pos in pads:
+            llama_cpp.llama_memory_seq_rm(self._memory, slot, pos, -1)
         if rc != 0:
             raise BatchError(f"llama_decode returned {rc}")
-        outputs = []
-        for sequence in generating + prefilling:
-            if sequence._output >= 0:
-                outputs.append(self._sample(sequence))
-        return outputs
 
     def _add(self, token: int, pos: int, seq: int, logits: bool) -> int:
         batch = self._batch

@@ -24,8 +24,8 @@ from typing import Any, Protocol
 import llama_cpp
 from llama_cpp import _internals
 
-from workers.inference import protocol, templates
-from workers.inference.batching import QUANTUM, BatchError, Output, Sampling, Scheduler, Sequence
+from workers.inference import batching, protocol, templates
+from workers.inference.batching import BatchError, Output, Sampling, Scheduler, Sequence
 from workers.inference.protocol import ReplicaSpec, RequestSpec
 
 log = logging.getLogger(__name__)
@@ -123,23 +123,14 @@ class Replica:
         spec = self.spec
         # llama.cpp logs through llama-cpp-python's logger; errors only, as Llama(verbose=False).
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
-        model_params = llama_cpp.llama_model_default_params()
-        model_params.n_gpu_layers = spec.gpu_layers
+        model_params = batching.model_params(spec.gpu_layers)
         if spec.gpu_index is not None and spec.gpu_layers != 0:
             model_params.main_gpu = spec.gpu_index
             model_params.split_mode = llama_cpp.LLAMA_SPLIT_MODE_NONE
         self.model = _internals.LlamaModel(
             path_model=str(self._model_path), params=model_params, verbose=False
         )
-        # One context for ``parallel_slots`` sequences of the deployment's context length
-        # in one KV cache, plus the scratch sequence that pads batches (batching.py).
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = spec.context_length * spec.parallel_slots + QUANTUM
-        params.n_seq_max = spec.parallel_slots + 1
-        params.kv_unified = True
-        params.n_batch = max(QUANTUM, spec.batch_size)
-        params.n_ubatch = QUANTUM
-        params.n_threads = params.n_threads_batch = self._threads
+        params = batching.context_params(spec.parallel_slots, spec.context_length, self._threads)
         self._ctx = _internals.LlamaContext(model=self.model, params=params, verbose=False)
         if self._adapter_path is not None:
             self._adapter = llama_cpp.llama_adapter_lora_init(
@@ -163,7 +154,7 @@ class Replica:
             self._embed_ctx = _internals.LlamaContext(
                 model=self.model, params=params, verbose=False
             )
-        self.scheduler = Scheduler(self.model, self._ctx, spec.context_length)
+        self.scheduler = Scheduler(self.model, self._ctx, spec.context_length, spec.batch_size)
 
     def _close_native(self) -> None:
         if self.scheduler is not None:
