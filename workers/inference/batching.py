@@ -21,11 +21,12 @@ make it so (docs/serving.md has the measurements):
 - Each sequence has its own KV stream (``kv_unified = False``) that it fills from cell 0
   in position order. In a shared cache, cells freed by a finished request are reused
   by running ones, which changes the order attention sums in.
-- A lone decode row is never sent alone: llama.cpp splits one query row's attention
-  over threads once its cache passes 512 cells and combines the parts in another
-  order, so the scheduler adds a row of a neighbouring slot (a pad, erased after the
-  step). Rows of idle slots between generating ones are padded the same way, so every
-  step is one micro-batch of consecutive streams, which llama.cpp requires.
+- A long lone decode row is not sent alone: llama.cpp splits one query row's attention
+  over threads once it covers 512 cells (it covers at least 256, in steps of 256) and
+  combines the parts in another order, so past ``LONE_ROW_POSITIONS`` the scheduler
+  adds a row of a neighbouring slot (a pad, erased after the step). Rows of idle slots
+  between generating ones are padded the same way, so every step is one micro-batch of
+  consecutive streams, which llama.cpp requires.
 
 Prompts are read in chunks of ``PROMPT_CHUNK`` tokens at fixed offsets, so how a prompt
 is cut never depends on the traffic either.
@@ -52,6 +53,9 @@ PENALTY_LAST_N = 64
 MIN_P = 0.05
 # Prompts are read in chunks of this many tokens, at multiples of it.
 PROMPT_CHUNK = 64
+# A lone row at a position below this attends over fewer than 257 cells, which llama.cpp
+# never splits over threads (module docstring); from it on, the row gets a neighbour.
+LONE_ROW_POSITIONS = 248
 
 
 def model_params(gpu_layers: int) -> llama_cpp.llama_model_params:
@@ -74,6 +78,9 @@ def context_params(slots: int, context_length: int, threads: int) -> llama_cpp.l
     params.n_seq_max = slots
     params.n_ctx = (context_length + 1) * slots
     params.kv_unified = False
+    # llama.cpp's "auto" leaves flash attention off on the CPU; on, a batch of streams
+    # decodes about 20 % faster, and each query row's attention is still computed alone.
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
     params.n_batch = params.n_ubatch = max(PROMPT_CHUNK, slots)
     params.n_threads = params.n_threads_batch = threads
     return params
@@ -295,7 +302,8 @@ class Scheduler:
         """One micro-batch: a row per slot from the first generating one to the last."""
         first = min(s.slot for s in generating)
         last = max(s.slot for s in generating)
-        if first == last and self.n_slots > 1:  # never one row alone (module docstring)
+        lone = generating[0] if len(generating) == 1 else None
+        if lone and self.n_slots > 1 and lone.fed + lone.produced > LONE_ROW_POSITIONS:
             last = first + 1 if first + 1 < self.n_slots else first
             first = last - 1
         self._batch.n_tokens = 0
