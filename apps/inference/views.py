@@ -81,6 +81,11 @@ async def _session_caller(request: HttpRequest) -> Caller:
     return Caller(user=user)
 
 
+# Usage records being written: referenced here so that a cancelled view's task does not
+# take the writing task with it.
+_unfinished: set[asyncio.Future] = set()
+
+
 class Exchange:
     """One request: the call to a worker plus what its usage record needs."""
 
@@ -97,6 +102,7 @@ class Exchange:
         self.outcome = ""
         self.prompt_log: Any = None
         self.output: list[str] = []
+        self._finishing: asyncio.Future | None = None
 
     async def start(self, spec_fields: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Admit, dispatch, and return the events once the worker has started the request."""
@@ -122,6 +128,19 @@ class Exchange:
         self.status, self.error = exc.status, exc.message
 
     async def finish(self, *, cancelled: bool = False) -> None:
+        """Release the call and write the usage record, once, even if the view is cancelled.
+
+        A client that leaves (or closes the stream the moment it reads ``[DONE]``, as the
+        openai package does) cancels the view's task; the record is written to the end
+        regardless, in a task of its own that the cancellation does not reach.
+        """
+        if self._finishing is None:
+            self._finishing = asyncio.ensure_future(self._finish(cancelled))
+            _unfinished.add(self._finishing)
+            self._finishing.add_done_callback(_unfinished.discard)
+        await asyncio.shield(self._finishing)
+
+    async def _finish(self, cancelled: bool) -> None:
         await self.call.close()
         outcome = Outcome.CANCELLED if cancelled else _outcome(self.status)
         await sync_to_async(services.usage_record)(
@@ -228,10 +247,13 @@ async def _stream(
                     yield openai_api.sse(shape.usage_chunk(exchange))
             elif event["type"] == protocol.ERROR:
                 raise _worker_error(event, exchange.call.kind)
+        # On record before the client can leave: it closes the stream at [DONE].
+        await exchange.finish()
         yield openai_api.sse("[DONE]")
     except ApiError as exc:
         # The status line is sent; OpenAI's streams report a late error as an event.
         exchange.fail(exc)
+        await exchange.finish()
         yield openai_api.sse(exc.body())
     except (asyncio.CancelledError, GeneratorExit):
         cancelled = True

@@ -67,6 +67,38 @@ def test_streamed_chat_matches_the_whole_answer_under_greedy_decoding(openai_cli
     assert chunks[-1].usage.completion_tokens > 0
 
 
+def test_every_stream_is_on_record_when_the_client_closes_at_done(stack, openai_client):
+    """The openai package closes a stream as soon as it reads [DONE]; the record stays."""
+    request_ids = []
+    with httpx.Client(timeout=60) as client:
+        for _ in range(8):
+            with client.stream(
+                "POST",
+                f"{stack.url}/v1/completions",
+                headers={"Authorization": f"Bearer {stack.key()}"},
+                json={"model": "gemma", "prompt": "Hello", "max_tokens": 1, "stream": True},
+            ) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: {"):
+                        request_id = json.loads(line[6:])["id"].removeprefix("cmpl-")
+                    if line == "data: [DONE]":
+                        break  # and close the connection at once
+            request_ids.append(request_id)
+    for _ in range(4):
+        stream = openai_client.completions.create(
+            model="gemma", prompt="Hello", max_tokens=1, stream=True
+        )
+        request_ids.append(next(iter(stream)).id.removeprefix("cmpl-"))
+        list(stream)
+
+    def recorded():
+        rows = UsageRecord.objects.filter(request_id__in=request_ids)
+        return rows if rows.count() == len(request_ids) else None
+
+    rows = wait_until(recorded, what="a usage record for each of 12 streams", timeout=10)
+    assert {(r.outcome, r.status_code, r.completion_tokens) for r in rows} == {(Outcome.OK, 200, 1)}
+
+
 def test_stream_ends_with_done_marker(stack):
     with httpx.stream(
         "POST",
