@@ -1,4 +1,12 @@
-"""ASGI entry point: ``uvicorn aibox.asgi:application``."""
+"""ASGI entry point: ``uvicorn aibox.asgi:application``.
+
+Two Django handlers share the process: the OpenAI-compatible API under /v1/ runs with
+``API_MIDDLEWARE`` (settings.py), everything else with the site's ``MIDDLEWARE``.
+Each of Django's classic middleware costs an async view two thread switches per
+request; the site's list made that about 30 switches, 2.5 ms of every API call
+(measured in process: 5.1 ms against 2.6 ms for a 401 from /v1/models). Bearer-key
+calls need no sessions, CSRF, messages or login lockout.
+"""
 
 import os
 
@@ -6,8 +14,32 @@ from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "aibox.settings")
 
-django_application = get_asgi_application()
+site_application = get_asgi_application()
 
-from aibox.limits import BodySizeLimit  # noqa: E402 - needs settings configured
+from django.conf import settings  # noqa: E402 - configured by get_asgi_application
+from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 
-application = BodySizeLimit(django_application)
+from aibox.limits import BodySizeLimit  # noqa: E402
+
+
+def _api_handler() -> ASGIHandler:
+    # A handler reads settings.MIDDLEWARE once, when it is built.
+    site_middleware = settings.MIDDLEWARE
+    settings.MIDDLEWARE = settings.API_MIDDLEWARE
+    try:
+        return ASGIHandler()
+    finally:
+        settings.MIDDLEWARE = site_middleware
+
+
+api_application = _api_handler()
+
+
+async def _route(scope, receive, send) -> None:
+    if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        await api_application(scope, receive, send)
+    else:
+        await site_application(scope, receive, send)
+
+
+application = BodySizeLimit(_route)

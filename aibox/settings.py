@@ -233,6 +233,14 @@ MIDDLEWARE = [
     "axes.middleware.AxesMiddleware",
 ]
 
+# The OpenAI-compatible API (/v1/, bearer keys) runs with these only (aibox/asgi.py):
+# security headers, the ALLOWED_HOSTS check, and the client address for audit events.
+API_MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "apps.audit.middleware.AuditContextMiddleware",
+]
+
 ROOT_URLCONF = "aibox.urls"
 ASGI_APPLICATION = "aibox.asgi.application"
 WSGI_APPLICATION = "aibox.wsgi.application"

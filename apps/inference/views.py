@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django import db
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
@@ -81,6 +82,18 @@ async def _session_caller(request: HttpRequest) -> Caller:
     return Caller(user=user)
 
 
+def _write_usage_record(**fields: Any) -> None:
+    """Write a usage record in a thread of its own and hand its connection back.
+
+    The request may be over when it runs (see ``Exchange.finish``), so Django's
+    end-of-request cleanup will not return this thread's connection to the pool.
+    """
+    try:
+        services.usage_record(**fields)
+    finally:
+        db.connection.close()
+
+
 # Usage records being written: referenced here so that a cancelled view's task does not
 # take the writing task with it.
 _unfinished: set[asyncio.Future] = set()
@@ -134,16 +147,20 @@ class Exchange:
         openai package does) cancels the view's task; the record is written to the end
         regardless, in a task of its own that the cancellation does not reach.
         """
+        await asyncio.shield(self.finish_soon(cancelled=cancelled))
+
+    def finish_soon(self, *, cancelled: bool = False) -> asyncio.Future:
+        """Start finishing without waiting (``finish`` waits for the same task)."""
         if self._finishing is None:
             self._finishing = asyncio.ensure_future(self._finish(cancelled))
             _unfinished.add(self._finishing)
             self._finishing.add_done_callback(_unfinished.discard)
-        await asyncio.shield(self._finishing)
+        return self._finishing
 
     async def _finish(self, cancelled: bool) -> None:
         await self.call.close()
         outcome = Outcome.CANCELLED if cancelled else _outcome(self.status)
-        await sync_to_async(services.usage_record)(
+        await sync_to_async(_write_usage_record, thread_sensitive=False)(
             caller=self.caller,
             route=self.call.route,
             request_id=self.call.request_id,
@@ -247,8 +264,9 @@ async def _stream(
                     yield openai_api.sse(shape.usage_chunk(exchange))
             elif event["type"] == protocol.ERROR:
                 raise _worker_error(event, exchange.call.kind)
-        # On record before the client can leave: it closes the stream at [DONE].
-        await exchange.finish()
+        # The record is started before the client can leave (it closes the stream at
+        # [DONE]) and written while [DONE] travels; ``finally`` waits for it.
+        exchange.finish_soon()
         yield openai_api.sse("[DONE]")
     except ApiError as exc:
         # The status line is sent; OpenAI's streams report a late error as an event.

@@ -68,10 +68,14 @@ def test_streamed_chat_matches_the_whole_answer_under_greedy_decoding(openai_cli
 
 
 def test_every_stream_is_on_record_when_the_client_closes_at_done(stack, openai_client):
-    """The openai package closes a stream as soon as it reads [DONE]; the record stays."""
+    """The openai package closes a stream as soon as it reads [DONE]; the record stays.
+
+    More requests than the web process's database pool holds connections (20): a record
+    written after its request must still hand its connection back.
+    """
     request_ids = []
     with httpx.Client(timeout=60) as client:
-        for _ in range(8):
+        for _ in range(24):
             with client.stream(
                 "POST",
                 f"{stack.url}/v1/completions",
@@ -95,7 +99,7 @@ def test_every_stream_is_on_record_when_the_client_closes_at_done(stack, openai_
         rows = UsageRecord.objects.filter(request_id__in=request_ids)
         return rows if rows.count() == len(request_ids) else None
 
-    rows = wait_until(recorded, what="a usage record for each of 12 streams", timeout=10)
+    rows = wait_until(recorded, what="a usage record for each of 28 streams", timeout=10)
     assert {(r.outcome, r.status_code, r.completion_tokens) for r in rows} == {(Outcome.OK, 200, 1)}
 
 
