@@ -105,6 +105,22 @@ def worker_get(hostname: str) -> WorkerStatus | None:
     return parse_heartbeat(_redis().get(protocol.heartbeat_key(hostname)))
 
 
+def replicas_serving(deployment: Deployment) -> list[tuple[Replica, WorkerStatus]]:
+    """The deployment's ready replicas whose worker is online and holds them now.
+
+    The database says what should run; only a live heartbeat that lists the replica's
+    current generation says it does (after a restart the database may still say ready).
+    """
+    serving = []
+    for replica in deployment.replica_set.all():
+        if replica.state != State.READY:
+            continue
+        worker = worker_get(replica.worker)
+        if worker is not None and worker.online and worker.holds(replica):
+            serving.append((replica, worker))
+    return serving
+
+
 def replica_live_states(deployment: Deployment, workers: list[WorkerStatus]) -> dict[int, str]:
     """What clients get from each replica now: its recorded state, unless its worker is
     offline or no longer holds it (then it is unavailable, whatever the database says)."""

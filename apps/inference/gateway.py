@@ -130,6 +130,7 @@ def route(caller: Caller, name: str) -> Route:
         deployment = (
             Deployment.objects.visible_to(caller.user)
             .select_related("model_version__artifact")
+            .prefetch_related("replica_set")
             .get(name=name)
         )
     except Deployment.DoesNotExist:
@@ -138,20 +139,19 @@ def route(caller: Caller, name: str) -> Route:
         raise not_found(name)
     if not deployment.running:
         raise unavailable(f"The model '{name}' is stopped.")
-    replicas = [r for r in deployment.replica_set.all() if r.state == State.READY]
-    if not replicas:
+    if not any(r.state == State.READY for r in deployment.replica_set.all()):
         detail = f" ({deployment.state_reason})" if deployment.state_reason else ""
         raise unavailable(
             f"The model '{name}' is {deployment.get_state_display().lower()}{detail}."
         )
-    live = []
-    for replica in replicas:
-        worker = deployment_selectors.worker_get(replica.worker)
-        if worker is not None and worker.online and worker.holds(replica):
-            depth = next(
-                (r["queue_depth"] for r in worker.replicas if r["replica_id"] == replica.pk), 0
-            )
-            live.append((depth, replica.index, replica))
+    live = [
+        (
+            next((r["queue_depth"] for r in w.replicas if r["replica_id"] == replica.pk), 0),
+            replica.index,
+            replica,
+        )
+        for replica, w in deployment_selectors.replicas_serving(deployment)
+    ]
     if not live:
         raise unavailable(
             f"The model '{name}' is unavailable: the worker holding it is offline or restarting."

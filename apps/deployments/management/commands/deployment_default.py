@@ -7,7 +7,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from apps.accounts.models import Role, Scope, User
 from apps.accounts.services import ApiKeyRejected, api_key_authenticate, api_key_create, system_user
-from apps.deployments import services
+from apps.deployments import selectors, services
 from apps.deployments.models import Deployment, State
 from apps.registry.models import ModelRepo
 from apps.registry.services import BUNDLED_REPO
@@ -78,7 +78,7 @@ class Command(BaseCommand):
             if line != last:
                 self.stdout.write(f"  {deployment.name}: {line}")
                 last = line
-            if deployment.state == State.READY:
+            if deployment.state == State.READY and selectors.replicas_serving(deployment):
                 return
             if deployment.state == State.FAILED:
                 raise CommandError(f"{deployment.name} failed: {deployment.state_reason}")

@@ -1,0 +1,61 @@
+"""``manage.py deployment_default --wait``: ready means a live worker serves the model.
+
+After a restart the database still says "ready" from the last run while the new worker
+is loading; the command must not report ready until a worker's heartbeat lists the
+replica's current generation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis
+from django.conf import settings
+from django.core.management import CommandError, call_command
+
+from apps.accounts.models import Role
+from apps.deployments.models import Deployment, Replica, State
+from workers.inference import protocol
+
+WORKER = "cpu@restarting-host"
+
+
+@pytest.fixture
+def heartbeats():
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    yield client
+    client.delete(protocol.heartbeat_key(WORKER))
+
+
+def _beat(client, replicas: list[dict]) -> None:
+    payload = {"hostname": WORKER, "sent_at": time.time(), "serving": True, "replicas": replicas}
+    client.set(protocol.heartbeat_key(WORKER), json.dumps(payload))
+
+
+def test_wait_needs_a_live_worker_holding_the_replica(users, version, heartbeats, tmp_path):
+    deployment = Deployment.objects.create(
+        name="tiny-chat", model_version=version, context_length=256, running=True
+    )
+    deployment.state = State.READY
+    deployment.save()
+    replica = Replica.objects.create(
+        deployment=deployment, index=0, worker=WORKER, generation=3, state=State.READY
+    )
+    args = {"name": "tiny-chat", "key_file": str(tmp_path / "key.txt")}
+
+    # The database says ready, but no worker has said so: not ready.
+    with pytest.raises(CommandError, match="not ready"):
+        call_command("deployment_default", wait=1, **args)
+    # A worker that still holds the previous generation (it is reloading): not ready.
+    _beat(heartbeats, [{"replica_id": replica.pk, "generation": 2, "queue_depth": 0}])
+    with pytest.raises(CommandError, match="not ready"):
+        call_command("deployment_default", wait=1, **args)
+    # The worker has loaded this generation: ready at once.
+    _beat(heartbeats, [{"replica_id": replica.pk, "generation": 3, "queue_depth": 0}])
+    started = time.monotonic()
+    call_command("deployment_default", wait=30, **args)
+    assert time.monotonic() - started < 5
+    assert users[Role.ADMIN]  # the key file went to the first admin
+    assert (tmp_path / "key.txt").read_text().strip()
