@@ -11,15 +11,12 @@ from apps.audit.models import AuditEvent
 from apps.audit.verification import verify_export
 from apps.deployments.models import Deployment, State
 from apps.inference.models import UsageRecord
-from apps.registry.models import SourceKind
 from apps.registry.services import (
-    artifact_store,
     model_repo_create,
     model_version_approve,
-    model_version_ingest,
 )
 from tests.conftest import client_for, make_user
-from tests.registry.conftest import write_tiny_gguf
+from tests.registry.conftest import upload_version, write_tiny_gguf
 
 
 @pytest.fixture
@@ -32,14 +29,7 @@ def world(users, settings, tmp_path):
         path = write_tiny_gguf(tmp_path / f"{seed.decode()}.gguf")
         with path.open("ab") as f:
             f.write(seed)  # a different file, so a different version
-        version = model_version_ingest(
-            actor=ds,
-            repo=repo,
-            staged=artifact_store().stage_copy(path),
-            file_name=path.name,
-            source_kind=SourceKind.UPLOAD,
-            source={},
-        ).version
+        version = upload_version(ds, repo, path)
         version.parents.set(parents)
         return version
 

@@ -12,10 +12,10 @@ from apps.accounts.services import api_key_create
 from apps.datasets.models import DatasetImport
 from apps.datasets.services import dataset_create
 from apps.deployments.models import Deployment, State
-from apps.registry.models import ModelImport, SourceKind
-from apps.registry.services import artifact_store, model_repo_create, model_version_ingest
+from apps.registry.models import ModelImport
+from apps.registry.services import model_repo_create
 from tests.conftest import make_user
-from tests.registry.conftest import write_tiny_gguf
+from tests.registry.conftest import upload_version, write_tiny_gguf
 
 ADMIN, DS, DEV, CO = (
     Role.ADMIN,
@@ -233,15 +233,7 @@ def world(users, settings, tmp_path):
     settings.ARTIFACT_ROOT = tmp_path / "artifacts"
     ds = users[Role.DATA_SCIENTIST]
     repo = model_repo_create(actor=ds, name="tiny", licence="mit")
-    staged = artifact_store().stage_copy(write_tiny_gguf(tmp_path / "tiny.gguf"))
-    version = model_version_ingest(
-        actor=ds,
-        repo=repo,
-        staged=staged,
-        file_name="tiny.gguf",
-        source_kind=SourceKind.UPLOAD,
-        source={},
-    ).version
+    version = upload_version(ds, repo, write_tiny_gguf(tmp_path / "tiny.gguf"))
     deployment = Deployment.objects.create(
         name="tiny-served", model_version=version, running=False, state=State.STOPPED
     )

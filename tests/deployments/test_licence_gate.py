@@ -10,30 +10,20 @@ from django.utils import timezone
 from apps.accounts.models import Role
 from apps.deployments.models import Deployment
 from apps.deployments.services import deployment_create, deployment_start, deployment_stop
-from apps.registry.models import Artifact, SourceKind
+from apps.registry.models import Artifact
 from apps.registry.services import (
-    artifact_store,
     licence_override_create,
     model_repo_create,
     model_version_approve,
-    model_version_ingest,
 )
 from tests.conftest import client_for
-from tests.registry.conftest import write_tiny_gguf
+from tests.registry.conftest import upload_version, write_tiny_gguf
 
 
 def _approved(admin, tmp_path, *, licence: str, name: str = "tiny", adapter=False, parents=()):
     repo = model_repo_create(actor=admin, name=name, licence=licence)
     path = write_tiny_gguf(tmp_path / f"{name}.gguf", adapter=adapter)
-    version = model_version_ingest(
-        actor=admin,
-        repo=repo,
-        staged=artifact_store().stage_copy(path),
-        file_name=path.name,
-        source_kind=SourceKind.UPLOAD,
-        source={},
-        parents=parents,
-    ).version
+    version = upload_version(admin, repo, path, parents)
     return model_version_approve(actor=admin, version=version, reason="test")
 
 

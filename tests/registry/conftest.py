@@ -6,8 +6,21 @@ import numpy as np
 import pytest
 from gguf import GGUFWriter
 
-from apps.registry.models import ModelRepo
-from apps.registry.services import model_repo_create
+from apps.registry.models import ModelRepo, ModelVersion, SourceKind
+from apps.registry.services import artifact_store, model_repo_create, model_version_ingest
+
+
+def upload_version(actor, repo: ModelRepo, path: Path, parents=()) -> ModelVersion:
+    """A GGUF file ingested into a repo as an upload, as the registry's upload view does."""
+    return model_version_ingest(
+        actor=actor,
+        repo=repo,
+        staged=artifact_store().stage_copy(path),
+        file_name=path.name,
+        source_kind=SourceKind.UPLOAD,
+        source={},
+        parents=parents,
+    ).version
 
 
 def write_tiny_gguf(path: Path, *, adapter: bool = False, seed: int = 0) -> Path:

@@ -15,16 +15,15 @@ from apps.accounts.models import SYSTEM_USERNAME, Role
 from apps.audit.models import AuditEvent
 from apps.deployments.services import deployment_create
 from apps.registry import tasks
-from apps.registry.models import Artifact, SourceKind
+from apps.registry.models import Artifact
 from apps.registry.services import (
     artifact_store,
     model_repo_create,
     model_version_approve,
-    model_version_ingest,
 )
 from tests.conftest import client_for
 from tests.live import wait_until
-from tests.registry.conftest import write_tiny_gguf
+from tests.registry.conftest import upload_version, write_tiny_gguf
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -36,17 +35,6 @@ def artifact_root(settings, live_worker):
     return live_worker.artifact_root
 
 
-def _version(admin, repo, path):
-    return model_version_ingest(
-        actor=admin,
-        repo=repo,
-        staged=artifact_store().stage_copy(path),
-        file_name=path.name,
-        source_kind=SourceKind.UPLOAD,
-        source={},
-    ).version
-
-
 def _verified_at(version):
     return Artifact.objects.get(pk=version.sha256).last_verified_at
 
@@ -54,10 +42,10 @@ def _verified_at(version):
 def test_a_corrupted_file_is_found_marked_audited_and_refused_until_restored(users, tmp_path):
     admin = users[Role.ADMIN]
     repo = model_repo_create(actor=admin, name=f"reverify-{tmp_path.name[-8:]}", licence="mit")
-    corrupted = _version(admin, repo, write_tiny_gguf(tmp_path / "a.gguf", seed=11))
+    corrupted = upload_version(admin, repo, write_tiny_gguf(tmp_path / "a.gguf", seed=11))
     model_version_approve(actor=admin, version=corrupted, reason="test")
-    older = _version(admin, repo, write_tiny_gguf(tmp_path / "b.gguf", seed=12))
-    recent = _version(admin, repo, write_tiny_gguf(tmp_path / "c.gguf", seed=13))
+    older = upload_version(admin, repo, write_tiny_gguf(tmp_path / "b.gguf", seed=12))
+    recent = upload_version(admin, repo, write_tiny_gguf(tmp_path / "c.gguf", seed=13))
     now = timezone.now()
     Artifact.objects.filter(pk=older.sha256).update(last_verified_at=now - timedelta(days=3))
     Artifact.objects.filter(pk=recent.sha256).update(last_verified_at=now - timedelta(days=1))
