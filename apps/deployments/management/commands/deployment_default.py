@@ -72,13 +72,17 @@ class Command(BaseCommand):
         last = None
         while time.monotonic() < deadline:
             deployment.refresh_from_db()
-            line = deployment.get_state_display() + (
-                f": {deployment.state_reason}" if deployment.state_reason else ""
-            )
+            serving = deployment.state == State.READY and selectors.replicas_serving(deployment)
+            if deployment.state == State.READY and not serving:
+                line = "Waiting for a worker to load it"  # the database remembers the last run
+            else:
+                line = deployment.get_state_display() + (
+                    f": {deployment.state_reason}" if deployment.state_reason else ""
+                )
             if line != last:
                 self.stdout.write(f"  {deployment.name}: {line}")
                 last = line
-            if deployment.state == State.READY and selectors.replicas_serving(deployment):
+            if serving:
                 return
             if deployment.state == State.FAILED:
                 raise CommandError(f"{deployment.name} failed: {deployment.state_reason}")
