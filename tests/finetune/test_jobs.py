@@ -248,3 +248,14 @@ def test_a_trained_adapter_deploys_only_when_approved_and_on_its_base(
     spec = _replica_spec(Replica(deployment=deployment, index=0, worker="w@host", generation=1))
     assert spec.adapter_sha256 == adapter.sha256 and spec.adapter_scale == 0.5
     assert Path(spec.adapter_source_path).name == adapter.sha256
+
+
+def test_redis_never_redelivers_a_fine_tune_that_is_still_running():
+    """Redis hands an unacknowledged task to another worker after the visibility timeout;
+    a training run may take its whole time limit, so the timeout must outlast it."""
+    from django.conf import settings
+
+    from apps.finetune.tasks import finetune_run
+
+    visibility = settings.CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"]
+    assert visibility > finetune_run.time_limit
