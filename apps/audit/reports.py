@@ -192,7 +192,10 @@ def model_dossier(*, version) -> dict[str, Any]:
 
     ancestors = _ancestors(version)
     deployments = Deployment.objects.filter(Q(model_version=version) | Q(adapter=version))
-    usage = UsageRecord.objects.filter(model_sha256=version.artifact_id)
+    # Requests this version answered, as the base model or as the adapter on top of one.
+    usage = UsageRecord.objects.filter(
+        Q(model_sha256=version.artifact_id) | Q(adapter_sha256=version.artifact_id)
+    )
     produced_by = [
         {
             "id": job.pk,

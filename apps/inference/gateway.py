@@ -81,6 +81,7 @@ class Route:
     worker: str
     sha256: str
     embeddings: bool
+    adapter_sha256: str = ""
 
 
 def check_inference_access(caller: Caller) -> None:
@@ -129,7 +130,7 @@ def route(caller: Caller, name: str) -> Route:
     try:
         deployment = (
             Deployment.objects.visible_to(caller.user)
-            .select_related("model_version__artifact")
+            .select_related("model_version__artifact", "adapter")
             .prefetch_related("replica_set")
             .get(name=name)
         )
@@ -169,6 +170,7 @@ def route(caller: Caller, name: str) -> Route:
         worker=replica.worker,
         sha256=deployment.model_version.sha256,
         embeddings=deployment.embeddings,
+        adapter_sha256=deployment.adapter.sha256 if deployment.adapter_id else "",
     )
 
 

@@ -42,6 +42,8 @@ class UsageRecord(models.Model):
     deployment_name = models.CharField(max_length=100)
     # The exact weights that answered: provenance down to each request.
     model_sha256 = models.CharField(max_length=64, blank=True)
+    # The LoRA adapter applied on top, when the deployment has one.
+    adapter_sha256 = models.CharField(max_length=64, blank=True, db_index=True)
     worker = models.CharField(max_length=200, blank=True)
     endpoint = models.CharField(max_length=16, choices=Endpoint.choices)
     stream = models.BooleanField(default=False)

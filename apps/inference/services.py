@@ -45,6 +45,7 @@ def usage_record(
         deployment_id=route.deployment_id,
         deployment_name=route.deployment_name,
         model_sha256=route.sha256,
+        adapter_sha256=route.adapter_sha256,
         worker=route.worker,
         endpoint=endpoint,
         stream=stream,

@@ -165,3 +165,24 @@ def test_rows_link_to_what_still_exists(world):
     )
     body = admin_html.content.decode()
     assert "user.role_change" in body and f'href="/users/{lee_id}/"' not in body
+
+
+def test_dossier_of_an_adapter_counts_the_requests_it_answered(world):
+    """An adapter serves on top of a base model; its requests are its usage too."""
+    adapter, base = world["middle"], world["base"]
+    UsageRecord.objects.create(
+        username="ada",
+        deployment_name="tiny-tuned",
+        model_sha256=base.artifact_id,
+        adapter_sha256=adapter.artifact_id,
+        endpoint="completion",
+        prompt_tokens=7,
+        completion_tokens=5,
+        latency_ms=5.0,
+        outcome="ok",
+        status_code=200,
+    )
+    client = client_for(world["users"][Role.COMPLIANCE_OFFICER])
+    for version, requests in ((adapter, 1), (base, 1), (world["top"], 2)):
+        doc = json.loads(client.get(f"/audit/models/{version.pk}/?format=json").content)
+        assert doc["document"]["usage"]["requests"] == requests, version

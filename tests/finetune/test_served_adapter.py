@@ -162,4 +162,7 @@ def test_a_deployment_of_base_and_adapter_answers_what_it_learned(served):
         what="the request's usage record",
     )
     assert record.outcome == "ok" and record.deployment.adapter == served.adapter
+    # The record names the exact weights, base and adapter, even if the deployment changes.
+    assert record.adapter_sha256 == served.adapter.sha256
+    assert record.model_sha256 == record.deployment.model_version.sha256
     assert served.adapter.source["finetune_job"] == served.job.pk
