@@ -7,6 +7,7 @@ replica's current generation.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 
@@ -52,10 +53,10 @@ def test_wait_needs_a_live_worker_holding_the_replica(users, version, heartbeats
     _beat(heartbeats, [{"replica_id": replica.pk, "generation": 2, "queue_depth": 0}])
     with pytest.raises(CommandError, match="not ready"):
         call_command("deployment_default", wait=1, **args)
-    # The worker has loaded this generation: ready at once.
+    # The worker has loaded this generation: ready, and said so.
     _beat(heartbeats, [{"replica_id": replica.pk, "generation": 3, "queue_depth": 0}])
-    started = time.monotonic()
-    call_command("deployment_default", wait=30, **args)
-    assert time.monotonic() - started < 5
+    out = io.StringIO()
+    call_command("deployment_default", wait=30, stdout=out, **args)
+    assert out.getvalue().splitlines()[-1] == "  tiny-chat: Ready"
     assert users[Role.ADMIN]  # the key file went to the first admin
     assert (tmp_path / "key.txt").read_text().strip()
