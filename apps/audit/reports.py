@@ -287,8 +287,12 @@ def signed_json(kind: str, document: dict[str, Any], *, generated_by: str, event
     return (json.dumps(signed, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def _rows(items: list[dict], keys: list[str]) -> list[list[Any]]:
-    return [[_cell(item.get(k)) for k in keys] for item in items]
+def _section(title: str, items: list[dict], keys: list[str]) -> tuple:
+    """A PDF table: its title, its columns, and a row of cells per item."""
+    return title, keys, [[_cell(item.get(k)) for k in keys] for item in items]
+
+
+USAGE_KEYS = ["requests", "errors", "prompt_tokens", "completion_tokens"]
 
 
 def _cell(value: Any) -> str:
@@ -317,80 +321,39 @@ def signed_pdf(kind: str, document: dict[str, Any], *, generated_by: str, event_
                 ("Signing key (sha256)", signing.public_key().fingerprint),
             ],
             sections=[
-                ("User and role changes", event_keys, _rows(document["user_changes"], event_keys)),
-                (
-                    "API keys created and revoked",
-                    event_keys,
-                    _rows(document["api_keys"], event_keys),
-                ),
-                (
+                _section("User and role changes", document["user_changes"], event_keys),
+                _section("API keys created and revoked", document["api_keys"], event_keys),
+                _section(
                     "Models, licences and approval state",
+                    document["models"],
                     ["version", "licence", "state", "state_reason", "source"],
-                    _rows(
-                        document["models"],
-                        ["version", "licence", "state", "state_reason", "source"],
-                    ),
                 ),
-                (
-                    "Approvals and deprecations",
-                    event_keys,
-                    _rows(document["approvals"], event_keys),
-                ),
-                (
+                _section("Approvals and deprecations", document["approvals"], event_keys),
+                _section(
                     "Datasets with personal-data findings",
+                    document["datasets_with_personal_data"],
                     ["version", "licence", "rows", "rows_with_personal_data", "state"],
-                    _rows(
-                        document["datasets_with_personal_data"],
-                        ["version", "licence", "rows", "rows_with_personal_data", "state"],
-                    ),
                 ),
-                (
+                _section(
                     "Fine-tunes",
+                    document["finetunes"],
                     ["name", "base_model", "dataset", "state", "created_at"],
-                    _rows(
-                        document["finetunes"],
-                        ["name", "base_model", "dataset", "state", "created_at"],
-                    ),
                 ),
-                (
-                    "Deployments",
-                    ["name", "model", "adapter", "state"],
-                    _rows(document["deployments"], ["name", "model", "adapter", "state"]),
+                _section(
+                    "Deployments", document["deployments"], ["name", "model", "adapter", "state"]
                 ),
-                (
-                    "Deployment changes",
-                    event_keys,
-                    _rows(document["deployment_changes"], event_keys),
-                ),
-                (
+                _section("Deployment changes", document["deployment_changes"], event_keys),
+                _section(
                     "Inference usage per API key",
-                    ["api_key_prefix", "requests", "errors", "prompt_tokens", "completion_tokens"],
-                    _rows(
-                        document["usage_per_key"],
-                        [
-                            "api_key_prefix",
-                            "requests",
-                            "errors",
-                            "prompt_tokens",
-                            "completion_tokens",
-                        ],
-                    ),
+                    document["usage_per_key"],
+                    ["api_key_prefix", *USAGE_KEYS],
                 ),
-                (
+                _section(
                     "Inference usage per deployment",
-                    ["deployment_name", "requests", "errors", "prompt_tokens", "completion_tokens"],
-                    _rows(
-                        document["usage_per_deployment"],
-                        [
-                            "deployment_name",
-                            "requests",
-                            "errors",
-                            "prompt_tokens",
-                            "completion_tokens",
-                        ],
-                    ),
+                    document["usage_per_deployment"],
+                    ["deployment_name", *USAGE_KEYS],
                 ),
-                ("Licence overrides", event_keys, _rows(document["licence_overrides"], event_keys)),
+                _section("Licence overrides", document["licence_overrides"], event_keys),
             ],
         )
     else:
@@ -409,45 +372,26 @@ def signed_pdf(kind: str, document: dict[str, Any], *, generated_by: str, event_
                 ("Signing key (sha256)", signing.public_key().fingerprint),
             ],
             sections=[
-                (
+                _section(
                     "Provenance (parents, recursively)",
+                    document["provenance"],
                     ["depth", "version", "licence", "state", "source", "sha256"],
-                    _rows(
-                        document["provenance"],
-                        ["depth", "version", "licence", "state", "source", "sha256"],
-                    ),
                 ),
-                (
+                _section(
                     "Produced by fine-tunes",
+                    document["produced_by_finetunes"],
                     ["name", "base_model", "dataset", "state"],
-                    _rows(
-                        document["produced_by_finetunes"],
-                        ["name", "base_model", "dataset", "state"],
-                    ),
                 ),
-                (
+                _section(
                     "History (audit events, approvals included)",
+                    document["history"],
                     ["seq", "at", "actor", "action", "details"],
-                    _rows(document["history"], ["seq", "at", "actor", "action", "details"]),
                 ),
-                (
-                    "Deployments",
-                    ["name", "state", "as"],
-                    _rows(document["deployments"], ["name", "state", "as"]),
-                ),
-                (
+                _section("Deployments", document["deployments"], ["name", "state", "as"]),
+                _section(
                     "Usage per deployment",
-                    ["deployment_name", "requests", "errors", "prompt_tokens", "completion_tokens"],
-                    _rows(
-                        usage["per_deployment"],
-                        [
-                            "deployment_name",
-                            "requests",
-                            "errors",
-                            "prompt_tokens",
-                            "completion_tokens",
-                        ],
-                    ),
+                    usage["per_deployment"],
+                    ["deployment_name", *USAGE_KEYS],
                 ),
             ],
         )
