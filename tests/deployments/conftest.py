@@ -16,3 +16,22 @@ def version(users, settings, tmp_path):
     repo = model_repo_create(actor=admin, name="tiny", licence="mit")
     version = upload_version(admin, repo, write_tiny_gguf(tmp_path / "tiny.gguf"))
     return model_version_approve(actor=admin, version=version, reason="test")
+
+
+def deployment_form(version, **overrides) -> dict:
+    """The deployment form as an admin fills it in."""
+    data = {
+        "name": "tiny-chat",
+        "model_version": version.pk,
+        "preset": "balanced",
+        "context_length": 256,
+        "replicas": 1,
+        "parallel_slots": 1,
+        "gpu_layers": -1,
+        "batch_size": 512,
+        "logging_level": "metadata",
+        "queue_size": 8,
+        "queue_timeout_seconds": 60,
+        "adapter_scale": 1.0,
+    }
+    return {**data, **overrides}

@@ -17,6 +17,7 @@ from apps.registry.services import (
     model_version_approve,
 )
 from tests.conftest import client_for
+from tests.deployments.conftest import deployment_form
 from tests.registry.conftest import upload_version, write_tiny_gguf
 
 
@@ -42,23 +43,7 @@ def test_a_licence_off_the_allow_list_cannot_be_deployed_until_overridden(users,
     assert not Deployment.objects.exists()
 
     # The deployments page shows the same message as a form error.
-    response = client_for(admin).post(
-        "/deployments/",
-        {
-            "name": "llama-chat",
-            "model_version": version.pk,
-            "preset": "balanced",
-            "context_length": 256,
-            "replicas": 1,
-            "parallel_slots": 1,
-            "gpu_layers": -1,
-            "batch_size": 512,
-            "logging_level": "metadata",
-            "queue_size": 8,
-            "queue_timeout_seconds": 60,
-            "adapter_scale": 1.0,
-        },
-    )
+    response = client_for(admin).post("/deployments/", deployment_form(version, name="llama-chat"))
     assert response.status_code == 200
     assert "llama3 is not on the deployment allow-list" in response.content.decode()
 

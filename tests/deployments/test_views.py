@@ -7,32 +7,15 @@ import pytest
 from apps.accounts.models import Role
 from apps.deployments.models import Deployment, State
 from tests.conftest import client_for
-
-
-def _form(version, **overrides):
-    data = {
-        "name": "tiny-chat",
-        "model_version": version.pk,
-        "preset": "balanced",
-        "context_length": 256,
-        "replicas": 1,
-        "parallel_slots": 1,
-        "gpu_layers": -1,
-        "batch_size": 512,
-        "logging_level": "metadata",
-        "queue_size": 8,
-        "queue_timeout_seconds": 60,
-        "adapter_scale": 1.0,
-    }
-    return {**data, **overrides}
+from tests.deployments.conftest import deployment_form
 
 
 def test_bad_settings_are_form_errors(users, version):
     client = client_for(users[Role.ADMIN])
-    response = client.post("/deployments/", _form(version, context_length=4096))
+    response = client.post("/deployments/", deployment_form(version, context_length=4096))
     assert response.status_code == 200
     assert "above the model&#x27;s 256 tokens" in response.content.decode()
-    response = client.post("/deployments/", _form(version, name="no spaces allowed"))
+    response = client.post("/deployments/", deployment_form(version, name="no spaces allowed"))
     assert response.status_code == 200
     assert "Use letters, digits" in response.content.decode()
     assert not Deployment.objects.exists()
@@ -40,13 +23,13 @@ def test_bad_settings_are_form_errors(users, version):
 
 def test_a_duplicate_name_is_refused_with_a_message(users, version):
     client = client_for(users[Role.ADMIN])
-    response = client.post("/deployments/", _form(version))
+    response = client.post("/deployments/", deployment_form(version))
     # No worker is online in this test: the deployment waits for one.
     assert response.status_code == 302
     deployment = Deployment.objects.get(name="tiny-chat")
     assert deployment.state == State.PENDING
     assert "Waiting for a worker" in deployment.state_reason
-    response = client.post("/deployments/", _form(version))
+    response = client.post("/deployments/", deployment_form(version))
     assert response.status_code == 200
     assert "already exists" in response.content.decode()
     assert Deployment.objects.count() == 1
@@ -54,6 +37,6 @@ def test_a_duplicate_name_is_refused_with_a_message(users, version):
 
 @pytest.mark.parametrize("role", [Role.DATA_SCIENTIST, Role.APP_DEVELOPER, Role.COMPLIANCE_OFFICER])
 def test_only_admins_create_deployments(users, version, role):
-    response = client_for(users[role]).post("/deployments/", _form(version))
+    response = client_for(users[role]).post("/deployments/", deployment_form(version))
     assert response.status_code == 403
     assert not Deployment.objects.exists()

@@ -40,7 +40,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import llama_cpp
 from llama_cpp import _internals
@@ -95,6 +95,11 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+
+    @classmethod
+    def of(cls, settings: object) -> Sampling:
+        """The sampling settings of anything that carries them (a RequestSpec)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
 
 def sampler_chain(sampling: Sampling, n_vocab: int, history: list[int]) -> int:

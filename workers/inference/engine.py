@@ -296,15 +296,7 @@ class Replica:
             key=request.request_id,
             prompt=tokens,
             max_tokens=max(1, min(request.max_tokens or room, room)),
-            sampling=Sampling(
-                temperature=request.temperature,
-                top_p=request.top_p,
-                top_k=request.top_k,
-                repeat_penalty=request.repeat_penalty,
-                presence_penalty=request.presence_penalty,
-                frequency_penalty=request.frequency_penalty,
-                seed=request.seed,
-            ),
+            sampling=Sampling.of(request),
             stop=stop,
         )
         started = time.time()
