@@ -236,8 +236,8 @@ MIDDLEWARE = [
 # The OpenAI-compatible API (/v1/, bearer keys) runs with these only (aibox/asgi.py):
 # security headers, the ALLOWED_HOSTS check, and the client address for audit events.
 API_MIDDLEWARE = [
-    "django.middleware.security.SecurityMiddleware",
-    "django.middleware.common.CommonMiddleware",
+    "aibox.middleware.SecurityMiddleware",
+    "aibox.middleware.CommonMiddleware",
     "apps.audit.middleware.AuditContextMiddleware",
 ]
 

@@ -23,7 +23,6 @@ when a chunk carries several (so AIBox's gaps can only look worse, not better).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -38,6 +37,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.sse import chunk_text, sse_chunks, usage_tokens  # noqa: E402
 
 PROMPTS = [
     "The history of the printing press begins",
@@ -86,24 +87,17 @@ def stream_once(client: httpx.Client, url: str, headers: dict, body: dict) -> tu
     start = time.perf_counter()
     first = last = None
     gaps, chunks, usage = [], 0, None
-    with client.stream("POST", url, headers=headers, json=body) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"].get("completion_tokens")
-            choices = chunk.get("choices") or []
-            if not choices or not choices[0].get("text"):
-                continue
-            now = time.perf_counter()
-            if first is None:
-                first = now
-            else:
-                gaps.append(now - last)
-            last = now
-            chunks += 1
+    for chunk in sse_chunks(client, url, headers, body):
+        usage = usage_tokens(chunk) or usage
+        if not chunk_text(chunk):
+            continue
+        now = time.perf_counter()
+        if first is None:
+            first = now
+        else:
+            gaps.append(now - last)
+        last = now
+        chunks += 1
     return (first - start if first else float("nan")), gaps, (usage or chunks)
 
 

@@ -16,6 +16,7 @@ alternates the two so that both see the same machine:
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import sys
 import time
@@ -77,11 +78,13 @@ def main() -> None:
     import django
 
     django.setup()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per request
+    import httpx
     from llama_cpp import Llama
-    from openai import OpenAI
 
     from apps.deployments.models import Deployment
     from apps.registry.services import artifact_store
+    from bench.sse import chunk_text, sse_chunks, usage_tokens
     from workers.hardware import inventory
     from workers.inference.engine import default_threads
 
@@ -102,9 +105,9 @@ def main() -> None:
         verbose=False,
     )
     tokens = llm.tokenize(PROMPT.encode(), add_bos=True, special=False)
-    client = OpenAI(
-        base_url=f"{args.url}/v1", api_key=Path(args.key_file).read_text().strip(), max_retries=0
-    )
+    client = httpx.Client(timeout=600)
+    url = f"{args.url}/v1/completions"
+    headers = {"Authorization": f"Bearer {Path(args.key_file).read_text().strip()}"}
 
     def in_process(max_tokens: int):
         llm.reset()  # as the worker does: no prefix reuse between requests
@@ -113,32 +116,27 @@ def main() -> None:
         )
 
     def over_http(max_tokens: int):
-        return client.completions.create(
-            model=args.model,
-            prompt=PROMPT,
-            max_tokens=max_tokens,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
+        body = {
+            "model": args.model,
+            "prompt": PROMPT,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        return sse_chunks(client, url, headers, body)
 
     def local_text(chunk):
         return chunk["choices"][0]["text"]
 
-    def remote_text(chunk):
-        return chunk.choices[0].text if chunk.choices else ""
-
-    def remote_tokens(chunk):
-        return chunk.usage.completion_tokens if chunk.usage else None
-
     # Warm both paths (page cache, first-request setup).
     timed_stream(lambda: in_process(4), local_text)
-    timed_stream(lambda: over_http(4), remote_text, remote_tokens)
+    timed_stream(lambda: over_http(4), chunk_text, usage_tokens)
 
     local, remote = [], []
     for i in range(args.runs):
         local.append(timed_stream(lambda: in_process(args.tokens), local_text))
-        remote.append(timed_stream(lambda: over_http(args.tokens), remote_text, remote_tokens))
+        remote.append(timed_stream(lambda: over_http(args.tokens), chunk_text, usage_tokens))
         print(
             f"  stream {i + 1}/{args.runs}: in-process {local[-1][1]:.1f} tok/s, "
             f"HTTP {remote[-1][1]:.1f} tok/s",
