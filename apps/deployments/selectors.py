@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,14 +106,14 @@ def worker_get(hostname: str) -> WorkerStatus | None:
     return parse_heartbeat(_redis().get(protocol.heartbeat_key(hostname)))
 
 
-def replicas_serving(deployment: Deployment) -> list[tuple[Replica, WorkerStatus]]:
-    """The deployment's ready replicas whose worker is online and holds them now.
+def replicas_serving(replicas: Iterable[Replica]) -> list[tuple[Replica, WorkerStatus]]:
+    """The ready replicas (of one deployment) whose worker is online and holds them now.
 
     The database says what should run; only a live heartbeat that lists the replica's
     current generation says it does (after a restart the database may still say ready).
     """
     serving = []
-    for replica in deployment.replica_set.all():
+    for replica in replicas:
         if replica.state != State.READY:
             continue
         worker = worker_get(replica.worker)

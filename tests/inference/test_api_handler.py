@@ -4,6 +4,7 @@ the Host header, sets the security headers and answers in OpenAI's error shape."
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
@@ -16,7 +17,9 @@ def _get(path: str, **headers: str) -> httpx.Response:
         async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             return await client.get(path, headers=headers)
 
-    return asyncio.run(go())
+    # On a thread of its own: a browser test may leave this one with a running loop.
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, go()).result()
 
 
 def test_missing_key_is_401_with_security_headers():

@@ -72,7 +72,9 @@ class Command(BaseCommand):
         last = None
         while time.monotonic() < deadline:
             deployment.refresh_from_db()
-            serving = deployment.state == State.READY and selectors.replicas_serving(deployment)
+            serving = deployment.state == State.READY and selectors.replicas_serving(
+                deployment.replica_set.all()
+            )
             if deployment.state == State.READY and not serving:
                 line = "Waiting for a worker to load it"  # the database remembers the last run
             else:
