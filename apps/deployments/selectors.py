@@ -56,7 +56,8 @@ class WorkerStatus:
 _clients: dict[str, redis.Redis] = {}
 
 
-def _redis() -> redis.Redis:
+def sync_redis() -> redis.Redis:
+    """This process's client for the control plane's Redis (sync code: views, tasks)."""
     # One client (a thread-safe connection pool) per URL and process.
     client = _clients.get(settings.REDIS_URL)
     if client is None:
@@ -90,7 +91,7 @@ def parse_heartbeat(raw: bytes | str | None, *, now: float | None = None) -> Wor
 
 def worker_list() -> list[WorkerStatus]:
     """Every worker seen in the last day, online ones first."""
-    client = _redis()
+    client = sync_redis()
     names = sorted(n.decode() for n in client.smembers(protocol.WORKERS_SET))
     if not names:
         return []
@@ -103,7 +104,7 @@ def worker_list() -> list[WorkerStatus]:
 
 
 def worker_get(hostname: str) -> WorkerStatus | None:
-    return parse_heartbeat(_redis().get(protocol.heartbeat_key(hostname)))
+    return parse_heartbeat(sync_redis().get(protocol.heartbeat_key(hostname)))
 
 
 def replicas_serving(replicas: Iterable[Replica]) -> list[tuple[Replica, WorkerStatus]]:

@@ -200,11 +200,11 @@ class Call:
     admitted: bool = False
     finished: bool = False
 
-    async def admit(self) -> None:
-        client = redis_client()
+    def admit(self) -> None:
+        """Take a place in the deployment's bound (sync: dispatched with the routing)."""
         now = time.time()
         expires = now + self.route.queue_timeout + ADMISSION_GRACE_SECONDS
-        ok = await client.eval(
+        ok = deployment_selectors.sync_redis().eval(
             _ADMIT,
             1,
             protocol.admission_key(self.route.deployment_id),

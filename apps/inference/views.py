@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -115,15 +115,13 @@ class Exchange:
         self.outcome = ""
         self.prompt_log: Any = None
         self.output: list[str] = []
+        self.refused: ApiError | None = None  # admission said no: answer and record that
         self._finishing: asyncio.Future | None = None
 
-    async def start(self, spec_fields: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Admit, dispatch, and return the events once the worker has started the request."""
-        await self.call.admit()
-        spec = self.call.spec(**spec_fields).as_dict()
-        await sync_to_async(send_to_worker, thread_sensitive=False)(
-            inference_submit, self.call.route.worker, spec
-        )
+    async def start(self) -> AsyncIterator[dict[str, Any]]:
+        """The worker's events, once it has started the request (``_dispatch`` sent it)."""
+        if self.refused is not None:
+            raise self.refused
         events = self.call.events()
         first = await anext(events)
         if first["type"] == protocol.ERROR:
@@ -179,28 +177,79 @@ class Exchange:
         )
 
 
+def _open(
+    caller: Caller,
+    kind: str,
+    model: str,
+    stream: bool,
+    spec_fields: Callable[[gateway.Route], dict[str, Any]],
+) -> Exchange:
+    """Route, admit and hand the request to its worker.
+
+    All three are sync (the ORM, Redis, Celery) and run in one thread switch: on a small
+    box each switch costs a request about a millisecond. A routing error raises (no
+    deployment was reached, nothing to record); a refused admission is kept on the
+    exchange, which records it.
+    """
+    route = gateway.route(caller, model)
+    fields = spec_fields(route)
+    exchange = Exchange(caller, route, kind, stream)
+    try:
+        exchange.call.admit()
+    except ApiError as exc:
+        exchange.refused = exc
+        return exchange
+    spec = exchange.call.spec(**fields).as_dict()
+    send_to_worker(inference_submit, route.worker, spec)
+    return exchange
+
+
+async def _dispatch(
+    caller: Caller,
+    kind: str,
+    model: str,
+    stream: bool,
+    spec_fields: Callable[[gateway.Route], dict[str, Any]],
+) -> Exchange:
+    """``_open`` on a thread; a client that leaves meanwhile still gets its request
+    cancelled and its admission released once the thread is done."""
+    opening = asyncio.ensure_future(sync_to_async(_open)(caller, kind, model, stream, spec_fields))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        opening.add_done_callback(_abandon)
+        raise
+
+
+def _abandon(opening: asyncio.Future) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().finish_soon(cancelled=True)
+
+
 async def _generate(request: HttpRequest, caller: Caller, kind: str) -> HttpResponse:
     try:
         data = openai_api.parse_json(request.body)
         parsed = (
             openai_api.parse_chat(data) if kind == "chat" else openai_api.parse_completion(data)
         )
-        route = await sync_to_async(gateway.route)(caller, parsed.model)
+
+        def spec_fields(route: gateway.Route) -> dict[str, Any]:
+            return {
+                "messages": parsed.messages,
+                "prompt": parsed.prompt,
+                "max_tokens": parsed.max_tokens,
+                "seed": parsed.seed,
+                "stop": parsed.stop,
+                **route.sampling,
+                **parsed.sampling,
+            }
+
+        exchange = await _dispatch(caller, kind, parsed.model, parsed.stream, spec_fields)
     except ApiError as exc:
         return exc.response()
-    exchange = Exchange(caller, route, kind, parsed.stream)
     exchange.prompt_log = parsed.messages if kind == "chat" else parsed.prompt
-    sampling = {**route.sampling, **parsed.sampling}
-    spec_fields = {
-        "messages": parsed.messages,
-        "prompt": parsed.prompt,
-        "max_tokens": parsed.max_tokens,
-        "seed": parsed.seed,
-        "stop": parsed.stop,
-        **sampling,
-    }
     try:
-        events = await exchange.start(spec_fields)
+        events = await exchange.start()
     except ApiError as exc:
         exchange.fail(exc)
         await exchange.finish()
@@ -208,7 +257,7 @@ async def _generate(request: HttpRequest, caller: Caller, kind: str) -> HttpResp
     except asyncio.CancelledError:
         await exchange.finish(cancelled=True)
         raise
-    shape = _Shape(kind, route, exchange.call.request_id)
+    shape = _Shape(kind, exchange.call.route, exchange.call.request_id)
     if parsed.stream:
         response = StreamingHttpResponse(
             _stream(exchange, events, shape, parsed.include_usage),
@@ -346,19 +395,22 @@ class _Shape:
 async def _embeddings(request: HttpRequest, caller: Caller) -> HttpResponse:
     try:
         parsed = openai_api.parse_embedding(openai_api.parse_json(request.body))
-        route = await sync_to_async(gateway.route)(caller, parsed.model)
-        if not route.embeddings:
-            raise openai_api.bad_request(
-                f"The model '{parsed.model}' does not serve embeddings.", param="model"
-            )
+
+        def spec_fields(route: gateway.Route) -> dict[str, Any]:
+            if not route.embeddings:
+                raise openai_api.bad_request(
+                    f"The model '{parsed.model}' does not serve embeddings.", param="model"
+                )
+            return {"inputs": parsed.inputs}
+
+        exchange = await _dispatch(caller, "embedding", parsed.model, False, spec_fields)
     except ApiError as exc:
         return exc.response()
-    exchange = Exchange(caller, route, "embedding", stream=False)
     exchange.prompt_log = parsed.inputs
     vectors: list[list[float]] = []
     cancelled = False
     try:
-        events = await exchange.start({"inputs": parsed.inputs})
+        events = await exchange.start()
         async for event in events:
             if event["type"] == protocol.EMBEDDING:
                 vectors = event["data"]
@@ -385,7 +437,7 @@ async def _embeddings(request: HttpRequest, caller: Caller) -> HttpResponse:
                 }
                 for i, vector in enumerate(vectors)
             ],
-            "model": route.deployment_name,
+            "model": exchange.call.route.deployment_name,
             "usage": {
                 "prompt_tokens": exchange.prompt_tokens,
                 "total_tokens": exchange.prompt_tokens,
