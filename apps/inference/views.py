@@ -204,16 +204,10 @@ def _open(
     return exchange
 
 
-async def _dispatch(
-    caller: Caller,
-    kind: str,
-    model: str,
-    stream: bool,
-    spec_fields: Callable[[gateway.Route], dict[str, Any]],
-) -> Exchange:
-    """``_open`` on a thread; a client that leaves meanwhile still gets its request
-    cancelled and its admission released once the thread is done."""
-    opening = asyncio.ensure_future(sync_to_async(_open)(caller, kind, model, stream, spec_fields))
+async def _dispatch(*open_args: Any) -> Exchange:
+    """``_open(*open_args)`` on a thread; a client that leaves meanwhile still gets its
+    request cancelled and its admission released once the thread is done."""
+    opening = asyncio.ensure_future(sync_to_async(_open)(*open_args))
     try:
         return await asyncio.shield(opening)
     except asyncio.CancelledError:
