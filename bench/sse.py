@@ -1,8 +1,8 @@
 """A lean reader of OpenAI-style server-sent event streams, shared by the benchmarks.
 
 httpx plus ``json.loads`` per line, the least a client must do to read a stream. The
-official ``openai`` package also builds a pydantic object per chunk, which costs about
-0.9 ms of CPU per token on the 2-core box (measured with ``/proc``); when the client
+official ``openai`` package also builds a pydantic object per chunk: 0.76 ms of CPU per
+token on the 2-core box against 0.35 ms for this reader (measured with ``/proc``); when the client
 shares the cores with llama.cpp that cost would be charged to AIBox's path.
 """
 

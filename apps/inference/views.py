@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -177,22 +177,23 @@ class Exchange:
         )
 
 
-def _open(
-    caller: Caller,
-    kind: str,
-    model: str,
-    stream: bool,
-    spec_fields: Callable[[gateway.Route], dict[str, Any]],
-) -> Exchange:
+def _open(caller: Caller, kind: str, model: str, stream: bool, fields: dict[str, Any]) -> Exchange:
     """Route, admit and hand the request to its worker.
 
     All three are sync (the ORM, Redis, Celery) and run in one thread switch: on a small
     box each switch costs a request about a millisecond. A routing error raises (no
     deployment was reached, nothing to record); a refused admission is kept on the
-    exchange, which records it.
+    exchange, which records it. ``fields`` are the request's; a generation's sampling
+    settings fall back to the deployment's preset.
     """
     route = gateway.route(caller, model)
-    fields = spec_fields(route)
+    if kind == "embedding":
+        if not route.embeddings:
+            raise openai_api.bad_request(
+                f"The model '{model}' does not serve embeddings.", param="model"
+            )
+    else:
+        fields = {**route.sampling, **fields}
     exchange = Exchange(caller, route, kind, stream)
     try:
         exchange.call.admit()
@@ -226,19 +227,15 @@ async def _generate(request: HttpRequest, caller: Caller, kind: str) -> HttpResp
         parsed = (
             openai_api.parse_chat(data) if kind == "chat" else openai_api.parse_completion(data)
         )
-
-        def spec_fields(route: gateway.Route) -> dict[str, Any]:
-            return {
-                "messages": parsed.messages,
-                "prompt": parsed.prompt,
-                "max_tokens": parsed.max_tokens,
-                "seed": parsed.seed,
-                "stop": parsed.stop,
-                **route.sampling,
-                **parsed.sampling,
-            }
-
-        exchange = await _dispatch(caller, kind, parsed.model, parsed.stream, spec_fields)
+        fields = {
+            "messages": parsed.messages,
+            "prompt": parsed.prompt,
+            "max_tokens": parsed.max_tokens,
+            "seed": parsed.seed,
+            "stop": parsed.stop,
+            **parsed.sampling,
+        }
+        exchange = await _dispatch(caller, kind, parsed.model, parsed.stream, fields)
     except ApiError as exc:
         return exc.response()
     exchange.prompt_log = parsed.messages if kind == "chat" else parsed.prompt
@@ -389,15 +386,8 @@ class _Shape:
 async def _embeddings(request: HttpRequest, caller: Caller) -> HttpResponse:
     try:
         parsed = openai_api.parse_embedding(openai_api.parse_json(request.body))
-
-        def spec_fields(route: gateway.Route) -> dict[str, Any]:
-            if not route.embeddings:
-                raise openai_api.bad_request(
-                    f"The model '{parsed.model}' does not serve embeddings.", param="model"
-                )
-            return {"inputs": parsed.inputs}
-
-        exchange = await _dispatch(caller, "embedding", parsed.model, False, spec_fields)
+        fields = {"inputs": parsed.inputs}
+        exchange = await _dispatch(caller, "embedding", parsed.model, False, fields)
     except ApiError as exc:
         return exc.response()
     exchange.prompt_log = parsed.inputs
