@@ -39,6 +39,7 @@ class DeploymentForm(forms.ModelForm):
             "gpu_layers",
             "batch_size",
             "embeddings",
+            "stream_interval_ms",
             "logging_level",
             "queue_size",
             "queue_timeout_seconds",

@@ -89,6 +89,14 @@ class Deployment(models.Model):
         default=1, validators=[MinValueValidator(1), MaxValueValidator(64)]
     )
     embeddings = models.BooleanField(default=False)
+    stream_interval_ms = models.PositiveSmallIntegerField(
+        "Stream interval (ms)",
+        default=100,
+        validators=[MaxValueValidator(1000)],
+        help_text="Tokens generated within this interval reach a streaming client as one "
+        "chunk (the first token goes at once). 0 sends every token on its own: smoother, "
+        "but each chunk costs CPU that a CPU-only box takes from the model.",
+    )
     preset = models.CharField(max_length=16, choices=Preset.choices, default=Preset.BALANCED)
     chat_template = models.TextField(
         blank=True, help_text="Overrides the model's chat template (Jinja, as in Hugging Face)."

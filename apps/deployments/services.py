@@ -41,6 +41,7 @@ SETTINGS_FIELDS = (
     "batch_size",
     "parallel_slots",
     "embeddings",
+    "stream_interval_ms",
     "preset",
     "chat_template",
     "replicas",
@@ -206,6 +207,7 @@ def _replica_spec(replica: Replica) -> ReplicaSpec:
         chat_template=deployment.chat_template,
         has_chat_template=version.has_chat_template,
         queue_size=deployment.queue_size,
+        stream_interval_ms=deployment.stream_interval_ms,
     )
 
 

@@ -44,6 +44,9 @@
       model: $("pg-deployment").value,
       messages: messages.concat(history),
       stream: true,
+      // A chunk may carry several tokens (the deployment's stream interval): the usage
+      // chunk at the end says how many there were.
+      stream_options: { include_usage: true },
       max_tokens: parseInt($("pg-max-tokens").value, 10) || 128,
     };
     const temperature = $("pg-temperature").value;
@@ -54,7 +57,8 @@
     $("pg-stop").disabled = false;
     const started = performance.now();
     let firstToken = null;
-    let chunks = 0;
+    let lastText = null;
+    let tokens = 0;
     let answer = "";
     try {
       const response = await fetch(root.dataset.url, {
@@ -84,10 +88,11 @@
           if (payload === "[DONE]") continue;
           const data = JSON.parse(payload);
           if (data.error) throw new Error(data.error.message);
+          if (data.usage) tokens = data.usage.completion_tokens;
           const delta = data.choices && data.choices[0] && data.choices[0].delta;
           if (delta && delta.content) {
-            if (firstToken === null) firstToken = performance.now();
-            chunks += 1;
+            lastText = performance.now();
+            if (firstToken === null) firstToken = lastText;
             answer += delta.content;
             output.textContent = answer;
           }
@@ -100,10 +105,11 @@
     } finally {
       const total = performance.now() - started;
       if (firstToken !== null) {
-        const rate = chunks > 1 ? (chunks - 1) / ((performance.now() - firstToken) / 1000) : 0;
+        const rate =
+          tokens > 1 && lastText > firstToken ? (tokens - 1) / ((lastText - firstToken) / 1000) : 0;
         $("pg-stats").textContent =
           "First token " + Math.round(firstToken - started) + " ms · " +
-          rate.toFixed(1) + " tokens/s · " + chunks + " tokens in " + Math.round(total) + " ms";
+          rate.toFixed(1) + " tokens/s · " + tokens + " tokens in " + Math.round(total) + " ms";
       }
       $("pg-send").disabled = false;
       $("pg-stop").disabled = true;

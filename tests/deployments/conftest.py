@@ -32,6 +32,7 @@ def deployment_form(version, **overrides) -> dict:
         "logging_level": "metadata",
         "queue_size": 8,
         "queue_timeout_seconds": 60,
+        "stream_interval_ms": 50,
         "adapter_scale": 1.0,
     }
     return {**data, **overrides}

@@ -18,6 +18,9 @@ def test_bad_settings_are_form_errors(users, version):
     response = client.post("/deployments/", deployment_form(version, name="no spaces allowed"))
     assert response.status_code == 200
     assert "Use letters, digits" in response.content.decode()
+    response = client.post("/deployments/", deployment_form(version, stream_interval_ms=5000))
+    assert response.status_code == 200
+    assert "less than or equal to 1000" in response.content.decode()
     assert not Deployment.objects.exists()
 
 

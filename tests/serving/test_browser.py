@@ -50,6 +50,7 @@ def test_deploy_from_the_ui_and_stream_in_the_playground(browser, stack):
         expect(page.locator("#pg-stats")).to_contain_text(re.compile(r"tokens/s"))
         expect(page.get_by_role("button", name="Send")).to_be_enabled()
         shown = answer.inner_text()
+        stats = page.locator("#pg-stats").inner_text()
     finally:
         context.close()
 
@@ -57,4 +58,6 @@ def test_deploy_from_the_ui_and_stream_in_the_playground(browser, stack):
     assert record.username == "serve-admin" and record.stream
     # Full logging keeps the whole answer the browser showed.
     assert record.output_text.strip() == shown.strip()
+    # The count shown is the stream's usage, not its chunks (a chunk may hold several).
+    assert f" {record.completion_tokens} tokens in " in stats
     assert Deployment.objects.get(name="gemma-ui").created_by.username == "serve-admin"

@@ -67,6 +67,31 @@ def test_streamed_chat_matches_the_whole_answer_under_greedy_decoding(openai_cli
     assert chunks[-1].usage.completion_tokens > 0
 
 
+def test_stream_interval_groups_tokens_but_sends_the_first_at_once(stack, openai_client):
+    """A deployment's stream interval: fewer, larger chunks, the same text and usage."""
+    # As "gemma" is deployed, so that greedy answers match token for token.
+    stack.deploy("gemma-chunky", context_length=512, preset="precise", stream_interval_ms=1000)
+    args = {"prompt": "The history of the printing press", "temperature": 0}
+    whole = openai_client.completions.create(model="gemma", max_tokens=24, **args)
+    first = openai_client.completions.create(model="gemma", max_tokens=1, **args)
+    chunks = list(
+        openai_client.completions.create(
+            model="gemma-chunky",
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+            **args,
+        )
+    )
+    texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+    assert "".join(texts) == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 24
+    # The first token is not held back for the interval: it is a chunk of its own.
+    assert texts[0] == first.choices[0].text
+    # The other 23 tokens come in a few chunks (one per second of generation at most).
+    assert len(texts) < 8
+
+
 def test_every_stream_is_on_record_when_the_client_closes_at_done(stack, openai_client):
     """The openai package closes a stream as soon as it reads [DONE]; the record stays.
 

@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 # How long an idle replica waits on its queue before looking at its stop flag again.
 IDLE_POLL_SECONDS = 0.5
+# A request that waited in the replica's queue longer than this is checked for a cancel
+# before it starts. One taken sooner is not (a Redis round trip on every request's path):
+# had its client left already, the first event's write reads the flag and ends it.
+CANCEL_CHECK_AFTER_SECONDS = 0.1
 
 
 class EventSink(Protocol):
@@ -69,6 +73,9 @@ class _Running:
     request: RequestSpec
     sequence: Sequence
     started: float
+    # Text generated since the last delta was sent, and when the next one may go.
+    unsent: list[str] = field(default_factory=list)
+    send_after: float = 0.0
 
 
 class Replica:
@@ -86,7 +93,10 @@ class Replica:
         self.sink = sink
         self._model_path = model_path
         self._threads = spec.threads or default_threads(cpu_cores)
-        self._queue: queue.Queue[RequestSpec | None] = queue.Queue(maxsize=spec.queue_size)
+        # Requests with the time they arrived (monotonic); None wakes an idle thread.
+        self._queue: queue.Queue[tuple[RequestSpec, float] | None] = queue.Queue(
+            maxsize=spec.queue_size
+        )
         self._stopping = threading.Event()
         self._stop_reason = ""
         self._counters = _Counters()
@@ -189,7 +199,7 @@ class Replica:
             self._fail(request, protocol.REPLICA_UNAVAILABLE, "The deployment is stopping.")
             return
         try:
-            self._queue.put_nowait(request)
+            self._queue.put_nowait((request, time.monotonic()))
         except queue.Full:
             self._fail(request, protocol.QUEUE_FULL, "The deployment's queue is full.")
 
@@ -221,11 +231,11 @@ class Replica:
     def _drain_queue(self, reason: str) -> None:
         while True:
             try:
-                request = self._queue.get_nowait()
+                queued = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if request is not None:
-                self._fail(request, protocol.REPLICA_UNAVAILABLE, reason)
+            if queued is not None:
+                self._fail(queued[0], protocol.REPLICA_UNAVAILABLE, reason)
 
     # -- the serving thread ----------------------------------------------------
 
@@ -251,13 +261,14 @@ class Replica:
         while scheduler.free_slots and not self._stopping.is_set():
             try:
                 if self._running:
-                    request = self._queue.get_nowait()
+                    queued = self._queue.get_nowait()
                 else:
-                    request = self._queue.get(timeout=IDLE_POLL_SECONDS)
+                    queued = self._queue.get(timeout=IDLE_POLL_SECONDS)
             except queue.Empty:
                 return
-            if request is None:
+            if queued is None:
                 continue
+            request, arrived = queued
             if time.time() > request.deadline:
                 self._fail(
                     request,
@@ -265,7 +276,8 @@ class Replica:
                     "The request waited too long in the deployment's queue.",
                 )
                 continue
-            if self.sink.cancelled(request.request_id):
+            waited = time.monotonic() - arrived
+            if waited > CANCEL_CHECK_AFTER_SECONDS and self.sink.cancelled(request.request_id):
                 self._counters.cancelled += 1
                 continue
             try:
@@ -321,9 +333,9 @@ class Replica:
         running = self._running.get(sequence.key)
         if running is None:
             return
-        if output.text and self.sink.send(
-            sequence.key, {"type": protocol.DELTA, "text": output.text}
-        ):
+        if output.text:
+            running.unsent.append(output.text)
+        if running.unsent and self._send_text(running, output.finished):
             # The client went away: free the slot for the next request now.
             self.scheduler.release(sequence)
             del self._running[sequence.key]
@@ -344,6 +356,22 @@ class Replica:
                 "generation_ms": round((time.time() - running.started) * 1000, 1),
             },
         )
+
+    def _send_text(self, running: _Running, finished: bool) -> bool:
+        """Send the text not yet sent, unless the deployment's stream interval holds it.
+
+        The first text goes at once (time to first token); later text waits until the
+        interval since the last delta has passed, or the sequence finishes. Each delta
+        costs the worker, Redis, the web process and the client a wake-up: on a small
+        CPU box those take cores from the model. Returns True if the client cancelled.
+        """
+        now = time.monotonic()
+        if not finished and now < running.send_after:
+            return False
+        text = "".join(running.unsent)
+        running.unsent.clear()
+        running.send_after = now + self.spec.stream_interval_ms / 1000
+        return self.sink.send(running.sequence.key, {"type": protocol.DELTA, "text": text})
 
     def _end_all(self, code: str, message: str) -> None:
         for running in list(self._running.values()):

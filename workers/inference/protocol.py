@@ -59,6 +59,8 @@ class ReplicaSpec:
     chat_template: str = ""
     has_chat_template: bool = False
     queue_size: int = 8
+    # Text generated within this many ms after a delta goes out as one delta (0: each token).
+    stream_interval_ms: int = 0
     # A LoRA adapter applied on load (fetched and verified like the model).
     adapter_sha256: str = ""
     adapter_source_path: str = ""
