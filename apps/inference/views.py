@@ -7,8 +7,9 @@ cancels the view when the client disconnects, which cancels the generation too.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -59,7 +60,13 @@ def _outcome(status: int) -> str:
     return Outcome.CLIENT_ERROR if status < 500 else Outcome.ERROR
 
 
-async def _bearer_caller(request: HttpRequest) -> Caller:
+# Who is calling: a sync callable, run on the thread that does the request's other
+# database work (one thread switch per request, see ``_open``).
+Authorize = Callable[[], Caller]
+
+
+def _bearer(request: HttpRequest) -> Authorize:
+    """The request's API key, to be checked on the thread (a missing one is a 401 now)."""
     header = request.headers.get("Authorization", "")
     scheme, _, raw_key = header.partition(" ")
     if scheme.lower() != "bearer" or not raw_key.strip():
@@ -68,18 +75,21 @@ async def _bearer_caller(request: HttpRequest) -> Caller:
             "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
             code="invalid_api_key",
         )
+    return functools.partial(_key_caller, raw_key.strip())
+
+
+def _key_caller(raw_key: str) -> Caller:
     try:
-        key = await sync_to_async(api_key_authenticate)(raw_key=raw_key.strip())
+        key = api_key_authenticate(raw_key=raw_key)
     except ApiKeyRejected as exc:
         raise ApiError(401, str(exc), code="invalid_api_key") from exc
     return Caller(user=key.user, api_key=key)
 
 
-async def _session_caller(request: HttpRequest) -> Caller:
-    user = await request.auser()
-    if not user.is_authenticated:
+def _session_caller(request: HttpRequest) -> Caller:
+    if not request.user.is_authenticated:
         raise ApiError(401, "Sign in to use the playground.", code="not_signed_in")
-    return Caller(user=user)
+    return Caller(user=request.user)
 
 
 def _write_usage_record(**fields: Any) -> None:
@@ -102,10 +112,17 @@ _unfinished: set[asyncio.Future] = set()
 class Exchange:
     """One request: the call to a worker plus what its usage record needs."""
 
-    def __init__(self, caller: Caller, route: gateway.Route, kind: str, stream: bool) -> None:
+    def __init__(
+        self,
+        caller: Caller,
+        route: gateway.Route,
+        kind: str,
+        parsed: openai_api.Generation | openai_api.Embedding,
+    ) -> None:
         self.caller = caller
         self.call = Call(route=route, kind=kind)
-        self.stream = stream
+        self.parsed = parsed
+        self.stream = isinstance(parsed, openai_api.Generation) and parsed.stream
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.queue_ms: float | None = None
@@ -113,7 +130,12 @@ class Exchange:
         self.status = 200
         self.error = ""
         self.outcome = ""
-        self.prompt_log: Any = None
+        # What the usage record logs of the input, as the deployment's level says.
+        self.prompt_log: Any = {
+            "chat": getattr(parsed, "messages", None),
+            "completion": getattr(parsed, "prompt", None),
+            "embedding": getattr(parsed, "inputs", None),
+        }[kind]
         self.output: list[str] = []
         self.refused: ApiError | None = None  # admission said no: answer and record that
         self._finishing: asyncio.Future | None = None
@@ -177,24 +199,47 @@ class Exchange:
         )
 
 
-def _open(caller: Caller, kind: str, model: str, stream: bool, fields: dict[str, Any]) -> Exchange:
-    """Route, admit and hand the request to its worker.
+def _parse(
+    kind: str, body: bytes
+) -> tuple[openai_api.Generation | openai_api.Embedding, dict[str, Any]]:
+    """The request body, checked, and the fields of the worker's request spec."""
+    data = openai_api.parse_json(body)
+    if kind == "embedding":
+        parsed = openai_api.parse_embedding(data)
+        return parsed, {"inputs": parsed.inputs}
+    parsed = openai_api.parse_chat(data) if kind == "chat" else openai_api.parse_completion(data)
+    fields = {
+        "messages": parsed.messages,
+        "prompt": parsed.prompt,
+        "max_tokens": parsed.max_tokens,
+        "seed": parsed.seed,
+        "stop": parsed.stop,
+        **parsed.sampling,
+    }
+    return parsed, fields
 
-    All three are sync (the ORM, Redis, Celery) and run in one thread switch: on a small
-    box each switch costs a request about a millisecond. A routing error raises (no
-    deployment was reached, nothing to record); a refused admission is kept on the
-    exchange, which records it. ``fields`` are the request's; a generation's sampling
-    settings fall back to the deployment's preset.
+
+def _open(authorize: Authorize, kind: str, body: bytes) -> Exchange:
+    """Authenticate, parse, route, admit and hand the request to its worker.
+
+    The database, Redis and Celery are sync: all of it runs in one thread switch (on a
+    small box each switch costs a request about a millisecond). The key is checked
+    before the body, so a bad key is a 401 whatever the body. An error before routing
+    is done raises (no deployment was reached, nothing to record); a refused admission
+    is kept on the exchange, which records it. A generation's sampling settings fall
+    back to the deployment's preset.
     """
-    route = gateway.route(caller, model)
+    caller = authorize()
+    parsed, fields = _parse(kind, body)
+    route = gateway.route(caller, parsed.model)
     if kind == "embedding":
         if not route.embeddings:
             raise openai_api.bad_request(
-                f"The model '{model}' does not serve embeddings.", param="model"
+                f"The model '{parsed.model}' does not serve embeddings.", param="model"
             )
     else:
         fields = {**route.sampling, **fields}
-    exchange = Exchange(caller, route, kind, stream)
+    exchange = Exchange(caller, route, kind, parsed)
     try:
         exchange.call.admit()
     except ApiError as exc:
@@ -221,24 +266,12 @@ def _abandon(opening: asyncio.Future) -> None:
         opening.result().finish_soon(cancelled=True)
 
 
-async def _generate(request: HttpRequest, caller: Caller, kind: str) -> HttpResponse:
+async def _generate(request: HttpRequest, authorize: Authorize, kind: str) -> HttpResponse:
     try:
-        data = openai_api.parse_json(request.body)
-        parsed = (
-            openai_api.parse_chat(data) if kind == "chat" else openai_api.parse_completion(data)
-        )
-        fields = {
-            "messages": parsed.messages,
-            "prompt": parsed.prompt,
-            "max_tokens": parsed.max_tokens,
-            "seed": parsed.seed,
-            "stop": parsed.stop,
-            **parsed.sampling,
-        }
-        exchange = await _dispatch(caller, kind, parsed.model, parsed.stream, fields)
+        exchange = await _dispatch(authorize, kind, request.body)
     except ApiError as exc:
         return exc.response()
-    exchange.prompt_log = parsed.messages if kind == "chat" else parsed.prompt
+    parsed = exchange.parsed
     try:
         events = await exchange.start()
     except ApiError as exc:
@@ -383,14 +416,12 @@ class _Shape:
         return {**self._base(False), "choices": [choice], "usage": self._usage(exchange)}
 
 
-async def _embeddings(request: HttpRequest, caller: Caller) -> HttpResponse:
+async def _embeddings(request: HttpRequest, authorize: Authorize) -> HttpResponse:
     try:
-        parsed = openai_api.parse_embedding(openai_api.parse_json(request.body))
-        fields = {"inputs": parsed.inputs}
-        exchange = await _dispatch(caller, "embedding", parsed.model, False, fields)
+        exchange = await _dispatch(authorize, "embedding", request.body)
     except ApiError as exc:
         return exc.response()
-    exchange.prompt_log = parsed.inputs
+    parsed = exchange.parsed
     vectors: list[list[float]] = []
     cancelled = False
     try:
@@ -435,30 +466,30 @@ def _api(handler):
 
     async def view(request: HttpRequest, **kwargs: Any) -> HttpResponse:
         try:
-            caller = await _bearer_caller(request)
+            authorize = _bearer(request)
         except ApiError as exc:
             return exc.response()
-        return await handler(request, caller, **kwargs)
+        return await handler(request, authorize, **kwargs)
 
     return csrf_exempt(view)
 
 
 @require_POST
 @_api
-async def chat_completions(request: HttpRequest, caller: Caller) -> HttpResponse:
-    return await _generate(request, caller, "chat")
+async def chat_completions(request: HttpRequest, authorize: Authorize) -> HttpResponse:
+    return await _generate(request, authorize, "chat")
 
 
 @require_POST
 @_api
-async def completions(request: HttpRequest, caller: Caller) -> HttpResponse:
-    return await _generate(request, caller, "completion")
+async def completions(request: HttpRequest, authorize: Authorize) -> HttpResponse:
+    return await _generate(request, authorize, "completion")
 
 
 @require_POST
 @_api
-async def embeddings(request: HttpRequest, caller: Caller) -> HttpResponse:
-    return await _embeddings(request, caller)
+async def embeddings(request: HttpRequest, authorize: Authorize) -> HttpResponse:
+    return await _embeddings(request, authorize)
 
 
 def _model_object(deployment: Deployment) -> dict[str, Any]:
@@ -471,7 +502,8 @@ def _model_object(deployment: Deployment) -> dict[str, Any]:
     }
 
 
-def _visible_models(caller: Caller) -> list[dict[str, Any]]:
+def _visible_models(authorize: Authorize) -> list[dict[str, Any]]:
+    caller = authorize()
     gateway.check_inference_access(caller)
     return [
         _model_object(d)
@@ -482,9 +514,9 @@ def _visible_models(caller: Caller) -> list[dict[str, Any]]:
 
 @require_GET
 @_api
-async def models(request: HttpRequest, caller: Caller) -> HttpResponse:
+async def models(request: HttpRequest, authorize: Authorize) -> HttpResponse:
     try:
-        data = await sync_to_async(_visible_models)(caller)
+        data = await sync_to_async(_visible_models)(authorize)
     except ApiError as exc:
         return exc.response()
     return JsonResponse({"object": "list", "data": data})
@@ -492,9 +524,9 @@ async def models(request: HttpRequest, caller: Caller) -> HttpResponse:
 
 @require_GET
 @_api
-async def model_detail(request: HttpRequest, caller: Caller, name: str) -> HttpResponse:
+async def model_detail(request: HttpRequest, authorize: Authorize, name: str) -> HttpResponse:
     try:
-        data = await sync_to_async(_visible_models)(caller)
+        data = await sync_to_async(_visible_models)(authorize)
     except ApiError as exc:
         return exc.response()
     match = next((m for m in data if m["id"] == name), None)
@@ -506,8 +538,4 @@ async def model_detail(request: HttpRequest, caller: Caller, name: str) -> HttpR
 @require_POST
 async def playground_chat(request: HttpRequest) -> HttpResponse:
     """The playground's chat: the signed-in user's session (and CSRF token), no API key."""
-    try:
-        caller = await _session_caller(request)
-    except ApiError as exc:
-        return exc.response()
-    return await _generate(request, caller, "chat")
+    return await _generate(request, functools.partial(_session_caller, request), "chat")
