@@ -386,6 +386,12 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"per_request_tasks": {"()": "aibox.logfilters.QuietPerRequestTasks"}},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
-    "loggers": {"axes": {"level": "WARNING"}},
+    "loggers": {
+        "axes": {"level": "WARNING"},
+        # Celery's "Task ... received" and "... succeeded" lines.
+        "celery.worker.strategy": {"filters": ["per_request_tasks"]},
+        "celery.app.trace": {"filters": ["per_request_tasks"]},
+    },
 }

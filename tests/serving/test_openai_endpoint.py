@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import httpx
@@ -90,6 +91,18 @@ def test_stream_interval_groups_tokens_but_sends_the_first_at_once(stack, openai
     assert texts[0] == first.choices[0].text
     # The other 23 tokens come in a few chunks (one per second of generation at most).
     assert len(texts) < 8
+
+
+def test_worker_log_has_no_line_per_request(stack, openai_client):
+    """Each request has its usage record; the worker's log keeps its lifecycle lines."""
+    reply = openai_client.completions.create(model="gemma", prompt="Hi", max_tokens=1)
+    wait_until(
+        lambda: UsageRecord.objects.filter(request_id=reply.id.removeprefix("cmpl-")).exists(),
+        what="the request's usage record",
+    )
+    log = (stack.logs / f"{stack.worker.split('@')[0]}.log").read_text()
+    assert re.search(r"Task deployments\.replica_load\[[^]]+\] succeeded", log)
+    assert "inference.submit[" not in log
 
 
 def test_every_stream_is_on_record_when_the_client_closes_at_done(stack, openai_client):
