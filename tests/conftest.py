@@ -115,12 +115,32 @@ def test_database(django_db_setup, django_db_blocker):
 
 
 def _close_pools() -> None:
+    """Close the pools, then end the sessions that threads still hold checked out.
+
+    A pool's ``close`` leaves a connection that a thread has checked out open until it
+    comes back, and some never do: asgiref's executor thread and the live server's
+    request threads (kept alive by a browser) outlive their tests. The test database
+    can only be dropped without them, as ``DROP DATABASE ... WITH (FORCE)`` would.
+    """
+    import psycopg
     from django.db import connections
 
     for connection in connections.all():
         close_pool = getattr(connection, "close_pool", None)
         if close_pool is not None:
             close_pool()
+    params = connections["default"].get_connection_params()
+    params.pop("cursor_factory", None)
+    params.pop("context", None)
+    name = params.pop("dbname", None)
+    if not name or not name.startswith("test_"):
+        return
+    with psycopg.connect(**{**params, "dbname": "postgres"}, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            [name],
+        )
 
 
 @pytest.fixture(scope="session", autouse=True)
