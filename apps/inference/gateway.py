@@ -122,8 +122,10 @@ def unavailable(message: str) -> ApiError:
     return ApiError(503, message, type="server_error", code="model_unavailable")
 
 
-# What routing reads: every request pays for the columns and joins it fetches (model
-# instances with select_related and a prefetch cost 5 ms a request here, these 2.5 ms).
+# What routing reads, in one query: the deployment's columns on each of its replicas'
+# rows (one row of NULL replica columns if it has none). Every request pays for the
+# columns, joins and queries it fetches: model instances with select_related and a
+# prefetch cost 5 ms a request here, two queries of these columns 1.8 ms, one 1 ms.
 _ROUTE_FIELDS = (
     "id",
     "logging_level",
@@ -137,23 +139,36 @@ _ROUTE_FIELDS = (
     "state_reason",
     "model_version__artifact",  # an artifact's key is its sha256
     "adapter__artifact",
+    "replica_set__id",
+    "replica_set__index",
+    "replica_set__worker",
+    "replica_set__generation",
+    "replica_set__state",
 )
 
 
 def route(caller: Caller, name: str) -> Route:
     """Resolve the deployment and pick a live replica (sync: runs the ORM)."""
     check_inference_access(caller)
-    try:
-        deployment = (
-            Deployment.objects.visible_to(caller.user).values(*_ROUTE_FIELDS).get(name=name)
-        )
-    except Deployment.DoesNotExist:
-        deployment = None
-    if deployment is None or not may_use(caller, name):
+    deployments = Deployment.objects.visible_to(caller.user).filter(name=name).order_by()
+    rows = list(deployments.values(*_ROUTE_FIELDS))
+    if not rows or not may_use(caller, name):
         raise not_found(name)
+    deployment = rows[0]
     if not deployment["running"]:
         raise unavailable(f"The model '{name}' is stopped.")
-    replicas = list(Replica.objects.filter(deployment_id=deployment["id"]))
+    replicas = [
+        Replica(
+            id=row["replica_set__id"],
+            deployment_id=deployment["id"],
+            index=row["replica_set__index"],
+            worker=row["replica_set__worker"],
+            generation=row["replica_set__generation"],
+            state=row["replica_set__state"],
+        )
+        for row in rows
+        if row["replica_set__id"] is not None
+    ]
     if not any(r.state == State.READY for r in replicas):
         reason = deployment["state_reason"]
         detail = f" ({reason})" if reason else ""
