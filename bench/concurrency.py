@@ -9,15 +9,17 @@ slots and an inference key in var/api-key.txt). In the same run it
 - drives both with 1, 2, 4, 8 and 16 concurrent streaming clients, each asking for
   --tokens tokens per stream, --rounds streams per client;
 
-and prints aggregate tokens/s, time to first token p50/p95 and inter-chunk latency
+and prints aggregate tokens/s, time to first token p50/p95 and time per output token
 p50/p99 per level, the ratios the issue sets targets for, and a PNG plot.
 
     .venv/bin/python bench/concurrency.py
     .venv/bin/python bench/concurrency.py --clients 1,8 --rounds 1 --png /tmp/c.png
 
-Inter-chunk latency is the gap between streamed chunks. llama_cpp.server sends one
-chunk per token; AIBox sends one per token too unless its event publisher fell behind,
-when a chunk carries several (so AIBox's gaps can only look worse, not better).
+Time per output token (TPOT) is, per stream, the time from its first token to its last
+over the tokens after the first. It compares servers that chunk differently:
+llama_cpp.server sends one chunk per token, AIBox one per stream interval of its
+deployment (several tokens a chunk at the default 100 ms), so gaps between chunks
+would not.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class Level:
     tokens: int = 0
     wall: float = 0.0
     ttft: list[float] = field(default_factory=list)
-    gaps: list[float] = field(default_factory=list)
+    tpot: list[float] = field(default_factory=list)
     errors: int = 0
 
     @property
@@ -83,22 +85,20 @@ class Level:
 
 
 def stream_once(client: httpx.Client, url: str, headers: dict, body: dict) -> tuple:
-    """(time to first token, chunk gaps, tokens) of one streamed completion."""
+    """(time to first token, time per output token after it, tokens) of one stream."""
     start = time.perf_counter()
     first = last = None
-    gaps, chunks, usage = [], 0, None
+    chunks, usage = 0, None
     for chunk in sse_chunks(client, url, headers, body):
         usage = usage_tokens(chunk) or usage
         if not chunk_text(chunk):
             continue
-        now = time.perf_counter()
-        if first is None:
-            first = now
-        else:
-            gaps.append(now - last)
-        last = now
+        last = time.perf_counter()
+        first = first or last
         chunks += 1
-    return (first - start if first else float("nan")), gaps, (usage or chunks)
+    tokens = usage or chunks
+    tpot = (last - first) / (tokens - 1) if tokens > 1 and last > first else float("nan")
+    return (first - start if first else float("nan")), tpot, tokens
 
 
 def run_level(target: dict, clients: int, rounds: int, tokens: int) -> Level:
@@ -116,7 +116,7 @@ def run_level(target: dict, clients: int, rounds: int, tokens: int) -> Level:
                     "stream": True,
                 }
                 try:
-                    ttft, gaps, n = stream_once(client, target["url"], target["headers"], body)
+                    ttft, tpot, n = stream_once(client, target["url"], target["headers"], body)
                 except httpx.HTTPError as exc:
                     print(f"    client {index}: {exc}", flush=True)
                     with lock:
@@ -124,7 +124,7 @@ def run_level(target: dict, clients: int, rounds: int, tokens: int) -> Level:
                     continue
                 with lock:
                     level.ttft.append(ttft)
-                    level.gaps.extend(gaps)
+                    level.tpot.append(tpot)
                     level.tokens += n
 
     threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
@@ -286,7 +286,7 @@ def main() -> None:
     print()
     header = (
         f"{'clients':>7} | {'':17} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p95':>9} "
-        f"{'ITL p50':>8} {'ITL p99':>8} {'errors':>6}"
+        f"{'TPOT p50':>8} {'TPOT p99':>8} {'errors':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -294,10 +294,10 @@ def main() -> None:
         for name in targets:
             level = results[name][clients]
             ttft = [percentile(level.ttft, q) * 1000 for q in (50, 95)]
-            gaps = [percentile(level.gaps, q) * 1000 for q in (50, 99)]
+            tpot = [percentile(level.tpot, q) * 1000 for q in (50, 99)]
             print(
                 f"{clients:7} | {name:17} {level.rate:7.1f} {ttft[0]:7.0f}ms {ttft[1]:7.0f}ms "
-                f"{gaps[0]:6.1f}ms {gaps[1]:6.1f}ms {level.errors:6}"
+                f"{tpot[0]:6.1f}ms {tpot[1]:6.1f}ms {level.errors:6}"
             )
     print()
     aibox, server_levels = results["AIBox"], results["llama_cpp.server"]
