@@ -10,7 +10,7 @@ import base64
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from django.http import JsonResponse
 
@@ -72,12 +72,23 @@ class Generation:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
 
+    @property
+    def logged_input(self) -> list[dict[str, str]] | str:
+        """What a usage record may log of the input (as the deployment's level says)."""
+        return self.messages if self.kind == "chat" else self.prompt
+
 
 @dataclass
 class Embedding:
     model: str
     inputs: list[str]
     base64: bool
+    kind: ClassVar[str] = "embedding"
+    stream: ClassVar[bool] = False
+
+    @property
+    def logged_input(self) -> list[str]:
+        return self.inputs
 
 
 def parse_json(body: bytes) -> dict[str, Any]:

@@ -116,13 +116,12 @@ class Exchange:
         self,
         caller: Caller,
         route: gateway.Route,
-        kind: str,
         parsed: openai_api.Generation | openai_api.Embedding,
     ) -> None:
         self.caller = caller
-        self.call = Call(route=route, kind=kind)
+        self.call = Call(route=route, kind=parsed.kind)
         self.parsed = parsed
-        self.stream = isinstance(parsed, openai_api.Generation) and parsed.stream
+        self.stream = parsed.stream
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.queue_ms: float | None = None
@@ -130,12 +129,7 @@ class Exchange:
         self.status = 200
         self.error = ""
         self.outcome = ""
-        # What the usage record logs of the input, as the deployment's level says.
-        self.prompt_log: Any = {
-            "chat": getattr(parsed, "messages", None),
-            "completion": getattr(parsed, "prompt", None),
-            "embedding": getattr(parsed, "inputs", None),
-        }[kind]
+        self.prompt_log = parsed.logged_input
         self.output: list[str] = []
         self.refused: ApiError | None = None  # admission said no: answer and record that
         self._finishing: asyncio.Future | None = None
@@ -239,7 +233,7 @@ def _open(authorize: Authorize, kind: str, body: bytes) -> Exchange:
             )
     else:
         fields = {**route.sampling, **fields}
-    exchange = Exchange(caller, route, kind, parsed)
+    exchange = Exchange(caller, route, parsed)
     try:
         exchange.call.admit()
     except ApiError as exc:
