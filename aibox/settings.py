@@ -27,15 +27,19 @@ ENVIRONMENT_VARIABLES = (
     "AIBOX_CSRF_TRUSTED_ORIGINS",
     "AIBOX_SECURE_COOKIES",
     "AIBOX_TRUST_X_FORWARDED_FOR",
+    "AIBOX_TRUSTED_PROXY_COUNT",
     "DATABASE_URL",
     "REDIS_URL",
     "AIBOX_ARTIFACT_ROOT",
     "AIBOX_API_KEY_HMAC_KEY",
+    "AIBOX_USAGE_HASH_KEY",
     "AIBOX_AUDIT_SIGNING_KEY_FILE",
     "AIBOX_LOGIN_FAILURE_LIMIT",
     "AIBOX_LOGIN_COOLOFF_MINUTES",
     "AIBOX_LOG_LEVEL",
     "AIBOX_UPLOAD_MAX_BYTES",
+    "AIBOX_REQUEST_MAX_BODY_BYTES",
+    "AIBOX_INFERENCE_MAX_BODY_BYTES",
     "AIBOX_IMPORT_DIRS",
     "AIBOX_DEPLOY_LICENCE_ALLOWLIST",
     "AIBOX_ARTIFACT_REVERIFY_BATCH",
@@ -83,6 +87,11 @@ SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 # Only behind a reverse proxy that sets it: otherwise clients could forge their IP.
 TRUST_X_FORWARDED_FOR = env.bool("AIBOX_TRUST_X_FORWARDED_FOR", default=False)
+# How many reverse proxies in front of AIBox append to X-Forwarded-For (counted from the
+# right: entries further left come from the client and prove nothing).
+TRUSTED_PROXY_COUNT = env.int("AIBOX_TRUSTED_PROXY_COUNT", default=1)
+if TRUSTED_PROXY_COUNT < 1:
+    raise ImproperlyConfigured("AIBOX_TRUSTED_PROXY_COUNT must be 1 or more.")
 if TRUST_X_FORWARDED_FOR:
     # The same proxy tells us whether the client used HTTPS.
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
@@ -109,6 +118,12 @@ REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
 ARTIFACT_ROOT = Path(env.str("AIBOX_ARTIFACT_ROOT", default=str(BASE_DIR / "var" / "artifacts")))
 # Largest model or dataset file accepted by upload or import.
 UPLOAD_MAX_BYTES = env.int("AIBOX_UPLOAD_MAX_BYTES", default=50 * 1024**3)
+# Largest request body on every other route (aibox/limits.py refuses more before reading),
+# and on the inference API (/v1/ and the playground), whose prompts can be long.
+REQUEST_MAX_BODY_BYTES = env.int("AIBOX_REQUEST_MAX_BODY_BYTES", default=1024**2)
+INFERENCE_MAX_BODY_BYTES = env.int("AIBOX_INFERENCE_MAX_BODY_BYTES", default=2621440)
+# Django's own check on request.body must not undercut the routes' limits above.
+DATA_UPLOAD_MAX_MEMORY_SIZE = max(REQUEST_MAX_BODY_BYTES, INFERENCE_MAX_BODY_BYTES)
 # Server directories that admins may import files from (none by default).
 IMPORT_DIRS = [Path(p) for p in env.list("AIBOX_IMPORT_DIRS", default=[])]
 # Licences that may be deployed: every term of a version's licence (an SPDX expression
@@ -188,6 +203,9 @@ except ValueError as exc:
 # Keyed hash for API keys. Derived from the secret key unless set; rotating either
 # invalidates every issued API key (docs/operator-guide.md).
 API_KEY_HMAC_KEY = env.str("AIBOX_API_KEY_HMAC_KEY", default="") or f"api-key:{SECRET_KEY}"
+# Keys the digests that the "hashed" logging level keeps of prompts and outputs
+# (apps/inference/services.usage_digest); derived from the secret key unless set.
+USAGE_HASH_KEY = env.str("AIBOX_USAGE_HASH_KEY", default="") or f"usage-hash:{SECRET_KEY}"
 # The Ed25519 private key that signs audit exports, reports and dossiers: generated on
 # first use (mode 0600); back it up, and publish its public key (shown on /audit/).
 AUDIT_SIGNING_KEY_FILE = Path(
@@ -319,6 +337,11 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": [
+        "aibox.parsers.JSONObjectParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.CursorPagination",
     "PAGE_SIZE": 50,
     "UNAUTHENTICATED_USER": None,
@@ -373,6 +396,11 @@ CELERY_BEAT_SCHEDULE = {
     "artifact-reverify": {
         "task": "registry.artifact_reverify",
         "schedule": ARTIFACT_REVERIFY_EVERY,
+    },
+    # Staged files that a crashed upload or import left behind (apps/registry/tasks.py).
+    "artifact-staging-prune": {
+        "task": "registry.artifact_staging_prune",
+        "schedule": crontab(minute=43),
     },
     # Fine-tunes whose training worker died are marked failed (apps/finetune/tasks.py).
     "finetune-reap": {"task": "finetune.reap", "schedule": 30.0},

@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,23 @@ class ArtifactStore:
         self.tmp.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=self.tmp, prefix="incoming-")
         return fd, Path(name)
+
+    def prune_staging(self, *, older_than: float) -> list[tuple[str, int]]:
+        """Remove files in tmp/ untouched for ``older_than`` seconds; (name, size) of each.
+
+        A receiving process writes its staged file continuously and commits or discards it
+        at once, so a file left this long belongs to a process that died mid-way.
+        """
+        if not self.tmp.is_dir():
+            return []
+        cutoff = time.time() - older_than
+        removed = []
+        for entry in os.scandir(self.tmp):
+            stat = entry.stat(follow_symlinks=False)
+            if entry.is_file(follow_symlinks=False) and stat.st_mtime < cutoff:
+                Path(entry.path).unlink(missing_ok=True)
+                removed.append((entry.name, stat.st_size))
+        return removed
 
     def stage_chunks(self, chunks: Iterable[bytes], *, max_bytes: int | None = None) -> Staged:
         """Write a stream to tmp/ while hashing it; never holds more than one chunk."""

@@ -51,6 +51,10 @@ class HubError(Exception):
     """A hub problem, worded for the person who asked for the file."""
 
 
+class DownloadTooLarge(HubError):
+    """The bytes arriving passed the size limit, whatever size the hub had stated."""
+
+
 @dataclass(frozen=True)
 class HubFile:
     """One file at one commit, as the hub describes it. Holds no credentials."""
@@ -268,10 +272,20 @@ def hub_file_info(
 class _Bytes:
     """Bytes written so far by one download; updated from the client's threads."""
 
-    def __init__(self, total: int | None) -> None:
+    def __init__(self, total: int | None, limit: int | None, what: str) -> None:
         self.done = 0
         self.total = total
+        self.limit = limit
+        self.what = what
         self.lock = threading.Lock()
+
+    def check(self) -> None:
+        """Stop the download (raised inside huggingface_hub's write loop) past the limit."""
+        if self.limit is not None and max(self.done, self.total or 0) > self.limit:
+            raise DownloadTooLarge(
+                f"{self.what} is larger than the limit of {self.limit:,} bytes "
+                "(AIBOX_UPLOAD_MAX_BYTES); the download was stopped."
+            )
 
 
 def _progress_bar_class(count: _Bytes) -> type:
@@ -288,6 +302,7 @@ def _progress_bar_class(count: _Bytes) -> type:
             with count.lock:
                 count.total = total or count.total
                 count.done = initial or 0
+            count.check()  # the length the server sends, which the hub may not have stated
 
         @property
         def n(self) -> int:
@@ -304,6 +319,7 @@ def _progress_bar_class(count: _Bytes) -> type:
         def update(self, n: float | None = 1) -> None:
             with count.lock:
                 count.done += int(n or 0)
+            count.check()
 
         def update_transfer(self, n: float | None = 1) -> None:
             pass
@@ -331,16 +347,18 @@ def hub_download(
     token: str | None,
     progress: Callable[[int, int], None] | None = None,
     interval: float = 0.5,
+    max_bytes: int | None = None,
 ) -> Path:
     """Download ``file`` at its resolved commit into ``dest_dir``; return its path there.
 
     The download runs in a helper thread; ``progress(bytes_done, bytes_total)`` is called
     from the calling thread at most every ``interval`` seconds while bytes arrive, and
     once at the end. The file lands under ``dest_dir`` at its repo path; the caller hashes
-    it and removes ``dest_dir`` when done.
+    it and removes ``dest_dir`` when done. Past ``max_bytes`` received (or announced by
+    the download's own headers) it stops with DownloadTooLarge, whatever the hub stated.
     """
-    count = _Bytes(file.size)
     what = f"{file.repo_id}/{file.filename}"
+    count = _Bytes(file.size, max_bytes, what)
 
     def run() -> str:
         return hf_hub_download(
@@ -367,6 +385,8 @@ def hub_download(
                 reported = count.done
                 progress(count.done, count.total or 0)
         path = future.result()
+    except DownloadTooLarge:
+        raise
     except Exception as exc:
         raise _describe(exc, what=what, endpoint=file.endpoint, token=token) from None
     finally:

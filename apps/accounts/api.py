@@ -72,10 +72,15 @@ class UserListView(APIView):
         return Response(UserSerializer(selectors.user_list(), many=True).data)
 
 
+# Keys are administration: a key lists, mints or revokes keys only with the admin scope,
+# so a leaked inference key can neither widen its own access nor revoke others.
+KEY_MANAGERS = role_and_scope(*Role, scopes=(Scope.ADMIN,))
+
+
 class ApiKeyListView(APIView):
     """Your own keys (GET) and a new one (POST: the secret is in this response only)."""
 
-    permission_classes = [IsAuthenticated]
+    permission_classes = [KEY_MANAGERS]
 
     @extend_schema(operation_id="api_keys_list", responses=ApiKeySerializer(many=True))
     def get(self, request: Request) -> Response:
@@ -84,13 +89,6 @@ class ApiKeyListView(APIView):
 
     @extend_schema(request=ApiKeyCreateSerializer, responses={201: ApiKeySerializer})
     def post(self, request: Request) -> Response:
-        # A key can mint keys only if it is an admin key; otherwise a leaked inference
-        # key could be used to widen its own access.
-        if isinstance(request.auth, ApiKey) and Scope.ADMIN not in request.auth.scopes:
-            return Response(
-                {"detail": "Only a key with the admin scope can create API keys."},
-                status=status.HTTP_403_FORBIDDEN,
-            )
         serializer = ApiKeyCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         try:
@@ -104,7 +102,7 @@ class ApiKeyListView(APIView):
 
 
 class ApiKeyRevokeView(APIView):
-    permission_classes = [IsAuthenticated]
+    permission_classes = [KEY_MANAGERS]
 
     @extend_schema(request=None, responses=ApiKeySerializer)
     def post(self, request: Request, pk: int) -> Response:

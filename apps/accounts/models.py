@@ -44,6 +44,7 @@ class User(AbstractUser):
 class Scope(models.TextChoices):
     INFERENCE = "inference", "Inference (all or named deployments)"
     REGISTRY_READ = "registry:read", "Read-only registry"
+    REGISTRY_REVIEW = "registry:review", "Approve or deprecate model versions"
     DATASETS = "datasets", "Datasets (read, upload and derive)"
     AUDIT_READ = "audit:read", "Read the audit log"
     METRICS = "metrics", "Prometheus metrics (/metrics)"

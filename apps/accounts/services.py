@@ -22,7 +22,9 @@ ROLE_SCOPES: dict[str, frozenset[str]] = {
     Role.ADMIN: frozenset(Scope.values),
     Role.DATA_SCIENTIST: frozenset({Scope.INFERENCE, Scope.REGISTRY_READ, Scope.DATASETS}),
     Role.APP_DEVELOPER: frozenset({Scope.INFERENCE, Scope.REGISTRY_READ}),
-    Role.COMPLIANCE_OFFICER: frozenset({Scope.REGISTRY_READ, Scope.AUDIT_READ, Scope.DATASETS}),
+    Role.COMPLIANCE_OFFICER: frozenset(
+        {Scope.REGISTRY_READ, Scope.REGISTRY_REVIEW, Scope.AUDIT_READ, Scope.DATASETS}
+    ),
 }
 
 API_KEY_PREFIX = "aibox"

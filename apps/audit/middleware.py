@@ -11,12 +11,20 @@ from apps.audit.context import RequestSource, reset_source, set_source
 
 
 def client_ip(request: HttpRequest) -> str | None:
-    """The client's address: REMOTE_ADDR, or the proxy's X-Forwarded-For when trusted."""
+    """The client's address: REMOTE_ADDR, or, behind trusted proxies, the address the
+    outermost of them saw.
+
+    Each proxy appends the address it received the request from to X-Forwarded-For, so
+    only the last ``TRUSTED_PROXY_COUNT`` entries were written by our proxies; anything to
+    their left came from the client and may be forged. A header with fewer entries did not
+    pass through all of them: the connection's own address is used.
+    """
     candidate = request.META.get("REMOTE_ADDR", "")
     if settings.TRUST_X_FORWARDED_FOR:
-        forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "")
-        if forwarded:
-            candidate = forwarded.split(",")[0].strip()
+        hops = [h.strip() for h in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",")]
+        hops = [h for h in hops if h]
+        if len(hops) >= settings.TRUSTED_PROXY_COUNT:
+            candidate = hops[-settings.TRUSTED_PROXY_COUNT]
     try:
         return ipaddress.ip_address(candidate).compressed
     except ValueError:

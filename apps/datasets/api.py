@@ -343,17 +343,22 @@ class VersionExportView(APIView):
     @extend_schema(responses={(200, "text/csv"): OpenApiTypes.STR})
     def get(self, request: Request, pk: int) -> FileResponse | Response:
         version = _version(request, pk)
-        return export_response(request.user, version)
+        try:
+            return export_response(request.user, version)
+        except (PermissionDenied, ValidationError) as exc:
+            return _error(exc)
 
 
-def export_response(user, version: DatasetVersion) -> FileResponse | Response:
-    """The version's valid rows as a CSV download (spooled to a temporary file)."""
+def export_response(user, version: DatasetVersion) -> FileResponse:
+    """The version's valid rows as a CSV download (spooled to a temporary file).
+
+    Raises PermissionDenied or ValidationError (a version that is not valid)."""
     out = tempfile.TemporaryFile(mode="w+b")  # noqa: SIM115 (FileResponse closes it)
     try:
         services.dataset_version_export_csv(actor=user, version=version, out=out)
-    except PermissionDenied as exc:
+    except BaseException:
         out.close()
-        return _error(exc)
+        raise
     out.seek(0)
     name = f"{version.dataset.name}-v{version.number}.csv"
     return FileResponse(out, as_attachment=True, filename=name, content_type="text/csv")

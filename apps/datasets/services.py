@@ -590,6 +590,11 @@ def dataset_version_export_csv(*, actor: User, version: DatasetVersion, out) -> 
     """Write the version's valid rows as CSV (formula-like cells escaped); audited."""
     if not actor.has_role(Role.COMPLIANCE_OFFICER):
         require_dataset_writer(actor, version.dataset, "export datasets")
+    if version.state != State.VALID:
+        raise ValidationError(
+            f"{version} is {version.get_state_display().lower()}: only a valid version can be "
+            "exported (derive a filtered version to drop the rows that failed)."
+        )
     path = artifact_store().verify(version.sha256)
     rows = data.export_csv(
         path, data.FileFormat(version.format), reading_options(version, tokenize=False), out

@@ -270,7 +270,10 @@ def version_derive(request: HttpRequest, pk: int, operation: str) -> HttpRespons
 @role_required(*READER_ROLES)
 def version_export(request: HttpRequest, pk: int) -> HttpResponse:
     version = _version_or_404(request, pk)
-    response = export_response(request.user, version)
-    if response.status_code == 403:
-        raise PermissionDenied("Your role does not allow you to export this dataset.")
-    return response
+    try:
+        return export_response(request.user, version)
+    except PermissionDenied as exc:
+        raise PermissionDenied("Your role does not allow you to export this dataset.") from exc
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+        return redirect("datasets:version", pk=version.pk)

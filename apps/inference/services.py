@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from typing import Any
+
+from django.conf import settings
 
 from apps.deployments.models import LoggingLevel
 from apps.inference.gateway import Caller, Route
 from apps.inference.models import UsageRecord
 
 
-def _sha256(value: Any) -> str:
+def usage_digest(value: Any) -> str:
+    """The ``hashed`` logging level's digest of a prompt or output: HMAC-SHA256 keyed by
+    ``USAGE_HASH_KEY``. Whoever holds the box's key can check whether a given text was
+    sent; a copy of the database alone cannot test guesses against it, as it could an
+    unkeyed sha256 of short or predictable prompts."""
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    key = settings.USAGE_HASH_KEY.encode("utf-8")
+    return hmac.new(key, text.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
 def usage_record(
@@ -35,7 +43,7 @@ def usage_record(
     output: str,
 ) -> UsageRecord:
     """Record one request. Prompts and outputs are kept only as the deployment's logging
-    level allows: not at all (metadata), as sha256 digests (hashed), or in full."""
+    level allows: not at all (metadata), as keyed digests (hashed), or in full."""
     record = UsageRecord(
         request_id=request_id,
         user=caller.user,
@@ -59,8 +67,8 @@ def usage_record(
         error=error[:2000],
     )
     if route.logging_level == LoggingLevel.HASHED:
-        record.prompt_sha256 = _sha256(prompt)
-        record.output_sha256 = _sha256(output) if output else ""
+        record.prompt_sha256 = usage_digest(prompt)
+        record.output_sha256 = usage_digest(output) if output else ""
     elif route.logging_level == LoggingLevel.FULL:
         record.prompt_text = prompt if isinstance(prompt, str) else json.dumps(prompt)
         record.output_text = output

@@ -146,10 +146,12 @@ class Exchange:
         self.queue_ms = first.get("queue_ms")
         return events
 
-    def on_delta(self, text: str) -> None:
+    def on_delta(self, event: dict[str, Any]) -> None:
         if self.ttft_ms is None:
             self.ttft_ms = (time.perf_counter() - self.call.started) * 1000
-        self.output.append(text)
+        self.output.append(event["text"])
+        # Tokens delivered so far: what the record says if the end event never comes.
+        self.completion_tokens = event.get("tokens", self.completion_tokens)
 
     def fail(self, exc: ApiError) -> None:
         self.status, self.error = exc.status, exc.message
@@ -301,7 +303,7 @@ async def _generate(request: HttpRequest, authorize: Authorize, kind: str) -> Ht
 async def _drain(exchange: Exchange, events: AsyncIterator[dict[str, Any]]) -> str:
     async for event in events:
         if event["type"] == protocol.DELTA:
-            exchange.on_delta(event["text"])
+            exchange.on_delta(event)
         elif event["type"] == protocol.END:
             exchange.completion_tokens = event["completion_tokens"]
             return event["finish_reason"]
@@ -322,7 +324,7 @@ async def _stream(
             yield openai_api.sse(shape.chunk(role=True))
         async for event in events:
             if event["type"] == protocol.DELTA:
-                exchange.on_delta(event["text"])
+                exchange.on_delta(event)
                 yield openai_api.sse(shape.chunk(text=event["text"]))
             elif event["type"] == protocol.END:
                 exchange.completion_tokens = event["completion_tokens"]
@@ -465,6 +467,7 @@ def _api(handler):
             return exc.response()
         return await handler(request, authorize, **kwargs)
 
+    view.body_limit = "inference"  # aibox/limits.py: the inference API's body limit
     return csrf_exempt(view)
 
 
@@ -533,3 +536,6 @@ async def model_detail(request: HttpRequest, authorize: Authorize, name: str) ->
 async def playground_chat(request: HttpRequest) -> HttpResponse:
     """The playground's chat: the signed-in user's session (and CSRF token), no API key."""
     return await _generate(request, functools.partial(_session_caller, request), "chat")
+
+
+playground_chat.body_limit = "inference"  # aibox/limits.py

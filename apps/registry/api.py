@@ -6,7 +6,6 @@ from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
-from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -271,7 +270,7 @@ class VersionDetailView(APIView):
 class VersionStateView(APIView):
     """POST ``{"reason": …}`` to approve or deprecate."""
 
-    permission_classes = [IsAuthenticated]
+    permission_classes = [role_and_scope(*APPROVER_ROLES, scopes=(Scope.REGISTRY_REVIEW,))]
     transition = ""
 
     @extend_schema(request=ReasonSerializer, responses=ModelVersionSerializer)

@@ -284,6 +284,9 @@ def _ingest_peft(
 def model_version_import_path(*, actor: User, repo: ModelRepo, path: str) -> IngestResult:
     """Import a file that already sits on the server, under an allowed import directory."""
     require_role(actor, (Role.ADMIN,), "import files from the server")
+    if "\x00" in path:
+        # The filesystem cannot hold it, and os calls would raise ValueError on it.
+        raise ValidationError("The path contains a NUL character.")
     requested = Path(path)
     resolved = requested.resolve()
     allowed = [d.resolve() for d in settings.IMPORT_DIRS]
@@ -462,6 +465,30 @@ def licence_override_create(*, actor: User, version: ModelVersion, reason: str) 
 class ReverifyResult:
     checked: int
     failed: list[str]  # sha256s that no longer match their file
+
+
+# Staged files older than this belong to a process that died mid-upload or mid-import:
+# a live one writes its file continuously and commits or discards it at once.
+STAGING_MAX_AGE = 24 * 60 * 60
+
+
+def artifact_staging_prune(*, actor: User, older_than: float = STAGING_MAX_AGE) -> int:
+    """Remove staged files that a crashed upload or import left in the artifact store's
+    tmp/; audited (``artifact.staging_prune``) when any went. Returns how many."""
+    removed = artifact_store().prune_staging(older_than=older_than)
+    if removed:
+        audit_record(
+            actor=actor,
+            action="artifact.staging_prune",
+            target_type="artifact_store",
+            target_label="tmp/",
+            details={
+                "files": len(removed),
+                "bytes": sum(size for _, size in removed),
+                "older_than_seconds": older_than,
+            },
+        )
+    return len(removed)
 
 
 def artifact_reverify(*, actor: User, limit: int) -> ReverifyResult:
@@ -703,6 +730,7 @@ def hub_import_fetch(
             token=settings.HF_TOKEN or None,
             progress=_progress_writer(job),
             interval=IMPORT_PROGRESS_INTERVAL,
+            max_bytes=limit,
         )
         staged = artifact_store().stage_copy(path, max_bytes=limit)
     finally:

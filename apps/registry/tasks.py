@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
+from apps.accounts.services import system_user
 from apps.registry import services
 
 
@@ -30,3 +31,9 @@ def artifact_reverify(limit: int | None = None) -> None:
     from apps.accounts.services import system_user
 
     services.artifact_reverify(actor=system_user(), limit=limit or settings.ARTIFACT_REVERIFY_BATCH)
+
+
+# Celery beat runs this hourly (CELERY_BEAT_SCHEDULE): staged files left by a crash.
+@shared_task(name="registry.artifact_staging_prune", ignore_result=True)
+def artifact_staging_prune() -> None:
+    services.artifact_staging_prune(actor=system_user())

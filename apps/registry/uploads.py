@@ -111,6 +111,7 @@ def streamed_upload(view: Callable[..., HttpResponse]) -> Callable[..., HttpResp
         finally:
             discard_uploads(getattr(request, "_files", None) or {})
 
+    wrapped.body_limit = "upload"  # aibox/limits.py: only upload endpoints take large bodies
     return wrapped
 
 
@@ -119,6 +120,7 @@ class StreamedUploadMixin:
     staging area, and discarded after the request unless a service committed it."""
 
     parser_classes = [MultiPartParser]
+    body_limit = "upload"  # aibox/limits.py: only upload endpoints take large bodies
 
     def initialize_request(self, request, *args, **kwargs):
         # Must be set before anything reads the body.

@@ -172,3 +172,19 @@ def test_non_admin_key_cannot_mint_keys(users):
     )
     assert response.status_code == 403
     assert ApiKey.objects.count() == 1
+
+
+def test_only_an_admin_scoped_key_lists_or_revokes_keys(users):
+    """The inference key bin/aibox run hands to apps cannot revoke (or list) keys."""
+    admin = users[Role.ADMIN]
+    victim = api_key_create(actor=admin, owner=admin, name="victim", scopes=[Scope.INFERENCE])
+    app_key = api_key_create(actor=admin, owner=admin, name="app", scopes=[Scope.INFERENCE])
+    client = bearer(app_key.secret)
+    refused = client.post(f"/api/v1/api-keys/{victim.api_key.pk}/revoke")
+    assert refused.status_code == 403 and "lacks the scope" in refused.json()["detail"]
+    assert client.get("/api/v1/api-keys/").status_code == 403
+    victim.api_key.refresh_from_db()
+    assert victim.api_key.revoked_at is None
+    admin_key = api_key_create(actor=admin, owner=admin, name="ops", scopes=[Scope.ADMIN])
+    revoked = bearer(admin_key.secret).post(f"/api/v1/api-keys/{victim.api_key.pk}/revoke")
+    assert revoked.status_code == 200 and revoked.json()["status"] == "revoked"

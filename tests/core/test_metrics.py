@@ -86,6 +86,24 @@ def test_scrapers_on_an_allowed_network_need_no_key(settings, db):
     assert Client(REMOTE_ADDR="::1").get("/metrics").status_code == 401
 
 
+def test_behind_a_proxy_the_client_cannot_forge_an_allowed_address(settings, db):
+    """X-Forwarded-For is read from the right: the client's own entries prove nothing."""
+    import ipaddress
+
+    settings.METRICS_ALLOWED_NETWORKS = [ipaddress.ip_network("10.20.0.0/16")]
+    settings.TRUST_X_FORWARDED_FOR = True
+    proxy = Client(REMOTE_ADDR="192.168.0.2")  # the reverse proxy's own address
+    forged = {"HTTP_X_FORWARDED_FOR": "10.20.3.4, 198.51.100.7"}
+    assert proxy.get("/metrics", **forged).status_code == 401
+    assert proxy.get("/metrics", HTTP_X_FORWARDED_FOR="10.20.3.4").status_code == 200
+    # Two proxies: the second appended the first's address, the first the client's.
+    settings.TRUSTED_PROXY_COUNT = 2
+    chain = {"HTTP_X_FORWARDED_FOR": "198.51.100.7, 10.20.3.4, 192.168.0.9"}
+    assert proxy.get("/metrics", **chain).status_code == 200
+    # Fewer entries than proxies: not forwarded by them all, so the connection's address.
+    assert proxy.get("/metrics", HTTP_X_FORWARDED_FOR="10.20.3.4").status_code == 401
+
+
 @pytest.fixture
 def deployment(users, settings, tmp_path) -> Deployment:
     settings.ARTIFACT_ROOT = tmp_path / "artifacts"

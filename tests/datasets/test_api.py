@@ -56,6 +56,10 @@ def test_jsonl_with_bad_lines_is_rejected_with_line_numbers_and_previewed(users,
     assert errors == {(3, "invalid_json"), (4, "unknown_role"), (5, "empty_content")}
     assert "index" not in detail["report"]
 
+    export = client_for(dana).get(f"/api/v1/dataset-versions/{version.pk}/export.csv")
+    assert export.status_code == 400 and "only a valid version" in export.json()["detail"]
+    assert not AuditEvent.objects.filter(action="dataset_version.export").exists()
+
     page = client_for(dana).get(f"/api/v1/dataset-versions/{version.pk}/rows?start=1&count=3")
     rows = page.json()["rows"]
     assert [r["line"] for r in rows] == [2, 3, 4]

@@ -125,6 +125,29 @@ def test_approve_and_deprecate_through_the_api(users, repo, tiny_gguf):
     assert gone.json()["state"] == "deprecated"
 
 
+def test_approving_with_a_key_needs_the_review_scope(users, repo, tiny_gguf):
+    """A compliance officer's reading key (or an admin's inference key) changes no state."""
+    version = upload(api_as(users[Role.DATA_SCIENTIST]), repo.name, tiny_gguf).json()
+    url = f"/api/v1/registry/versions/{version['id']}"
+    officer, admin = users[Role.COMPLIANCE_OFFICER], users[Role.ADMIN]
+    client = APIClient()
+    for owner, scopes in (
+        (officer, [Scope.AUDIT_READ, Scope.REGISTRY_READ]),
+        (admin, [Scope.INFERENCE]),
+    ):
+        key = api_key_create(actor=owner, owner=owner, name="k", scopes=scopes)
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {key.secret}")
+        for transition in ("approve", "deprecate"):
+            refused = client.post(f"{url}/{transition}", {"reason": "automated"})
+            assert refused.status_code == 403
+            assert "lacks the scope" in refused.json()["detail"]
+    assert ModelVersion.objects.get(pk=version["id"]).state == "draft"
+    review = api_key_create(actor=officer, owner=officer, name="r", scopes=[Scope.REGISTRY_REVIEW])
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {review.secret}")
+    approved = client.post(f"{url}/approve", {"reason": "reviewed by the pipeline"})
+    assert approved.status_code == 200 and approved.json()["state"] == "approved"
+
+
 def test_create_repo_validation(users):
     client = api_as(users[Role.DATA_SCIENTIST])
     bad = client.post("/api/v1/registry/repos/", {"name": "Bad Name!", "licence": "mit"})
@@ -176,3 +199,14 @@ def test_tiny_writer_makes_distinct_files(tmp_path):
     a = write_tiny_gguf(tmp_path / "a.gguf", seed=1).read_bytes()
     b = write_tiny_gguf(tmp_path / "b.gguf", seed=2).read_bytes()
     assert a != b
+
+
+def test_import_path_with_a_nul_byte_is_a_clear_error(users, repo, settings, tmp_path):
+    settings.IMPORT_DIRS = [tmp_path]
+    response = api_as(users[Role.ADMIN]).post(
+        f"/api/v1/registry/repos/{repo.name}/import-path",
+        {"path": f"{tmp_path}/model\x00.gguf"},
+        format="json",
+    )
+    assert response.status_code == 400
+    assert response.json()["detail"] == "The path contains a NUL character."

@@ -104,3 +104,26 @@ def test_the_task_is_on_the_beat_schedule():
         if e["task"] == tasks.artifact_reverify.name
     )
     assert entry["schedule"] == settings.ARTIFACT_REVERIFY_EVERY
+
+
+def test_staged_files_left_by_a_crash_are_pruned_by_the_worker(users, tmp_path):
+    store = artifact_store()
+    store.tmp.mkdir(parents=True, exist_ok=True)
+    stale, live = store.tmp / "incoming-crashed", store.tmp / "incoming-receiving"
+    stale.write_bytes(b"x" * 1000)
+    live.write_bytes(b"y" * 10)
+    two_days_ago = timezone.now().timestamp() - 2 * 24 * 3600
+    os.utime(stale, (two_days_ago, two_days_ago))
+
+    tasks.artifact_staging_prune.delay()
+    wait_until(lambda: not stale.exists(), what="the crashed upload's file being removed")
+    assert live.exists()  # an upload still being written is left alone
+    event = AuditEvent.objects.get(action="artifact.staging_prune")
+    assert event.actor_label == SYSTEM_USERNAME
+    assert event.details["files"] == 1 and event.details["bytes"] == 1000
+    live.unlink()
+
+
+def test_the_staging_prune_is_on_the_beat_schedule():
+    tasks_scheduled = {e["task"] for e in settings.CELERY_BEAT_SCHEDULE.values()}
+    assert tasks.artifact_staging_prune.name in tasks_scheduled

@@ -165,6 +165,12 @@ def test_killed_worker_makes_its_deployment_unavailable_without_a_hang(stack):
     last = json.loads(events[-1].removeprefix("data: "))
     assert last["error"]["code"] == "model_unavailable"
     assert "stopped responding" in last["error"]["message"]
+    # The usage record bills what the client received before the cut (each chunk holds
+    # at least one token), not the 0 tokens of an end event that never came.
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    delivered = [c for c in chunks if c.get("choices") and c["choices"][0]["text"]]
+    cut = UsageRecord.objects.get(deployment_name="gemma-doomed", stream=True)
+    assert cut.completion_tokens >= len(delivered) > 0
 
     # The next request fails with a clear reason (a hang would hit the client's timeout).
     reply = _post(stack, "/v1/completions", {"model": "gemma-doomed", "prompt": "Hi"}, timeout=5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
@@ -15,6 +16,7 @@ from django.conf import settings
 from apps.deployments import selectors
 from apps.deployments.models import Deployment
 from apps.inference.models import Outcome, UsageRecord
+from apps.inference.services import usage_digest
 from tests.serving.conftest import wait_until
 from workers.inference import protocol
 
@@ -49,7 +51,12 @@ def test_chat_completion_answers_and_is_recorded(openai_client, stack):
     )
     assert record.latency_ms > 0 and record.time_to_first_token_ms > 0
     # The deployment logs "hashed": digests, never the text.
-    assert len(record.prompt_sha256) == 64 and record.prompt_text == ""
+    assert record.prompt_text == "" and record.output_text == ""
+    # Keyed digests: the box's key matches them to a text; a plain sha256 of it does not.
+    assert record.prompt_sha256 == usage_digest(HELLO)
+    assert record.output_sha256 == usage_digest(reply.choices[0].message.content)
+    plain = hashlib.sha256(json.dumps(HELLO, ensure_ascii=False).encode()).hexdigest()
+    assert record.prompt_sha256 != plain
 
 
 def test_streamed_chat_matches_the_whole_answer_under_greedy_decoding(openai_client):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import socket
 import time
@@ -9,6 +10,7 @@ import time
 import pytest
 
 from workers.hub import (
+    DownloadTooLarge,
     HubError,
     check_filename,
     check_repo_id,
@@ -172,3 +174,16 @@ def test_good_names_pass():
     assert check_revision("") == "main" and check_revision("refs/pr/1") == "refs/pr/1"
     with pytest.raises(HubError):
         check_revision("../main")
+
+
+@pytest.mark.parametrize("stated", [None, 1024], ids=["size not stated", "size understated"])
+def test_the_size_limit_holds_while_bytes_arrive(fake_hub, tmp_path, stated):
+    """A hub that states no size, or too small a one, cannot fill the disk past the limit."""
+    data = bytes(range(256)) * (25 * 4096)  # 25 MiB
+    fake_hub.add_file("acme/huge", "huge.gguf", data)
+    fake_hub.chunk_size, fake_hub.seconds_per_chunk = 1024 * 1024, 0.02
+    f = dataclasses.replace(info(fake_hub, "acme/huge", "huge.gguf"), size=stated)
+    with pytest.raises(DownloadTooLarge, match="larger than the limit of 5,000,000 bytes"):
+        hub_download(file=f, dest_dir=tmp_path / "dl", token=None, max_bytes=5_000_000)
+    written = sum(p.stat().st_size for p in (tmp_path / "dl").rglob("*") if p.is_file())
+    assert written < len(data)

@@ -378,12 +378,15 @@ class Scheduler:
         return Output(sequence, text, True)
 
     def _token_bytes(self, token: int) -> bytes:
-        n = llama_cpp.llama_token_to_piece(
-            self.model.vocab, token, self._piece, len(self._piece), 0, False
-        )
-        if n < 0:  # a piece longer than the buffer: grow it and ask again
-            self._piece = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(
-                self.model.vocab, token, self._piece, len(self._piece), 0, False
-            )
-        return self._piece.raw[:n]
+        return token_bytes(self.model.vocab, token, special=False, buffer=self._piece)
+
+
+def token_bytes(vocab, token: int, *, special: bool, buffer: ctypes.Array | None = None) -> bytes:
+    """A token's text, exactly its bytes (``special``: control tokens as their text, such
+    as ``<bos>``). ``buffer`` is reused when the piece fits in it."""
+    buffer = buffer if buffer is not None else ctypes.create_string_buffer(64)
+    n = llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, special)
+    if n < 0:  # a piece longer than the buffer: ask again with one that fits
+        buffer = ctypes.create_string_buffer(-n)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, special)
+    return buffer.raw[:n]

@@ -13,6 +13,7 @@ request whose client went away, or a replica that is stopping, ends at the next 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -371,7 +372,10 @@ class Replica:
         text = "".join(running.unsent)
         running.unsent.clear()
         running.send_after = now + self.spec.stream_interval_ms / 1000
-        return self.sink.send(running.sequence.key, {"type": protocol.DELTA, "text": text})
+        # "tokens": generated so far, all of them in text sent by now, so a stream cut
+        # off before its end event is still billed for what it delivered.
+        delta = {"type": protocol.DELTA, "text": text, "tokens": running.sequence.produced}
+        return self.sink.send(running.sequence.key, delta)
 
     def _end_all(self, code: str, message: str) -> None:
         for running in list(self._running.values()):
@@ -396,11 +400,14 @@ class Replica:
                     bos_token=_token_text(model, model.token_bos()),
                     eos_token=_token_text(model, model.token_eos()),
                 )
+                tokens = templates.prompt_tokens(
+                    functools.partial(_tokenize, model), rendered, request.messages
+                )
             except templates.TemplateError as exc:
                 raise RequestError(protocol.INVALID_REQUEST, str(exc)) from exc
-            tokens = model.tokenize(
-                rendered.text.encode("utf-8"), add_bos=not rendered.added_bos, special=True
-            )
+            if not rendered.added_bos:
+                # The BOS token, where the model's vocabulary asks for one.
+                tokens = model.tokenize(b"", add_bos=True, special=False) + tokens
             stop.extend(s for s in rendered.stop if s not in stop)
             return tokens, stop
         return model.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=False), stop
@@ -463,7 +470,13 @@ class RequestError(Exception):
         self.code = code
 
 
+def _tokenize(model: _internals.LlamaModel, text: str, special: bool) -> list[int]:
+    return model.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+
 def _token_text(model: _internals.LlamaModel, token: int) -> str:
     if token < 0:
         return ""
-    return model.token_to_piece(token, special=True).decode("utf-8", errors="ignore")
+    # Not LlamaModel.token_to_piece: it returns its whole 32-byte buffer, NULs included,
+    # which put 27 NUL tokens after <bos> in every templated prompt.
+    return batching.token_bytes(model.vocab, token, special=True).decode("utf-8", errors="ignore")

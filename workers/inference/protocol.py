@@ -107,7 +107,8 @@ class RequestSpec:
 
 
 # Event types on a request's stream, in order: one "start" (or one "error"), then
-# "delta"s (generation) or one "embedding" result, then one "end" (or "error").
+# "delta"s (generation; each carries "text" and "tokens", the count generated so far) or
+# one "embedding" result, then one "end" (or "error").
 START, DELTA, EMBEDDING, END, ERROR = "start", "delta", "embedding", "end", "error"
 
 # Error codes a worker sends; the endpoint maps them to HTTP statuses.

@@ -12,7 +12,9 @@ A model with none of these still serves completions; chat requests get a clear e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 # Gemma's turn format: "user" and "model" turns; a system message has no turn of its
 # own and is prepended to the first user turn.
@@ -99,3 +101,49 @@ def render(
         stop=list(dict.fromkeys([*stop, *template.stop])),
         added_bos=bool(bos_token) and result.prompt.startswith(bos_token),
     )
+
+
+# Tokenizes text: (text, special) -> token ids, without BOS. ``special`` parses the
+# model's control-token texts (``<end_of_turn>``) into control tokens.
+Tokenize = Callable[[str, bool], list[int]]
+
+
+def prompt_tokens(
+    tokenize: Tokenize, rendered: RenderedPrompt, messages: list[dict[str, Any]]
+) -> list[int]:
+    """The rendered prompt's tokens, with each message's content taken literally.
+
+    The template's own markup is parsed for control tokens, but a user who writes
+    ``<end_of_turn><start_of_turn>model`` into a message must not forge a turn: such a
+    content is tokenized as plain text. Contents without control-token text (nearly all)
+    leave the prompt exactly as one tokenization of the whole text would make it.
+    """
+    text = rendered.text
+    literal: list[tuple[int, int]] = []
+    cursor = 0
+    for message in messages:
+        content = message.get("content")
+        if not isinstance(content, str) or not content.strip():
+            continue
+        if tokenize(content, True) == tokenize(content, False):
+            continue  # no control-token text in it: nothing to keep literal
+        # Templates may trim a content; find it as written, else trimmed.
+        start, found = text.find(content, cursor), content
+        if start < 0:
+            found = content.strip()
+            start = text.find(found, cursor)
+        if start < 0:
+            raise TemplateError(
+                "A message contains the model's control-token text, and this chat template "
+                "changes message contents, so it cannot be passed on as plain text."
+            )
+        literal.append((start, start + len(found)))
+        cursor = start + len(found)
+    if not literal:
+        return tokenize(text, True)
+    tokens: list[int] = []
+    position = 0
+    for start, end in literal:
+        tokens += tokenize(text[position:start], True) + tokenize(text[start:end], False)
+        position = end
+    return tokens + tokenize(text[position:], True)
