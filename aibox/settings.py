@@ -34,6 +34,7 @@ ENVIRONMENT_VARIABLES = (
     "AIBOX_API_KEY_HMAC_KEY",
     "AIBOX_USAGE_HASH_KEY",
     "AIBOX_AUDIT_SIGNING_KEY_FILE",
+    "AIBOX_AUDIT_CHECKPOINT_FILE",
     "AIBOX_LOGIN_FAILURE_LIMIT",
     "AIBOX_LOGIN_COOLOFF_MINUTES",
     "AIBOX_LOG_LEVEL",
@@ -211,6 +212,15 @@ USAGE_HASH_KEY = env.str("AIBOX_USAGE_HASH_KEY", default="") or f"usage-hash:{SE
 AUDIT_SIGNING_KEY_FILE = Path(
     env.str("AIBOX_AUDIT_SIGNING_KEY_FILE", default=str(BASE_DIR / "var" / "audit-signing-key.pem"))
 )
+
+# Signed checkpoints of the audit chain's head (apps/audit/checkpoints.py): outside the
+# database, so that events deleted from the end of the log are detected.
+AUDIT_CHECKPOINT_FILE = Path(
+    env.str(
+        "AIBOX_AUDIT_CHECKPOINT_FILE", default=str(BASE_DIR / "var" / "audit-checkpoints.jsonl")
+    )
+)
+AUDIT_CHECKPOINT_EVERY = 300.0
 
 INSTALLED_APPS = [
     "django.contrib.auth",
@@ -397,6 +407,8 @@ CELERY_BEAT_SCHEDULE = {
         "task": "registry.artifact_reverify",
         "schedule": ARTIFACT_REVERIFY_EVERY,
     },
+    # A signed checkpoint of the audit chain's head, outside the database (apps/audit).
+    "audit-checkpoint": {"task": "audit.checkpoint", "schedule": AUDIT_CHECKPOINT_EVERY},
     # Staged files that a crashed upload or import left behind (apps/registry/tasks.py).
     "artifact-staging-prune": {
         "task": "registry.artifact_staging_prune",
