@@ -71,8 +71,8 @@ RUN AIBOX_SECRET_KEY="${COLLECTSTATIC_SECRET_KEY}" python manage.py collectstati
 # schedule) and the artifact root; the code and the virtual environment stay root-owned.
 RUN groupadd --system aibox \
     && useradd --system --gid aibox --home-dir /app --no-create-home --shell /usr/sbin/nologin aibox \
-    && mkdir -p /app/var /var/lib/aibox/artifacts \
-    && chown aibox:aibox /app/var /var/lib/aibox/artifacts
+    && mkdir -p /app/var /var/lib/aibox/artifacts /var/lib/aibox/keys /var/lib/aibox/audit \
+    && chown aibox:aibox /app/var /var/lib/aibox/artifacts /var/lib/aibox/keys /var/lib/aibox/audit
 USER aibox
 
 EXPOSE 8000

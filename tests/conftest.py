@@ -13,6 +13,7 @@ from django.db.backends.signals import connection_created
 from django.test import Client
 
 from apps.accounts.models import Role, User
+from apps.audit.signing import create_key
 
 PASSWORD = "correct horse battery staple"
 
@@ -35,8 +36,19 @@ def _allow_flushing_the_audit_log(sender, connection, **kwargs) -> None:
 connection_created.connect(_allow_flushing_the_audit_log)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def audit_signing_key_file(tmp_path_factory) -> Path:
+    """One audit signing key for the run, never var/'s: for this process and, through the
+    environment, for the workers and web servers the tests start."""
+    path = tmp_path_factory.mktemp("audit-key") / "audit-signing-key.pem"
+    create_key(path)
+    os.environ["AIBOX_AUDIT_SIGNING_KEY_FILE"] = str(path)
+    return path
+
+
 @pytest.fixture(autouse=True)
-def _test_settings(settings, tmp_path):
+def _test_settings(settings, tmp_path, audit_signing_key_file):
+    settings.AUDIT_SIGNING_KEY_FILE = audit_signing_key_file
     # Never the box's own checkpoint file under var/.
     settings.AUDIT_CHECKPOINT_FILE = tmp_path / "audit-checkpoints.jsonl"
     # A deliberately slow password hash is the point in production, not in tests.

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import connection, models, transaction
 from django.utils import timezone
 
@@ -9,7 +11,9 @@ from apps.accounts.models import User
 from apps.audit.chain import GENESIS_HASH, compute_hash
 from apps.audit.context import current_source
 from apps.audit.models import AuditEvent, Outcome
+from apps.audit.signing import PublicKey, create_key
 
+SIGNING_KEY_CREATED = "audit.signing_key.create"
 # pg_advisory_xact_lock key that serialises appends to the chain ("AUDIT" in ASCII).
 AUDIT_CHAIN_LOCK = 0x4155444954
 
@@ -150,3 +154,42 @@ def audit_dossier_generate(*, actor: User, version, fmt: str) -> bytes:
         generated_by=event.actor_label,
         event_seq=event.seq,
     )
+
+
+def audit_signing_key_create(*, actor: User, replace_lost_key: bool = False) -> PublicKey:
+    """Create the box's audit signing key (``settings.AUDIT_SIGNING_KEY_FILE``); audited
+    as ``audit.signing_key.create`` with its fingerprint.
+
+    Refused while the file exists. Refused too when the log records an earlier key, whose
+    file must then have been lost: restoring it keeps old exports and checkpoints
+    verifiable, so a new key needs ``replace_lost_key`` and names the key it replaces.
+    """
+    path = settings.AUDIT_SIGNING_KEY_FILE
+    if path.exists():
+        raise ValidationError(f"The audit signing key {path} exists already.")
+    earlier = (
+        AuditEvent.objects.filter(action=SIGNING_KEY_CREATED)
+        .order_by("-seq")
+        .values("details", "created_at")
+        .first()
+    )
+    if earlier is not None and not replace_lost_key:
+        raise ValidationError(
+            f"The audit signing key created on {earlier['created_at']:%Y-%m-%d} (sha256 "
+            f"{earlier['details']['fingerprint'][:16]}…) is missing from {path}. Restore it "
+            "from backup; only if it is lost for good, replace it with --replace-lost-key."
+        )
+    with transaction.atomic():
+        key = create_key(path)
+        audit_record(
+            actor=actor,
+            action=SIGNING_KEY_CREATED,
+            target_type="audit_signing_key",
+            target_id=key.fingerprint,
+            target_label=str(path),
+            details={
+                "fingerprint": key.fingerprint,
+                "replaces": earlier["details"]["fingerprint"] if earlier else None,
+            },
+        )
+    return key
