@@ -311,7 +311,9 @@ LOGOUT_REDIRECT_URL = "accounts:login"
 # Failed logins: locked out per account and, separately, per client IP.
 AXES_FAILURE_LIMIT = env.int("AIBOX_LOGIN_FAILURE_LIMIT", default=5)
 AXES_COOLOFF_TIME = timedelta(minutes=env.int("AIBOX_LOGIN_COOLOFF_MINUTES", default=15))
-AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+# A username is locked at the address that failed with it (so no one can lock a known
+# user out from elsewhere), and an address across usernames (so spraying is stopped).
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"], "ip_address"]
 AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_TEMPLATE = "accounts/locked_out.html"
 AXES_HTTP_RESPONSE_CODE = 429

@@ -9,11 +9,13 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.contrib.auth.hashers import make_password
+from django.core.cache import cache
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
 from apps.accounts.models import SYSTEM_USERNAME, ApiKey, Role, Scope, User
+from apps.audit.context import current_source
 from apps.audit.models import Outcome
 from apps.audit.services import audit_record
 
@@ -28,6 +30,8 @@ ROLE_SCOPES: dict[str, frozenset[str]] = {
 }
 
 API_KEY_PREFIX = "aibox"
+# The cache (Redis) keys that mark an address's first refused login in a cool-off period.
+LOGIN_DENIED_CACHE_PREFIX = "login-denied:"
 # Refresh last_used_at at most this often, so a busy key does not write on every call.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
@@ -143,17 +147,43 @@ def auth_login_succeeded(*, user: User) -> None:
 
 
 def auth_login_failed(*, username: str, locked_out: bool) -> None:
+    """Audit a failed login, in bounded numbers and without storing what was typed.
+
+    Before a lockout every failure is an event (django-axes locks a username at one
+    address, and an address, after AIBOX_LOGIN_FAILURE_LIMIT of them). While locked out,
+    only the first refusal from an address in each cool-off period is; axes counts the
+    rest. So no one can flood the log, which every write takes a lock on. A name that is
+    no user's (often a password typed into the wrong field) is kept only as a keyed
+    digest, which still shows repeated attempts with the same name.
+    """
+    source = current_source()
+    address = source.ip if source is not None else None
+    if locked_out:
+        first = cache.add(
+            f"{LOGIN_DENIED_CACHE_PREFIX}{address}",
+            1,
+            timeout=int(settings.AXES_COOLOFF_TIME.total_seconds()),
+        )
+        if not first:
+            return
     user = User.objects.filter(username=username).first()
+    typed = username if user else f"unknown user {typed_name_digest(username)}"
     audit_record(
         actor=None,
-        actor_label=f"anonymous (as {username!r})"[:200],
+        actor_label=f"anonymous (as {typed!r})"[:200],
         action="auth.login_failed",
         target=user,
         target_type="" if user else "accounts.user",
-        target_label="" if user else username[:300],
+        target_label="" if user else typed,
         outcome=Outcome.DENIED if locked_out else Outcome.FAILURE,
         details={"locked_out": locked_out, "known_user": user is not None},
     )
+
+
+def typed_name_digest(name: str) -> str:
+    """A short keyed digest of a name typed at login that belongs to no user."""
+    key = f"login-name:{settings.SECRET_KEY}".encode()
+    return hmac.new(key, name.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
 
 
 def auth_logout(*, user: User) -> None:

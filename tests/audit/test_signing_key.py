@@ -7,8 +7,8 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from apps.audit.models import AuditEvent
 from apps.audit import signing
+from apps.audit.models import AuditEvent
 from apps.audit.signing import SigningKeyMissing, public_key, sign
 
 
