@@ -37,3 +37,16 @@ def role_and_scope(*roles: Role, scopes: tuple[Scope, ...] = ()) -> type[BasePer
             return False
 
     return RoleAndScope
+
+
+class NotFromAnotherSite(BasePermission):
+    """For GETs that write an audit event (downloads): a browser session's request must
+    not come from another site (its Fetch Metadata header says where it came from), since
+    CSRF tokens protect only unsafe methods. API keys are never sent by a browser."""
+
+    message = "Start this download from AIBox itself: requests from other sites are refused."
+
+    def has_permission(self, request: Request, view) -> bool:
+        if _key(request) is not None:
+            return True
+        return request.headers.get("Sec-Fetch-Site", "none") in ("same-origin", "none")

@@ -6,6 +6,7 @@ from django import forms
 from django.core.exceptions import ObjectDoesNotExist
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
+from django.views.decorators.http import require_http_methods, require_POST
 
 from apps.accounts.access import role_required
 from apps.audit import exports, signing
@@ -107,11 +108,16 @@ def audit_list(request: HttpRequest) -> HttpResponse:
     return render(request, template, context)
 
 
+# Downloads that write an audit event answer POST only (with Django's CSRF check), so no
+# other site can make a signed-in browser produce one with a link.
+
+
 @role_required(*AUDIT_READER_ROLES)
+@require_POST
 def audit_export(request: HttpRequest, fmt: str) -> HttpResponse:
     if fmt not in exports.FORMATS:
         raise Http404("No such export format.")
-    form, filters = filter_form(request.GET)
+    form, filters = filter_form(request.POST.copy())
     if filters is None:
         problems = "; ".join(f"{name}: {' '.join(errors)}" for name, errors in form.errors.items())
         return HttpResponse(
@@ -157,10 +163,11 @@ def _download(data: bytes, *, fmt: str, name: str) -> HttpResponse:
 
 
 @role_required(*AUDIT_READER_ROLES)
+@require_http_methods(["GET", "POST"])
 def audit_report(request: HttpRequest) -> HttpResponse:
-    """The period report form; with a period and a format, the signed report itself."""
-    fmt = request.GET.get("format", "")
-    form = ReportForm(request.GET or None)
+    """The period report form (GET); POSTed with a period and a format, the signed report."""
+    fmt = request.POST.get("format", "")
+    form = ReportForm(request.POST or None)
     if fmt and fmt not in ("pdf", "json"):
         return HttpResponse("Unknown report format; use pdf or json.", status=400)
     if fmt and form.is_valid():
@@ -173,6 +180,7 @@ def audit_report(request: HttpRequest) -> HttpResponse:
 
 
 @role_required(*AUDIT_READER_ROLES)
+@require_http_methods(["GET", "POST"])
 def model_dossier(request: HttpRequest, pk: int) -> HttpResponse:
     from apps.audit.reports import model_dossier as build
     from apps.registry.selectors import model_version_get
@@ -181,8 +189,8 @@ def model_dossier(request: HttpRequest, pk: int) -> HttpResponse:
         version = model_version_get(user=request.user, pk=pk)
     except ObjectDoesNotExist as exc:
         raise Http404("No such model version.") from exc
-    fmt = request.GET.get("format", "")
-    if fmt:
+    if request.method == "POST":
+        fmt = request.POST.get("format", "")
         if fmt not in ("pdf", "json"):
             return HttpResponse("Unknown dossier format; use pdf or json.", status=400)
         data = audit_dossier_generate(actor=request.user, version=version, fmt=fmt)

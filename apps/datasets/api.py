@@ -13,7 +13,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from apps.accounts.models import Scope
-from apps.accounts.permissions import role_and_scope
+from apps.accounts.permissions import NotFromAnotherSite, role_and_scope
 from apps.datasets import selectors, services
 from apps.datasets.models import (
     SEE_ALL_ROLES,
@@ -338,7 +338,7 @@ class VersionDeriveView(APIView):
 
 
 class VersionExportView(APIView):
-    permission_classes = [READERS]
+    permission_classes = [READERS, NotFromAnotherSite]
 
     @extend_schema(responses={(200, "text/csv"): OpenApiTypes.STR})
     def get(self, request: Request, pk: int) -> FileResponse | Response:

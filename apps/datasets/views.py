@@ -268,6 +268,7 @@ def version_derive(request: HttpRequest, pk: int, operation: str) -> HttpRespons
 
 
 @role_required(*READER_ROLES)
+@require_POST  # with a CSRF token: each export is an audit event, which no other site may start
 def version_export(request: HttpRequest, pk: int) -> HttpResponse:
     version = _version_or_404(request, pk)
     try:

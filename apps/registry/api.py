@@ -11,7 +11,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from apps.accounts.models import Role, Scope
-from apps.accounts.permissions import role_and_scope
+from apps.accounts.permissions import NotFromAnotherSite, role_and_scope
 from apps.registry import selectors, services
 from apps.registry.licences import licence_not_allowed, version_licence
 from apps.registry.lineage import version_lineage
@@ -334,7 +334,7 @@ class LineageView(APIView):
 class BomView(APIView):
     """GET the version and everything it was made from as a CycloneDX 1.6 ML-BOM (JSON)."""
 
-    permission_classes = [READERS]
+    permission_classes = [READERS, NotFromAnotherSite]
 
     @extend_schema(responses={(200, "application/vnd.cyclonedx+json"): OpenApiTypes.OBJECT})
     def get(self, request: Request, pk: int) -> Response:

@@ -244,8 +244,10 @@ def version_lineage_page(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 @login_required
+@require_POST
 def version_bom(request: HttpRequest, pk: int) -> HttpResponse:
-    """Download the CycloneDX ML-BOM (the same document as the API's)."""
+    """Download the CycloneDX ML-BOM (the same document as the API's). A POST with a CSRF
+    token: each download is an audit event, which no other site may start."""
     version = _version_or_404(request, pk)
     bom = services.model_version_bom(
         actor=request.user, version=version, absolute=request.build_absolute_uri

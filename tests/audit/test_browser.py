@@ -39,9 +39,9 @@ def ocr_first_page(data: bytes) -> str:
     return " ".join(pytesseract.image_to_string(image).split())
 
 
-def download(page, link_name: str) -> bytes:
+def download(page, button_name: str) -> bytes:
     with page.expect_download() as info:
-        page.get_by_role("link", name=link_name).click()
+        page.get_by_role("button", name=button_name).click()
     return open(info.value.path(), "rb").read()  # noqa: SIM115, PTH123
 
 

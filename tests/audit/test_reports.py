@@ -2,6 +2,7 @@ import json
 from datetime import timedelta
 
 import pytest
+from django.test import Client
 from django.utils import timezone
 
 from apps.accounts.models import Role
@@ -63,15 +64,19 @@ def world(users, settings, tmp_path):
     return {"base": base, "middle": middle, "top": top, "key": key, "users": users}
 
 
-def period() -> str:
+def period(**extra: str) -> dict[str, str]:
     now = timezone.now()
     fmt = "%Y-%m-%dT%H:%M"
-    return f"start={(now - timedelta(hours=1)):{fmt}}&end={(now + timedelta(hours=1)):{fmt}}"
+    return {
+        "start": f"{(now - timedelta(hours=1)):{fmt}}",
+        "end": f"{(now + timedelta(hours=1)):{fmt}}",
+        **extra,
+    }
 
 
 def test_report_json_is_signed_and_complete(world):
     officer = world["users"][Role.COMPLIANCE_OFFICER]
-    response = client_for(officer).get(f"/audit/report/?{period()}&format=json")
+    response = client_for(officer).post("/audit/report/", period(format="json"))
     assert response.status_code == 200
     assert response["Content-Disposition"].startswith('attachment; filename="aibox-compliance')
     report = verify_export(response.content, public_key=signing.public_key().raw)
@@ -102,7 +107,7 @@ def test_report_json_is_signed_and_complete(world):
 
 
 def test_report_pdf_is_signed_and_tamper_evident(world):
-    response = client_for(world["users"][Role.ADMIN]).get(f"/audit/report/?{period()}&format=pdf")
+    response = client_for(world["users"][Role.ADMIN]).post("/audit/report/", period(format="pdf"))
     assert response.status_code == 200 and response.content.startswith(b"%PDF")
     assert verify_export(response.content, public_key=signing.public_key().raw).ok
     tampered = bytearray(response.content)
@@ -114,9 +119,33 @@ def test_report_pdf_is_signed_and_tamper_evident(world):
 def test_report_needs_a_valid_period(world):
     client = client_for(world["users"][Role.ADMIN])
     assert client.get("/audit/report/").status_code == 200
-    bad = client.get("/audit/report/?start=2026-02-01T00:00&end=2026-01-01T00:00&format=pdf")
+    bad = client.post(
+        "/audit/report/", {"start": "2026-02-01T00:00", "end": "2026-01-01T00:00", "format": "pdf"}
+    )
     assert bad.status_code == 400 and b"must be before" in bad.content
-    assert client.get(f"/audit/report/?{period()}&format=xls").status_code == 400
+    assert client.post("/audit/report/", period(format="xls")).status_code == 400
+
+
+def test_report_and_dossier_downloads_are_posts_with_a_csrf_token(world):
+    """A link on another site cannot make a signed-in officer's browser produce one."""
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(world["users"][Role.COMPLIANCE_OFFICER])
+    top = world["top"].pk
+    for url, data in (
+        ("/audit/report/", period(format="json")),
+        (f"/audit/models/{top}/", {"format": "json"}),
+        ("/audit/export.csv", {}),
+    ):
+        assert client.post(url, data).status_code == 403  # no CSRF token
+    # A GET with the download's parameters only shows the page, or is refused.
+    assert client.get("/audit/report/", period(format="json"))["Content-Type"].startswith("text/h")
+    assert client.get(f"/audit/models/{top}/", {"format": "json"})["Content-Type"].startswith(
+        "text/html"
+    )
+    assert client.get("/audit/export.csv").status_code == 405
+    assert not AuditEvent.objects.filter(
+        action__in=["audit.report", "audit.dossier", "audit.export"]
+    ).exists()
 
 
 def test_dossier_walks_the_provenance_chain(world):
@@ -126,14 +155,14 @@ def test_dossier_walks_the_provenance_chain(world):
     assert page.status_code == 200
     html = page.content.decode()
     assert str(middle) in html and str(base) in html and "tiny-served" in html
-    data = client.get(f"/audit/models/{top.pk}/?format=json")
+    data = client.post(f"/audit/models/{top.pk}/", {"format": "json"})
     assert verify_export(data.content, public_key=signing.public_key().raw).ok
     doc = json.loads(data.content)["document"]
     assert [(p["id"], p["depth"]) for p in doc["provenance"]] == [(middle.pk, 1), (base.pk, 2)]
     assert "model_version.approve" in [e["action"] for e in doc["history"]]
     assert doc["deployments"] == [{"name": "tiny-served", "state": "stopped", "as": "model"}]
     assert doc["usage"]["requests"] == 2
-    pdf = client.get(f"/audit/models/{top.pk}/?format=pdf")
+    pdf = client.post(f"/audit/models/{top.pk}/", {"format": "pdf"})
     assert verify_export(pdf.content, public_key=signing.public_key().raw).ok
     assert client.get("/audit/models/999999/").status_code == 404
 
@@ -141,7 +170,7 @@ def test_dossier_walks_the_provenance_chain(world):
 @pytest.mark.parametrize("role", [Role.DATA_SCIENTIST, Role.APP_DEVELOPER])
 def test_reports_are_for_compliance_only(world, role):
     client = client_for(world["users"][role])
-    assert client.get(f"/audit/report/?{period()}&format=json").status_code == 403
+    assert client.post("/audit/report/", period(format="json")).status_code == 403
     assert client.get(f"/audit/models/{world['top'].pk}/").status_code == 403
 
 
@@ -184,5 +213,5 @@ def test_dossier_of_an_adapter_counts_the_requests_it_answered(world):
     )
     client = client_for(world["users"][Role.COMPLIANCE_OFFICER])
     for version, requests in ((adapter, 1), (base, 1), (world["top"], 2)):
-        doc = json.loads(client.get(f"/audit/models/{version.pk}/?format=json").content)
+        doc = json.loads(client.post(f"/audit/models/{version.pk}/", {"format": "json"}).content)
         assert doc["document"]["usage"]["requests"] == requests, version

@@ -41,7 +41,7 @@ def test_outsider_script_verifies_and_catches_tampering(users, script, tmp_path,
     for i in range(12):
         audit_record(actor=admin, action="test.doc", target_label=f"=cmd|{i}", details={"i": i})
     client = client_for(users[Role.COMPLIANCE_OFFICER])
-    data = b"".join(client.get(f"/audit/export.{fmt}").streaming_content)
+    data = b"".join(client.post(f"/audit/export.{fmt}").streaming_content)
     key = tmp_path / "key.pem"
     key.write_text(signing.public_key().pem)
     export = tmp_path / f"export.{fmt}"

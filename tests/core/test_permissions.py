@@ -68,7 +68,7 @@ MATRIX = {
     ),
     "audit_export": (
         "Export the audit log (signed CSV, JSON Lines, PDF)",
-        "get",
+        "post",
         "/audit/export.csv",
         {ADMIN: 200, DS: 403, DEV: 403, CO: 200},
     ),

@@ -63,7 +63,7 @@ def test_data_scientists_see_only_their_own_datasets(users, dataset, doras, dora
     assert dana.get("/datasets/dora-notes/").status_code == 404
     assert dana.get(f"/datasets/versions/{version.pk}/").status_code == 404
     assert dana.get(f"/datasets/versions/{version.pk}/rows").status_code == 404
-    assert dana.get(f"/datasets/versions/{version.pk}/export.csv").status_code == 404
+    assert dana.post(f"/datasets/versions/{version.pk}/export.csv").status_code == 404
     assert client_for(dora).get(f"/datasets/versions/{version.pk}/").status_code == 200
 
 
@@ -88,8 +88,10 @@ def test_compliance_officers_see_all_export_and_change_nothing(users, dataset, d
         'id="derive"' in client_for(dora).get(f"/datasets/versions/{version.pk}/").content.decode()
     )
 
-    (link,) = re.findall(r'href="([^"]+)"[^>]*>Export valid rows as CSV', version_page)
-    export = cora.get(link)
+    (action,) = re.findall(
+        r'action="([^"]+)">[^<]*<input[^>]*csrf[^>]*><button[^>]*>Export valid', version_page
+    )
+    export = cora.post(action)
     assert export.status_code == 200 and export["Content-Type"] == "text/csv"
     assert export["Content-Disposition"] == 'attachment; filename="dora-notes-v1.csv"'
     rows = list(csv.reader(io.StringIO(b"".join(export.streaming_content).decode())))
@@ -106,9 +108,9 @@ def test_app_developers_are_turned_away(users, dataset):
         f"/datasets/{dataset.name}/",
         f"/datasets/versions/{version.pk}/",
         f"/datasets/versions/{version.pk}/rows",
-        f"/datasets/versions/{version.pk}/export.csv",
     ):
         assert devon.get(url).status_code == 403, url
+    assert devon.post(f"/datasets/versions/{version.pk}/export.csv").status_code == 403
 
 
 def test_a_split_with_a_bad_fraction_says_why_and_queues_nothing(users, dataset):

@@ -25,7 +25,7 @@ from apps.registry.services import (
     model_version_ingest,
 )
 from tests.conftest import client_for
-from tests.registry.conftest import write_tiny_gguf
+from tests.registry.conftest import upload_version, write_tiny_gguf
 
 
 def _ingest(actor, repo, path, **kw):
@@ -263,7 +263,7 @@ def test_lineage_page_draws_the_graph_with_links(users, family):
     # The version page links here and to the BOM download.
     page = client_for(users[Role.DATA_SCIENTIST]).get(f"/registry/versions/{adapter.pk}/")
     assert f"/registry/versions/{adapter.pk}/lineage" in page.content.decode()
-    download = client_for(users[Role.DATA_SCIENTIST]).get(
+    download = client_for(users[Role.DATA_SCIENTIST]).post(
         f"/registry/versions/{adapter.pk}/bom.cdx.json"
     )
     assert download.status_code == 200
@@ -275,4 +275,18 @@ def test_lineage_of_an_unknown_version_is_404(users):
     client = client_for(users[Role.ADMIN])
     assert client.get("/api/v1/registry/versions/999999/lineage").status_code == 404
     assert client.get("/api/v1/registry/versions/999999/bom.cdx.json").status_code == 404
+
+
+def test_a_bom_download_cannot_be_started_from_another_site(users, tmp_path, settings):
+    settings.ARTIFACT_ROOT = tmp_path / "artifacts"
+    admin = users[Role.ADMIN]
+    repo = model_repo_create(actor=admin, name="crossed", licence="mit")
+    version = upload_version(admin, repo, write_tiny_gguf(tmp_path / "x.gguf"))
+    client = client_for(admin)
+    url = f"/api/v1/registry/versions/{version.pk}/bom.cdx.json"
+    refused = client.get(url, HTTP_SEC_FETCH_SITE="cross-site")
+    assert refused.status_code == 403 and "from AIBox itself" in refused.json()["detail"]
+    assert not AuditEvent.objects.filter(action="model_version.bom_export").exists()
+    assert client.get(url, HTTP_SEC_FETCH_SITE="same-origin").status_code == 200
+    assert client.get(f"/registry/versions/{version.pk}/bom.cdx.json").status_code == 405
     assert client.get("/registry/versions/999999/lineage").status_code == 404
