@@ -31,7 +31,7 @@ from apps.finetune import progress
 from apps.finetune.models import ACTIVE_STATES, LAUNCHER_ROLES, FineTuneJob, JobState
 from apps.registry.models import REPO_NAME, Format, ModelRepo, ModelVersion, SourceKind
 from apps.registry.models import State as VersionState
-from apps.registry.services import model_repo_create, model_version_ingest
+from apps.registry.services import model_repo_create, model_version_ingest, repo_writable_by
 from workers.artifacts import Staged
 from workers.finetune.spec import ParamError, TrainSpec, check_params, total_steps
 
@@ -213,7 +213,7 @@ def finetune_job_create(
     ].lower()
     REPO_NAME(output_repo)
     existing = ModelRepo.objects.filter(name=output_repo).first()
-    if existing is not None and existing.owner_id not in (None, actor.pk) and actor.role != "admin":
+    if existing is not None and not repo_writable_by(actor, existing):
         raise ValidationError(f"The model {output_repo} belongs to someone else; pick a name.")
     job = FineTuneJob.objects.create(
         name=(name or f"{dataset_version.dataset.name} on {base_model.repo.name}")[:100],

@@ -163,7 +163,9 @@ class ImportRequestSerializer(serializers.Serializer):
     revision = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
 
 
-def _error(exc: ValidationError | ArtifactError, code: int = 400) -> Response:
+def _error(exc: ValidationError | ArtifactError | PermissionDenied, code: int = 400) -> Response:
+    if isinstance(exc, PermissionDenied):
+        return Response({"detail": str(exc)}, status=status.HTTP_403_FORBIDDEN)
     message = " ".join(exc.messages) if isinstance(exc, ValidationError) else str(exc)
     return Response({"detail": message}, status=code)
 
@@ -234,7 +236,7 @@ class VersionUploadView(StreamedUploadMixin, APIView):
             return Response({"detail": message}, status=code)
         try:
             result = ingest_upload(actor=request.user, repo=repo, upload=upload, via="api")
-        except ValidationError as exc:
+        except (ValidationError, PermissionDenied) as exc:
             return _error(exc)
         code = status.HTTP_201_CREATED if result.created else status.HTTP_200_OK
         return Response(ModelVersionSerializer(result.version).data, status=code)
@@ -303,7 +305,7 @@ class ImportHfView(APIView):
             job = services.model_import_request(
                 actor=request.user, repo=repo, **serializer.validated_data
             )
-        except ValidationError as exc:
+        except (ValidationError, PermissionDenied) as exc:
             return _error(exc)
         return Response(ModelImportSerializer(job).data, status=status.HTTP_202_ACCEPTED)
 

@@ -117,6 +117,19 @@ def model_repo_create(
     return repo
 
 
+def repo_writable_by(user: User, repo: ModelRepo) -> bool:
+    """Data scientists add to the models they created; admins (and the system) to any."""
+    if user.is_system or user.role == Role.ADMIN:
+        return True
+    return user.has_role(*WRITER_ROLES) and repo.owner_id == user.pk
+
+
+def require_repo_writer(actor: User, repo: ModelRepo, doing: str) -> None:
+    require_role(actor, WRITER_ROLES, doing)
+    if not repo_writable_by(actor, repo):
+        raise PermissionDenied(f"Only the model's owner or an admin may {doing}.")
+
+
 @dataclass(frozen=True)
 class IngestResult:
     version: ModelVersion
@@ -143,7 +156,7 @@ def model_version_ingest(
     """
     newly_stored = False
     try:
-        require_role(actor, WRITER_ROLES, "add model versions")
+        require_repo_writer(actor, repo, "add versions to it")
         if peft_config is not None:
             return _ingest_peft(
                 actor=actor,
@@ -860,7 +873,7 @@ def model_import_request(
     exists: a malformed repo id, file name or revision, and a file that is not GGUF
     (pickle formats above all). The hub is asked nothing until a worker runs the job.
     """
-    require_role(actor, WRITER_ROLES, "import models")
+    require_repo_writer(actor, repo, "import versions into it")
     repo_id, filename, revision = hub_import_check(
         repo_id=repo_id, filename=filename, revision=revision, check_name=check_file_name
     )

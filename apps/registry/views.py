@@ -127,6 +127,8 @@ def version_upload(request: HttpRequest, name: str, handler: ArtifactUploadHandl
         result = ingest_upload(actor=request.user, repo=repo, upload=upload, via="web")
     except ValidationError as exc:
         return JsonResponse({"error": " ".join(exc.messages)}, status=400)
+    except PermissionDenied as exc:
+        return JsonResponse({"error": str(exc)}, status=403)
     version = result.version
     note = "created" if result.created else "already exists (identical file)"
     messages.success(request, f"{version} {note}.")

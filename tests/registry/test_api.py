@@ -6,7 +6,7 @@ from apps.accounts.models import Role, Scope
 from apps.accounts.services import api_key_create
 from apps.registry.models import ModelVersion
 from apps.registry.services import artifact_store
-from tests.conftest import client_for
+from tests.conftest import client_for, make_user
 from tests.registry.conftest import stored_files, write_tiny_gguf
 
 
@@ -210,3 +210,21 @@ def test_import_path_with_a_nul_byte_is_a_clear_error(users, repo, settings, tmp
     )
     assert response.status_code == 400
     assert response.json()["detail"] == "The path contains a NUL character."
+
+
+def test_data_scientists_add_versions_only_to_their_own_models(users, repo, tiny_gguf):
+    """The repo fixture is dana's; another data scientist can read it but not add to it."""
+    dora = make_user(Role.DATA_SCIENTIST, username="dora")
+    refused = upload(api_as(dora), repo.name, tiny_gguf)
+    assert refused.status_code == 403
+    assert refused.json()["detail"] == "Only the model's owner or an admin may add versions to it."
+    hf = api_as(dora).post(
+        f"/api/v1/registry/repos/{repo.name}/import-hf",
+        {"repo_id": "acme/model", "filename": "model.gguf"},
+        format="json",
+    )
+    assert hf.status_code == 403
+    assert not ModelVersion.objects.filter(repo=repo).exists()
+    assert stored_files(artifact_store().root) == []
+    assert upload(api_as(users[Role.ADMIN]), repo.name, tiny_gguf).status_code == 201
+    assert upload(api_as(users[Role.DATA_SCIENTIST]), repo.name, tiny_gguf).status_code == 200
