@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 import weakref
@@ -25,12 +26,15 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from django.conf import settings
+from redis.exceptions import RedisError
 
 from apps.accounts.models import ApiKey, Scope, User
 from apps.deployments import selectors as deployment_selectors
 from apps.deployments.models import INFERENCE_ROLES, PRESET_SAMPLING, Deployment, Replica, State
 from apps.inference.openai_api import ApiError
 from workers.inference import protocol
+
+logger = logging.getLogger(__name__)
 
 # A request that was admitted but whose client vanished without a trace is forgotten
 # after its queue timeout plus this long.
@@ -122,6 +126,18 @@ def unavailable(message: str) -> ApiError:
     return ApiError(503, message, type="server_error", code="model_unavailable")
 
 
+def broker_unavailable() -> ApiError:
+    """Redis, which carries requests and their tokens between web and workers, is gone."""
+    return ApiError(
+        503,
+        "AIBox lost its connection to Redis, which carries requests to the workers; the "
+        "request was abandoned. Retry in a few seconds.",
+        type="server_error",
+        code="broker_unavailable",
+        headers={"Retry-After": "5"},
+    )
+
+
 # What routing reads, in one query: the deployment's columns on each of its replicas'
 # rows (one row of NULL replica columns if it has none). Every request pays for the
 # columns, joins and queries it fetches: model instances with select_related and a
@@ -175,13 +191,17 @@ def route(caller: Caller, name: str) -> Route:
         raise unavailable(
             f"The model '{name}' is {State(deployment['state']).label.lower()}{detail}."
         )
+    try:
+        serving = deployment_selectors.replicas_serving(replicas)  # workers' heartbeats
+    except RedisError as exc:
+        raise broker_unavailable() from exc
     live = [
         (
             next((r["queue_depth"] for r in w.replicas if r["replica_id"] == replica.pk), 0),
             replica.index,
             replica,
         )
-        for replica, w in deployment_selectors.replicas_serving(replicas)
+        for replica, w in serving
     ]
     if not live:
         raise unavailable(
@@ -259,10 +279,13 @@ class Call:
         seen_start = False
         start_deadline = time.monotonic() + self.route.queue_timeout + START_GRACE_SECONDS
         while True:
-            reply = await client.xread({key: last_id}, block=int(LIVENESS_CHECK_SECONDS * 1000))
-            if not reply:
-                await self._check_alive(seen_start, start_deadline)
-                continue
+            try:
+                reply = await client.xread({key: last_id}, block=int(LIVENESS_CHECK_SECONDS * 1000))
+                if not reply:
+                    await self._check_alive(seen_start, start_deadline)
+                    continue
+            except RedisError as exc:
+                raise broker_unavailable() from exc
             for entry_id, fields in reply[0][1]:
                 last_id = entry_id
                 event = json.loads(fields[b"e"])
@@ -290,11 +313,17 @@ class Call:
             )
 
     async def close(self) -> None:
-        """Release the admission slot; tell the worker to stop if we leave early."""
+        """Release the admission slot; tell the worker to stop if we leave early.
+
+        With Redis gone neither can be done, and neither needs to be: the slot expires by
+        its score, and the worker's events go nowhere. The request is still recorded."""
         client = redis_client()
         pipe = client.pipeline(transaction=False)
         if self.admitted:
             pipe.zrem(protocol.admission_key(self.route.deployment_id), self.request_id)
         if not self.finished:
             pipe.set(protocol.cancel_key(self.request_id), 1, ex=protocol.EVENT_STREAM_TTL_SECONDS)
-        await pipe.execute()
+        try:
+            await pipe.execute()
+        except RedisError:
+            logger.warning("Redis unreachable: request %s closed without it", self.request_id)

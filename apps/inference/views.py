@@ -17,6 +17,8 @@ from django import db
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
+from kombu.exceptions import OperationalError as KombuOperationalError
+from redis.exceptions import RedisError
 
 from apps.accounts.services import ApiKeyRejected, api_key_authenticate
 from apps.deployments.models import Deployment, State
@@ -238,11 +240,11 @@ def _open(authorize: Authorize, kind: str, body: bytes) -> Exchange:
     exchange = Exchange(caller, route, parsed)
     try:
         exchange.call.admit()
+        send_to_worker(inference_submit, route.worker, exchange.call.spec(**fields).as_dict())
     except ApiError as exc:
         exchange.refused = exc
-        return exchange
-    spec = exchange.call.spec(**fields).as_dict()
-    send_to_worker(inference_submit, route.worker, spec)
+    except (RedisError, KombuOperationalError):
+        exchange.refused = gateway.broker_unavailable()
     return exchange
 
 
