@@ -6,6 +6,7 @@ from apps.audit import api as audit_api
 from apps.datasets import api as datasets_api
 from apps.deployments import api as deployments_api
 from apps.finetune import api as finetune_api
+from apps.inference import views as inference_views
 from apps.registry import api as registry_api
 
 api_v1 = [
@@ -135,6 +136,12 @@ urlpatterns = [
     path("registry/", include("apps.registry.urls")),
     path("datasets/", include("apps.datasets.urls")),
     path("finetunes/", include("apps.finetune.urls")),
+    # The playground's chat is the inference app's, on the deployments pages' path.
+    path(
+        "deployments/playground/chat",
+        inference_views.playground_chat,
+        name="playground_chat",
+    ),
     path("deployments/", include("apps.deployments.urls")),
     path("api/v1/", include((api_v1, "api"))),
     # The OpenAPI schema of /api/v1/ and a browsable docs page (docs/api.md).

@@ -1,7 +1,6 @@
 from django.urls import path
 
 from apps.deployments import views
-from apps.inference import views as inference_views
 
 app_name = "deployments"
 
@@ -9,7 +8,6 @@ urlpatterns = [
     path("", views.deployment_list, name="list"),
     path("workers/", views.worker_list, name="workers"),
     path("playground/", views.playground, name="playground"),
-    path("playground/chat", inference_views.playground_chat, name="playground_chat"),
     path("<str:name>/", views.deployment_detail, name="detail"),
     path(
         "<str:name>/<str:action>",

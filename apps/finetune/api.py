@@ -12,7 +12,7 @@ from apps.accounts.models import Role, Scope
 from apps.accounts.permissions import role_and_scope
 from apps.datasets.models import DatasetVersion
 from apps.finetune import selectors, services
-from apps.finetune.models import LAUNCHER_ROLES, FineTuneJob, JobState
+from apps.finetune.models import LAUNCHER_ROLES, FineTuneJob
 from apps.registry.models import ModelVersion
 
 READERS = role_and_scope(*LAUNCHER_ROLES, Role.COMPLIANCE_OFFICER, scopes=(Scope.DATASETS,))
@@ -106,9 +106,6 @@ def _job(request: Request, pk: int) -> FineTuneJob:
         job = selectors.finetune_job_get(user=request.user, pk=pk)
     except FineTuneJob.DoesNotExist as exc:
         raise Http404("No such fine-tune.") from exc
-    # As on the job page: a running job whose worker went silent is failed on read.
-    if job.state == JobState.RUNNING and services.finetune_job_fail_if_silent(job_id=job.pk):
-        job = selectors.finetune_job_get(user=request.user, pk=pk)
     return job
 
 

@@ -5,7 +5,8 @@ from django.db.models import QuerySet
 from apps.accounts.models import User
 from apps.datasets.models import Dataset, DatasetVersion
 from apps.datasets.models import State as DataState
-from apps.finetune.models import FineTuneJob
+from apps.finetune import progress
+from apps.finetune.models import FineTuneJob, JobState
 from apps.registry.models import Format, ModelVersion
 from apps.registry.models import State as VersionState
 
@@ -74,3 +75,9 @@ def loss_chart(history: list[dict]) -> dict:
             {"x": CHART_WIDTH * s / max_step, "y": CHART_HEIGHT * (1 - v / top)} for s, v in valid
         ],
     }
+
+
+def finetune_job_silent(job: FineTuneJob) -> bool:
+    """A running job whose worker's heartbeat has expired: the next reap (every 30 s)
+    marks it failed. Pages say so meanwhile; reading never writes."""
+    return job.state == JobState.RUNNING and not progress.alive(job.pk)

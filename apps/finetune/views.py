@@ -10,7 +10,7 @@ from apps.accounts.access import role_required
 from apps.accounts.models import Role
 from apps.finetune import selectors, services
 from apps.finetune.forms import LaunchForm
-from apps.finetune.models import LAUNCHER_ROLES, FineTuneJob, JobState
+from apps.finetune.models import LAUNCHER_ROLES, FineTuneJob
 
 READER_ROLES = (*LAUNCHER_ROLES, Role.COMPLIANCE_OFFICER)
 
@@ -20,9 +20,6 @@ def _job_or_404(request: HttpRequest, pk: int) -> FineTuneJob:
         job = selectors.finetune_job_get(user=request.user, pk=pk)
     except FineTuneJob.DoesNotExist as exc:
         raise Http404("No such fine-tune.") from exc
-    # Beat checks every 30 s; a reader of a running job learns at once that it died.
-    if job.state == JobState.RUNNING and services.finetune_job_fail_if_silent(job_id=job.pk):
-        job = selectors.finetune_job_get(user=request.user, pk=pk)
     return job
 
 
@@ -101,6 +98,8 @@ def _job_context(request: HttpRequest, job: FineTuneJob) -> dict:
         "can_manage": request.user.has_role(*LAUNCHER_ROLES)
         and (request.user.has_role(Role.ADMIN) or job.created_by_id == request.user.pk),
         "logs": job.logs[-200:],
+        # Read only: the beat task (finetune.reap, every 30 s) marks such a job failed.
+        "silent": selectors.finetune_job_silent(job),
     }
 
 

@@ -183,6 +183,12 @@ def test_beat_fails_running_jobs_whose_worker_went_silent(users, gemma, train_ve
     progress.beat(beating.pk, "train-here@host", ttl=120)
     try:
         wait_until(lambda: not progress.alive(silent.pk), what="the heartbeat expiring")
+        # Reading the job says its worker went silent, and changes nothing: beat does that.
+        dana = client_for(users[Role.DATA_SCIENTIST])
+        page = dana.get(f"/finetunes/{silent.pk}/").content.decode()
+        assert "The training worker has stopped responding" in page
+        assert dana.get(f"/api/v1/finetunes/{silent.pk}/").json()["state"] == "running"
+        assert FineTuneJob.objects.get(pk=silent.pk).state == JobState.RUNNING
         finetune_reap.delay()  # what beat sends
         silent = wait_for(silent.pk, JobState.FAILED, timeout=60)
         assert "stopped responding (last seen " in silent.reason

@@ -157,7 +157,13 @@ def test_a_cancelled_request_frees_its_slot_for_the_next(stack):
         )
     )
     waiting.start()
-    time.sleep(1)
+
+    def depth() -> int:
+        worker = selectors.worker_get(stack.worker)
+        return sum(r["queue_depth"] for r in worker.replicas if r["deployment"] == "gemma-pair")
+
+    # Seen in the worker's heartbeat, not guessed from a sleep: two generating, one queued.
+    wait_until(lambda: depth() == 3, what="two requests generating and a third waiting")
     assert "reply" not in third
     # ...until the first client disconnects: its slot goes to the third at once,
     # long before the other 400-token stream ends.

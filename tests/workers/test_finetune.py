@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from gguf import GGUFReader
 
+from tests.live import wait_until
 from workers.artifacts import file_sha256
 from workers.finetune import (
     DataError,
@@ -515,16 +516,24 @@ def test_conversion_is_cached(base, cache_dir, converted):
 def test_two_workers_convert_a_base_once(tmp_path, monkeypatch):
     """The lock and the rename, without paying for a real conversion twice."""
     import threading
-    import time
 
     from workers.finetune import convert
 
     sha256 = "ab" * 32
     calls = []
 
+    def second_worker_waits_on_the_lock() -> bool:
+        # Linux lists a process blocked on a lock with "->" in /proc/locks, by inode.
+        inode = (tmp_path / f"{sha256}.lock").stat().st_ino
+        return any(
+            "->" in line and f":{inode} " in line
+            for line in Path("/proc/locks").read_text().splitlines()
+        )
+
     def slow_convert(gguf_path, sha, out, *, log):
         calls.append(out)
-        time.sleep(0.5)  # long enough for the second worker to be waiting on the lock
+        # Convert only once the other worker is observably waiting for this one.
+        wait_until(second_worker_waits_on_the_lock, what="the second worker waiting on the lock")
         info = {"sha256": sha, "architecture": "gemma3"}
         (out / "model.safetensors").write_text("weights")
         (out / MARKER).write_text(json.dumps(info))
