@@ -36,6 +36,14 @@ ENVIRONMENT_VARIABLES = (
     "AIBOX_AUDIT_SIGNING_KEY_FILE",
     "AIBOX_AUDIT_CHECKPOINT_FILE",
     "AIBOX_LOGIN_FAILURE_LIMIT",
+    "AIBOX_OIDC_ISSUER",
+    "AIBOX_OIDC_CLIENT_ID",
+    "AIBOX_OIDC_CLIENT_SECRET",
+    "AIBOX_OIDC_SCOPES",
+    "AIBOX_OIDC_ROLE_CLAIM",
+    "AIBOX_OIDC_ROLE_MAP",
+    "AIBOX_LOCAL_LOGIN",
+    "AIBOX_BREAK_GLASS_USERS",
     "AIBOX_LOGIN_COOLOFF_MINUTES",
     "AIBOX_LOG_LEVEL",
     "AIBOX_UPLOAD_MAX_BYTES",
@@ -290,10 +298,42 @@ TEMPLATES = [
 ]
 
 AUTH_USER_MODEL = "accounts.User"
+# Single sign-on with OpenID Connect (apps/accounts/sso.py): off unless an issuer is set.
+OIDC_ISSUER = env.str("AIBOX_OIDC_ISSUER", default="").rstrip("/")
+OIDC_RP_CLIENT_ID = env.str("AIBOX_OIDC_CLIENT_ID", default="")
+OIDC_RP_CLIENT_SECRET = env.str("AIBOX_OIDC_CLIENT_SECRET", default="")
+OIDC_RP_SCOPES = env.str("AIBOX_OIDC_SCOPES", default="openid email profile")
+OIDC_RP_SIGN_ALGO = "RS256"
+OIDC_AUTHENTICATION_CALLBACK_URL = "accounts:sso_callback"
+OIDC_ROLE_CLAIM = env.str("AIBOX_OIDC_ROLE_CLAIM", default="groups")
+# "group=role,group=role": the first entry whose group the claim holds gives the role.
+OIDC_ROLE_MAP = [
+    tuple(part.strip() for part in entry.split("=", 1))
+    for entry in env.list("AIBOX_OIDC_ROLE_MAP", default=[])
+]
+LOCAL_LOGIN = env.str("AIBOX_LOCAL_LOGIN", default="on")
+BREAK_GLASS_USERS = env.list("AIBOX_BREAK_GLASS_USERS", default=[])
+_ROLES = ("admin", "data_scientist", "app_developer", "compliance_officer")
+if OIDC_ISSUER and not (OIDC_RP_CLIENT_ID and OIDC_RP_CLIENT_SECRET):
+    raise ImproperlyConfigured("AIBOX_OIDC_ISSUER needs AIBOX_OIDC_CLIENT_ID and _SECRET.")
+if any(len(entry) != 2 or entry[1] not in _ROLES for entry in OIDC_ROLE_MAP):
+    raise ImproperlyConfigured(
+        f"AIBOX_OIDC_ROLE_MAP takes group=role entries, the roles being one of {_ROLES}."
+    )
+if LOCAL_LOGIN not in ("on", "break-glass"):
+    raise ImproperlyConfigured("AIBOX_LOCAL_LOGIN is 'on' or 'break-glass'.")
+if LOCAL_LOGIN == "break-glass" and not (OIDC_ISSUER and BREAK_GLASS_USERS):
+    raise ImproperlyConfigured(
+        "AIBOX_LOCAL_LOGIN=break-glass needs single sign-on (AIBOX_OIDC_ISSUER) and at least "
+        "one AIBOX_BREAK_GLASS_USERS entry, or nobody could sign in."
+    )
+
 AUTHENTICATION_BACKENDS = [
     # django-axes first: it refuses locked-out accounts and IPs before the password check.
     "axes.backends.AxesStandaloneBackend",
-    "django.contrib.auth.backends.ModelBackend",
+    "apps.accounts.sso.LocalPasswordBackend",
+    # Only with an issuer: the backend asks the provider's discovery document on first use.
+    *(["apps.accounts.sso.SsoBackend"] if OIDC_ISSUER else []),
 ]
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -306,6 +346,8 @@ AUTH_PASSWORD_VALIDATORS = [
 ]
 LOGIN_URL = "accounts:login"
 LOGIN_REDIRECT_URL = "core:home"
+# Where single sign-on lands when the provider or AIBox refused (the login page says so).
+LOGIN_REDIRECT_URL_FAILURE = "/login/?sso=refused"
 LOGOUT_REDIRECT_URL = "accounts:login"
 
 # Failed logins: locked out per account and, separately, per client IP.
@@ -349,8 +391,9 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "EXCEPTION_HANDLER": "aibox.api.exception_handler",
     "DEFAULT_PARSER_CLASSES": [
-        "aibox.parsers.JSONObjectParser",
+        "aibox.api.JSONObjectParser",
         "rest_framework.parsers.FormParser",
         "rest_framework.parsers.MultiPartParser",
     ],

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from django.core.exceptions import ValidationError
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
@@ -49,10 +48,6 @@ class ApiKeyCreateSerializer(serializers.Serializer):
     expires_at = serializers.DateTimeField(required=False, allow_null=True, default=None)
 
 
-def _validation_error(exc: ValidationError) -> Response:
-    return Response({"detail": " ".join(exc.messages)}, status=status.HTTP_400_BAD_REQUEST)
-
-
 class MeView(APIView):
     permission_classes = [IsAuthenticated]
 
@@ -91,12 +86,9 @@ class ApiKeyListView(APIView):
     def post(self, request: Request) -> Response:
         serializer = ApiKeyCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        try:
-            issued = services.api_key_create(
-                actor=request.user, owner=request.user, **serializer.validated_data
-            )
-        except ValidationError as exc:
-            return _validation_error(exc)
+        issued = services.api_key_create(
+            actor=request.user, owner=request.user, **serializer.validated_data
+        )
         body = ApiKeySerializer(issued.api_key).data | {"key": issued.secret}
         return Response(body, status=status.HTTP_201_CREATED, headers={"Cache-Control": "no-store"})
 

@@ -23,6 +23,8 @@ class User(AbstractUser):
     is_system = models.BooleanField(
         default=False, help_text="The built-in actor for tasks and commands; cannot log in."
     )
+    # The identity provider's stable id for this person (single sign-on), if they use it.
+    oidc_subject = models.CharField(max_length=255, null=True, blank=True, unique=True)
 
     objects = UserManager()
 

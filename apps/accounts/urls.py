@@ -1,12 +1,14 @@
 from django.urls import path
 
-from apps.accounts import views
+from apps.accounts import sso, views
 
 app_name = "accounts"
 
 urlpatterns = [
     path("login/", views.LoginView.as_view(), name="login"),
     path("logout/", views.logout_view, name="logout"),
+    path("sso/login/", sso.SsoLoginView.as_view(), name="sso_login"),
+    path("sso/callback/", sso.SsoCallbackView.as_view(), name="sso_callback"),
     path("account/password/", views.password_change, name="password_change"),
     path("account/api-keys/", views.api_key_list, name="api_keys"),
     path("account/api-keys/<int:pk>/revoke/", views.api_key_revoke, name="api_key_revoke"),

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import logout, update_session_auth_hash
 from django.contrib.auth import views as auth_views
@@ -18,6 +19,14 @@ from apps.accounts.models import ApiKey, Role, User
 class LoginView(auth_views.LoginView):
     template_name = "accounts/login.html"
     redirect_authenticated_user = True
+
+    def get_context_data(self, **kwargs):
+        return super().get_context_data(
+            sso_enabled=bool(settings.OIDC_ISSUER),
+            break_glass_only=settings.LOCAL_LOGIN == "break-glass",
+            sso_refused=self.request.GET.get("sso") == "refused",
+            **kwargs,
+        )
 
     def form_valid(self, form: AuthenticationForm) -> HttpResponse:
         response = super().form_valid(form)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 import tempfile
 
-from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.exceptions import ValidationError
 from django.http import FileResponse, Http404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
@@ -125,12 +125,6 @@ class DatasetImportSerializer(HubImportSerializer):
         ]
 
 
-def _error(exc: ValidationError | PermissionDenied) -> Response:
-    if isinstance(exc, PermissionDenied):
-        return Response({"detail": str(exc)}, status=status.HTTP_403_FORBIDDEN)
-    return Response({"detail": " ".join(exc.messages)}, status=status.HTTP_400_BAD_REQUEST)
-
-
 def _dataset(request: Request, name: str) -> Dataset:
     try:
         return selectors.dataset_get(user=request.user, name=name)
@@ -158,10 +152,7 @@ class DatasetListView(APIView):
     def post(self, request: Request) -> Response:
         serializer = DatasetSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        try:
-            dataset = services.dataset_create(actor=request.user, **serializer.validated_data)
-        except ValidationError as exc:
-            return _error(exc)
+        dataset = services.dataset_create(actor=request.user, **serializer.validated_data)
         return Response(DatasetSerializer(dataset).data, status=status.HTTP_201_CREATED)
 
 
@@ -219,16 +210,13 @@ class VersionUploadView(StreamedUploadMixin, APIView):
         if upload is None:
             message = message or "Send the data as a multipart field named 'file'."
             return Response({"detail": message}, status=code)
-        try:
-            version = ingest_upload(
-                actor=request.user,
-                dataset=dataset,
-                upload=upload,
-                via="api",
-                **_upload_settings(request.data),
-            )
-        except (ValidationError, PermissionDenied) as exc:
-            return _error(exc)
+        version = ingest_upload(
+            actor=request.user,
+            dataset=dataset,
+            upload=upload,
+            via="api",
+            **_upload_settings(request.data),
+        )
         return Response(DatasetVersionSerializer(version).data, status=status.HTTP_201_CREATED)
 
 
@@ -243,15 +231,12 @@ class ImportHfView(APIView):
         dataset = _dataset(request, name)
         serializer = ImportRequestSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        try:
-            job = services.dataset_import_request(
-                actor=request.user,
-                dataset=dataset,
-                **serializer.validated_data,
-                **_upload_settings(request.data),
-            )
-        except (ValidationError, PermissionDenied) as exc:
-            return _error(exc)
+        job = services.dataset_import_request(
+            actor=request.user,
+            dataset=dataset,
+            **serializer.validated_data,
+            **_upload_settings(request.data),
+        )
         return Response(DatasetImportSerializer(job).data, status=status.HTTP_202_ACCEPTED)
 
 
@@ -325,15 +310,12 @@ class VersionDeriveView(APIView):
         params = request.data.get("params") or {}
         if not isinstance(params, dict):
             return Response({"detail": "params must be an object."}, status=400)
-        try:
-            job = services.dataset_transform_request(
-                actor=request.user,
-                version=version,
-                operation=str(request.data.get("operation", "")),
-                params=params,
-            )
-        except (ValidationError, PermissionDenied) as exc:
-            return _error(exc)
+        job = services.dataset_transform_request(
+            actor=request.user,
+            version=version,
+            operation=str(request.data.get("operation", "")),
+            params=params,
+        )
         return Response(DatasetTransformSerializer(job).data, status=status.HTTP_202_ACCEPTED)
 
 
@@ -343,10 +325,7 @@ class VersionExportView(APIView):
     @extend_schema(responses={(200, "text/csv"): OpenApiTypes.STR})
     def get(self, request: Request, pk: int) -> FileResponse | Response:
         version = _version(request, pk)
-        try:
-            return export_response(request.user, version)
-        except (PermissionDenied, ValidationError) as exc:
-            return _error(exc)
+        return export_response(request.user, version)
 
 
 def export_response(user, version: DatasetVersion) -> FileResponse:

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import Http404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
@@ -58,12 +57,6 @@ class DeploymentSerializer(serializers.ModelSerializer):
         extra_kwargs = {"name": {"validators": []}}
 
 
-def _error(exc: ValidationError | PermissionDenied) -> Response:
-    if isinstance(exc, PermissionDenied):
-        return Response({"detail": str(exc)}, status=status.HTTP_403_FORBIDDEN)
-    return Response({"detail": " ".join(exc.messages)}, status=status.HTTP_400_BAD_REQUEST)
-
-
 def _deployment(request: Request, name: str) -> Deployment:
     deployment = selectors.deployment_list(user=request.user).filter(name=name).first()
     if deployment is None:
@@ -85,15 +78,12 @@ class DeploymentListView(APIView):
         serializer = DeploymentSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = dict(serializer.validated_data)
-        try:
-            deployment = services.deployment_create(
-                actor=request.user,
-                name=data.pop("name"),
-                model_version=data.pop("model_version"),
-                **data,
-            )
-        except (ValidationError, PermissionDenied) as exc:
-            return _error(exc)
+        deployment = services.deployment_create(
+            actor=request.user,
+            name=data.pop("name"),
+            model_version=data.pop("model_version"),
+            **data,
+        )
         return Response(DeploymentSerializer(deployment).data, status=status.HTTP_201_CREATED)
 
 
@@ -114,23 +104,20 @@ class DeploymentActionView(APIView):
     @extend_schema(request=OpenApiTypes.OBJECT, responses=DeploymentSerializer)
     def post(self, request: Request, name: str) -> Response:
         deployment = _deployment(request, name)
-        try:
-            if self.action == "scale":
-                replicas = request.data.get("replicas")
-                if not isinstance(replicas, int) or isinstance(replicas, bool):
-                    return Response({"detail": "Give 'replicas' as an integer."}, status=400)
-                deployment = services.deployment_scale(
-                    actor=request.user, deployment=deployment, replicas=replicas
-                )
-            else:
-                service = {
-                    "start": services.deployment_start,
-                    "stop": services.deployment_stop,
-                    "restart": services.deployment_restart,
-                }[self.action]
-                deployment = service(actor=request.user, deployment=deployment)
-        except (ValidationError, PermissionDenied) as exc:
-            return _error(exc)
+        if self.action == "scale":
+            replicas = request.data.get("replicas")
+            if not isinstance(replicas, int) or isinstance(replicas, bool):
+                return Response({"detail": "Give 'replicas' as an integer."}, status=400)
+            deployment = services.deployment_scale(
+                actor=request.user, deployment=deployment, replicas=replicas
+            )
+        else:
+            service = {
+                "start": services.deployment_start,
+                "stop": services.deployment_stop,
+                "restart": services.deployment_restart,
+            }[self.action]
+            deployment = service(actor=request.user, deployment=deployment)
         deployment = _deployment(request, name)
         return Response(DeploymentSerializer(deployment).data)
 

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import Http404
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
@@ -75,12 +74,6 @@ class LaunchSerializer(serializers.Serializer):
     name = serializers.CharField(required=False, allow_blank=True, default="")
 
 
-def _error(exc: ValidationError | PermissionDenied) -> Response:
-    if isinstance(exc, PermissionDenied):
-        return Response({"detail": str(exc)}, status=status.HTTP_403_FORBIDDEN)
-    return Response({"detail": " ".join(exc.messages)}, status=status.HTTP_400_BAD_REQUEST)
-
-
 class JobListView(APIView):
     def get_permissions(self):
         return [(LAUNCHERS if self.request.method == "POST" else READERS)()]
@@ -94,10 +87,7 @@ class JobListView(APIView):
     def post(self, request: Request) -> Response:
         serializer = LaunchSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        try:
-            job = services.finetune_job_create(actor=request.user, **serializer.validated_data)
-        except (ValidationError, PermissionDenied) as exc:
-            return _error(exc)
+        job = services.finetune_job_create(actor=request.user, **serializer.validated_data)
         return Response(JobSerializer(job).data, status=status.HTTP_201_CREATED)
 
 
@@ -125,8 +115,5 @@ class JobActionView(APIView):
     def post(self, request: Request, pk: int) -> Response:
         job = _job(request, pk)
         service = {"cancel": services.finetune_job_cancel, "retry": services.finetune_job_retry}
-        try:
-            job = service[self.action](actor=request.user, job=job)
-        except (ValidationError, PermissionDenied) as exc:
-            return _error(exc)
+        job = service[self.action](actor=request.user, job=job)
         return Response(JobSerializer(job).data)

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import Http404
 from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
@@ -29,7 +28,6 @@ from apps.registry.uploads import (
     ingest_upload,
     received_file,
 )
-from workers.artifacts import ArtifactError
 
 READERS = role_and_scope(*Role, scopes=(Scope.REGISTRY_READ,))
 # How the schema describes a streamed multipart upload (the views read the body themselves).
@@ -163,13 +161,6 @@ class ImportRequestSerializer(serializers.Serializer):
     revision = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
 
 
-def _error(exc: ValidationError | ArtifactError | PermissionDenied, code: int = 400) -> Response:
-    if isinstance(exc, PermissionDenied):
-        return Response({"detail": str(exc)}, status=status.HTTP_403_FORBIDDEN)
-    message = " ".join(exc.messages) if isinstance(exc, ValidationError) else str(exc)
-    return Response({"detail": message}, status=code)
-
-
 def _repo(request: Request, name: str) -> ModelRepo:
     try:
         return selectors.model_repo_get(user=request.user, name=name)
@@ -196,10 +187,7 @@ class RepoListView(APIView):
     def post(self, request: Request) -> Response:
         serializer = ModelRepoSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        try:
-            repo = services.model_repo_create(actor=request.user, **serializer.validated_data)
-        except ValidationError as exc:
-            return _error(exc)
+        repo = services.model_repo_create(actor=request.user, **serializer.validated_data)
         return Response(ModelRepoSerializer(repo).data, status=status.HTTP_201_CREATED)
 
     def get_permissions(self):
@@ -234,10 +222,7 @@ class VersionUploadView(StreamedUploadMixin, APIView):
         if upload is None:
             message = message or "Send the model as a multipart field named 'file'."
             return Response({"detail": message}, status=code)
-        try:
-            result = ingest_upload(actor=request.user, repo=repo, upload=upload, via="api")
-        except (ValidationError, PermissionDenied) as exc:
-            return _error(exc)
+        result = ingest_upload(actor=request.user, repo=repo, upload=upload, via="api")
         code = status.HTTP_201_CREATED if result.created else status.HTTP_200_OK
         return Response(ModelVersionSerializer(result.version).data, status=code)
 
@@ -253,10 +238,7 @@ class VersionImportPathView(APIView):
         path = request.data.get("path")
         if not isinstance(path, str) or not path:
             return Response({"detail": "Give the server-side 'path' to import."}, status=400)
-        try:
-            result = services.model_version_import_path(actor=request.user, repo=repo, path=path)
-        except (ValidationError, ArtifactError) as exc:
-            return _error(exc)
+        result = services.model_version_import_path(actor=request.user, repo=repo, path=path)
         code = status.HTTP_201_CREATED if result.created else status.HTTP_200_OK
         return Response(ModelVersionSerializer(result.version).data, status=code)
 
@@ -282,12 +264,7 @@ class VersionStateView(APIView):
             "approve": services.model_version_approve,
             "deprecate": services.model_version_deprecate,
         }[self.transition]
-        try:
-            service(actor=request.user, version=version, reason=str(request.data.get("reason", "")))
-        except PermissionDenied as exc:
-            return Response({"detail": str(exc)}, status=status.HTTP_403_FORBIDDEN)
-        except ValidationError as exc:
-            return _error(exc)
+        service(actor=request.user, version=version, reason=str(request.data.get("reason", "")))
         return Response(ModelVersionSerializer(version).data)
 
 
@@ -301,12 +278,9 @@ class ImportHfView(APIView):
         repo = _repo(request, name)
         serializer = ImportRequestSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        try:
-            job = services.model_import_request(
-                actor=request.user, repo=repo, **serializer.validated_data
-            )
-        except (ValidationError, PermissionDenied) as exc:
-            return _error(exc)
+        job = services.model_import_request(
+            actor=request.user, repo=repo, **serializer.validated_data
+        )
         return Response(ModelImportSerializer(job).data, status=status.HTTP_202_ACCEPTED)
 
 
@@ -396,10 +370,7 @@ class LicenceOverrideView(APIView):
         version = _version(request, pk)
         serializer = LicenceOverrideSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        try:
-            override = services.licence_override_create(
-                actor=request.user, version=version, reason=serializer.validated_data["reason"]
-            )
-        except ValidationError as exc:
-            return _error(exc)
+        override = services.licence_override_create(
+            actor=request.user, version=version, reason=serializer.validated_data["reason"]
+        )
         return Response(LicenceOverrideSerializer(override).data, status=status.HTTP_201_CREATED)
