@@ -186,6 +186,52 @@ def typed_name_digest(name: str) -> str:
     return hmac.new(key, name.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
 
 
+def user_sso_create(
+    *,
+    subject: str,
+    username: str,
+    email: str,
+    first_name: str,
+    last_name: str,
+    role: str,
+    issuer: str,
+) -> User:
+    """A person's first single sign-on: their user, with no password, audited."""
+    with transaction.atomic():
+        user = User(
+            username=username,
+            email=email[:254],
+            first_name=first_name[:150],
+            last_name=last_name[:150],
+            role=role,
+            oidc_subject=subject,
+        )
+        user.set_unusable_password()
+        user.save()
+        audit_record(
+            actor=user,
+            action="user.sso_create",
+            target=user,
+            details={"role": role, "issuer": issuer},
+        )
+    return user
+
+
+def user_sso_role_set(*, user: User, role: str, issuer: str) -> None:
+    """The role the identity provider's groups give at this sign-in; audited if it changed."""
+    if role == user.role:
+        return
+    with transaction.atomic():
+        previous, user.role = user.role, role
+        user.save(update_fields=["role"])
+        audit_record(
+            actor=user,
+            action="user.sso_role_change",
+            target=user,
+            details={"from": previous, "to": role, "issuer": issuer},
+        )
+
+
 def auth_logout(*, user: User) -> None:
     audit_record(actor=user, action="auth.logout", target=user)
 

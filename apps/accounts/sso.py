@@ -23,15 +23,18 @@ import requests
 from django.conf import settings
 from django.contrib.auth.backends import ModelBackend
 from django.core.exceptions import ImproperlyConfigured, SuspiciousOperation
-from django.db import transaction
 from django.http import Http404
 from mozilla_django_oidc.auth import OIDCAuthenticationBackend
 from mozilla_django_oidc.utils import import_from_settings
 from mozilla_django_oidc.views import OIDCAuthenticationCallbackView, OIDCAuthenticationRequestView
 
 from apps.accounts.models import User
-from apps.accounts.services import auth_login_failed, auth_login_succeeded
-from apps.audit.services import audit_record
+from apps.accounts.services import (
+    auth_login_failed,
+    auth_login_succeeded,
+    user_sso_create,
+    user_sso_role_set,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -107,40 +110,20 @@ class SsoBackend(OIDCAuthenticationBackend):
         return True
 
     def create_user(self, claims: dict[str, Any]) -> User:
-        role = role_from_claims(claims)
-        with transaction.atomic():
-            user = User(
-                username=self._free_username(claims),
-                email=claims.get("email", "")[:254],
-                first_name=claims.get("given_name", "")[:150],
-                last_name=claims.get("family_name", "")[:150],
-                role=role,
-                oidc_subject=claims["sub"],
-            )
-            user.set_unusable_password()
-            user.save()
-            audit_record(
-                actor=user,
-                action="user.sso_create",
-                target=user,
-                details={"role": role, "issuer": settings.OIDC_ISSUER},
-            )
-        return user
+        return user_sso_create(
+            subject=claims["sub"],
+            username=self._free_username(claims),
+            email=claims.get("email", ""),
+            first_name=claims.get("given_name", ""),
+            last_name=claims.get("family_name", ""),
+            role=role_from_claims(claims),
+            issuer=settings.OIDC_ISSUER,
+        )
 
     def update_user(self, user: User, claims: dict[str, Any]) -> User:
         if not user.is_active:
             self._refuse(claims, "the AIBox user is deactivated")
-        role = role_from_claims(claims)
-        if role != user.role:
-            with transaction.atomic():
-                previous, user.role = user.role, role
-                user.save(update_fields=["role"])
-                audit_record(
-                    actor=user,
-                    action="user.sso_role_change",
-                    target=user,
-                    details={"from": previous, "to": role, "issuer": settings.OIDC_ISSUER},
-                )
+        user_sso_role_set(user=user, role=role_from_claims(claims), issuer=settings.OIDC_ISSUER)
         return user
 
     def _free_username(self, claims: dict[str, Any]) -> str:
