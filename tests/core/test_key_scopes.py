@@ -161,3 +161,34 @@ def test_an_api_key_opens_no_page(keys, name):
         keyed = call(name, method, keys[ADMIN])
         assert keyed.status_code == anonymous.status_code, (name, method)
         assert keyed.get("Location") == anonymous.get("Location"), (name, method)
+
+
+def test_the_scope_table_in_the_docs_matches_the_code():
+    """docs/permissions.md lists every scope once, with the roles that may hold it."""
+    from pathlib import Path
+
+    from django.conf import settings
+
+    from apps.accounts.services import ROLE_SCOPES
+
+    text = (Path(settings.BASE_DIR) / "docs" / "permissions.md").read_text()
+    section = text.split("## API key scopes", 1)[1]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    names = {
+        "admin": Role.ADMIN,
+        "data scientist": Role.DATA_SCIENTIST,
+        "app developer": Role.APP_DEVELOPER,
+        "compliance officer": Role.COMPLIANCE_OFFICER,
+    }
+    documented = {}
+    for row in rows:
+        scope, _, holders = (cell.strip() for cell in row.strip("|").split("|"))
+        roles = (
+            set(names.values())
+            if holders == "all roles"
+            else {names[h.strip()] for h in holders.split(",")}
+        )
+        documented[scope.strip("`")] = roles
+    assert documented == {
+        scope: {role for role in Role if scope in ROLE_SCOPES[role]} for scope in Scope.values
+    }
