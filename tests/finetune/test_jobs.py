@@ -12,6 +12,7 @@ from apps.accounts.models import Role
 from apps.audit.models import AuditEvent
 from apps.deployments.models import Replica
 from apps.finetune.models import FineTuneJob, JobState
+from apps.finetune.tasks import finetune_reap
 from apps.registry.models import Format
 from tests.conftest import client_for
 from tests.live import wait_until
@@ -130,7 +131,16 @@ def test_a_killed_worker_fails_the_job_with_a_reason_and_retry_resumes(
     killed = training_worker.name
     training_worker.kill()
 
-    # Nobody tells the control plane; the heartbeat expires and the job page says so.
+    # Nobody tells the control plane: the heartbeat expires, the job page says so, and
+    # beat's next reap fails the job (reading it changes nothing).
+    wait_until(
+        lambda: "stopped responding" in client_for(dana).get(f"/finetunes/{job_id}/").text,
+        what="the job page saying its worker stopped responding",
+        timeout=120,
+    )
+    assert FineTuneJob.objects.get(pk=job_id).state == JobState.RUNNING
+    finetune_reap.delay()  # what beat sends every 30 s
+
     def failed():
         body = client_for(dana).get(f"/api/v1/finetunes/{job_id}/").json()
         return body if body["state"] != "running" else None
@@ -160,7 +170,6 @@ def test_beat_fails_running_jobs_whose_worker_went_silent(users, gemma, train_ve
     from django.utils import timezone
 
     from apps.finetune import progress
-    from apps.finetune.tasks import finetune_reap
 
     def running(worker: str) -> FineTuneJob:
         # As a training worker leaves a job it claimed and trained three steps of.
