@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import sys
@@ -41,6 +42,8 @@ def setup_django():
     import django
 
     django.setup()
+    # One line per request from httpx would bury the progress lines.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def make_identity() -> tuple[str, str, str]:
