@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
+from django.conf import settings
 from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
 
 from apps.accounts.models import Role, Scope
-from apps.accounts.services import api_key_create
+from apps.accounts.services import ROLE_SCOPES, api_key_create
 from tests.conftest import make_user
 
 ADMIN, INFERENCE, REGISTRY, REVIEW, DATASETS, AUDIT, METRICS = (
@@ -165,12 +167,6 @@ def test_an_api_key_opens_no_page(keys, name):
 
 def test_the_scope_table_in_the_docs_matches_the_code():
     """docs/permissions.md lists every scope once, with the roles that may hold it."""
-    from pathlib import Path
-
-    from django.conf import settings
-
-    from apps.accounts.services import ROLE_SCOPES
-
     text = (Path(settings.BASE_DIR) / "docs" / "permissions.md").read_text()
     section = text.split("## API key scopes", 1)[1]
     rows = [line for line in section.splitlines() if line.startswith("| `")]
