@@ -27,12 +27,16 @@ class JSONObjectParser(JSONParser):
 
 def exception_handler(exc: Exception, context: dict) -> Response | None:
     """Services refuse with Django's ValidationError (400) or PermissionDenied (403), the
-    artifact store with ArtifactError (400): each answers ``{"detail": message}``.
-    Everything else is DRF's (its own errors, Http404)."""
+    artifact store with ArtifactError (400): each answers ``{"detail": message}``, and
+    a ValidationError raised for named fields also lists each field's messages, as DRF's
+    own validation does. Everything else is DRF's (its own errors, Http404)."""
     if isinstance(exc, ValidationError | ArtifactError | PermissionDenied):
         set_rollback()  # as DRF does for its own errors, should requests be atomic
     if isinstance(exc, ValidationError):
-        return Response({"detail": " ".join(exc.messages)}, status=status.HTTP_400_BAD_REQUEST)
+        body: dict = {"detail": " ".join(exc.messages)}
+        if hasattr(exc, "error_dict"):
+            body.update({field: messages for field, messages in exc.message_dict.items()})
+        return Response(body, status=status.HTTP_400_BAD_REQUEST)
     if isinstance(exc, ArtifactError):
         return Response({"detail": str(exc)}, status=status.HTTP_400_BAD_REQUEST)
     if isinstance(exc, PermissionDenied) and str(exc):

@@ -67,6 +67,7 @@ ENVIRONMENT_VARIABLES = (
     "AIBOX_FINETUNE_CACHE_DIR",
     "AIBOX_FINETUNE_DEVICE",
     "AIBOX_FINETUNE_HEARTBEAT_TTL",
+    "AIBOX_RECIPE_TRUSTED_KEYS",
 )
 
 DEBUG = env.bool("AIBOX_DEBUG", default=False)
@@ -163,6 +164,18 @@ MODEL_CACHE_DIR = Path(
 WORKER_SERVING = env.bool("AIBOX_WORKER_SERVING", default=True)
 WORKER_OFFLINE_AFTER = env.float("AIBOX_WORKER_OFFLINE_AFTER", default=10.0)
 
+# Recipes (apps/setups): fingerprints of other boxes' Ed25519 keys whose recipes import
+# without a warning (this box's own key is always trusted).
+RECIPE_TRUSTED_KEYS = [
+    k.strip().lower() for k in env.list("AIBOX_RECIPE_TRUSTED_KEYS", default=[]) if k.strip()
+]
+for _fingerprint in RECIPE_TRUSTED_KEYS:
+    if len(_fingerprint) != 64 or any(c not in "0123456789abcdef" for c in _fingerprint):
+        raise ImproperlyConfigured(
+            f"AIBOX_RECIPE_TRUSTED_KEYS: '{_fingerprint}' is not a key fingerprint (64 hex "
+            "digits, as the Setups page shows for this box's key)."
+        )
+
 # Hugging Face import: the hub or a mirror (huggingface_hub's own HF_ENDPOINT is honoured
 # when AIBox's is unset), a token for gated and private repos (sent only to that endpoint,
 # never stored or logged), and where downloads land before they are hashed into the store.
@@ -251,6 +264,7 @@ INSTALLED_APPS = [
     "apps.finetune",
     "apps.deployments",
     "apps.inference",
+    "apps.setups",
     "apps.ops",
 ]
 
@@ -461,6 +475,8 @@ CELERY_BEAT_SCHEDULE = {
     },
     # Fine-tunes whose training worker died are marked failed (apps/finetune/tasks.py).
     "finetune-reap": {"task": "finetune.reap", "schedule": 30.0},
+    # Trials whose worker went away are marked failed (apps/setups/tasks.py).
+    "trial-reap": {"task": "setups.trial_reap", "schedule": 300.0},
 }
 # Beat's record of when each entry last ran: under var/, never in the repository.
 CELERY_BEAT_SCHEDULE_FILENAME = str(BASE_DIR / "var" / "celerybeat-schedule")

@@ -8,6 +8,7 @@ from apps.deployments import api as deployments_api
 from apps.finetune import api as finetune_api
 from apps.inference import views as inference_views
 from apps.registry import api as registry_api
+from apps.setups import api as setups_api
 
 api_v1 = [
     path("me", accounts_api.MeView.as_view(), name="me"),
@@ -126,6 +127,17 @@ api_v1 = [
         registry_api.LicenceOverrideView.as_view(),
         name="version_licence_overrides",
     ),
+    path("setups/", setups_api.SetupListView.as_view(), name="setups"),
+    path("setups/advise", setups_api.AdviseView.as_view(), name="setup_advise"),
+    path("setups/advise/apply", setups_api.AdviseApplyView.as_view(), name="setup_advise_apply"),
+    path("setups/import", setups_api.RecipeImportView.as_view(), name="recipe_import"),
+    path("setups/recipe-book", setups_api.RecipeBookView.as_view(), name="recipe_book"),
+    path("setups/trials/", setups_api.TrialListView.as_view(), name="trials"),
+    path("setups/trials/<int:pk>/", setups_api.TrialDetailView.as_view(), name="trial"),
+    path("setups/<str:name>/", setups_api.SetupDetailView.as_view(), name="setup"),
+    path("setups/<str:name>/deploy", setups_api.SetupDeployView.as_view(), name="setup_deploy"),
+    path("setups/<str:name>/trials", setups_api.SetupTrialView.as_view(), name="setup_trial"),
+    path("setups/<str:name>/recipe", setups_api.RecipeExportView.as_view(), name="setup_recipe"),
 ]
 
 urlpatterns = [
@@ -143,6 +155,7 @@ urlpatterns = [
         name="playground_chat",
     ),
     path("deployments/", include("apps.deployments.urls")),
+    path("setups/", include("apps.setups.urls")),
     path("api/v1/", include((api_v1, "api"))),
     # The OpenAPI schema of /api/v1/ and a browsable docs page (docs/api.md).
     path("api/schema/", SpectacularAPIView.as_view(), name="api_schema"),

@@ -99,3 +99,36 @@ def inventory() -> Inventory:
         ram_available_mib=mem.get("MemAvailable", 0),
         gpus=nvidia_gpus(),
     )
+
+
+def hardware_class(info: dict) -> str:
+    """A short name for a kind of machine, from an inventory or heartbeat dict.
+
+    Trials measured on machines of one class are compared with each other, so the name
+    keeps what decides the speed of a model (the GPUs, or else the CPU, its cores and
+    memory) and leaves out what changes from minute to minute (free memory, the host).
+    For example ``gpu:NVIDIA L4x2:22G`` (memory per GPU) or
+    ``cpu:AMD EPYC 7R13 Processor:8c:31G``.
+    """
+    gpus = info.get("gpus") or []
+    if gpus:
+        # Grouped by model and memory, in a fixed order, so a mixed box always reads alike.
+        counts: dict[tuple[str, int], int] = {}
+        for gpu in gpus:
+            key = (_squeeze(gpu.get("name", "")) or "unknown", _gib(gpu.get("memory_total_mib", 0)))
+            counts[key] = counts.get(key, 0) + 1
+        return "gpu:" + "+".join(
+            f"{name}x{count}:{gib}G" for (name, gib), count in sorted(counts.items())
+        )
+    cpu = _squeeze(info.get("cpu_model", "")) or "unknown"
+    return f"cpu:{cpu}:{info.get('cpu_cores', 0)}c:{_gib(info.get('ram_total_mib', 0))}G"
+
+
+def _gib(mib: int) -> int:
+    # Rounded, not floored: MemTotal and a GPU's usable memory sit a little below the
+    # size on the box, and a 16 GiB machine should read 16.
+    return round((mib or 0) / 1024)
+
+
+def _squeeze(text: str) -> str:
+    return " ".join(str(text).split())

@@ -12,6 +12,7 @@ NAVIGATION: tuple[tuple[str, str, tuple[Role, ...]], ...] = (
     ("Datasets", "datasets:list", (Role.ADMIN, Role.DATA_SCIENTIST, Role.COMPLIANCE_OFFICER)),
     ("Fine-tunes", "finetune:list", (Role.ADMIN, Role.DATA_SCIENTIST, Role.COMPLIANCE_OFFICER)),
     ("Deployments", "deployments:list", ()),
+    ("Setups", "setups:list", ()),
     ("Playground", "deployments:playground", (Role.ADMIN, Role.DATA_SCIENTIST, Role.APP_DEVELOPER)),
     ("API keys", "accounts:api_keys", ()),
     ("Users", "accounts:user_list", (Role.ADMIN,)),

@@ -39,6 +39,8 @@ class DeploymentForm(forms.ModelForm):
             "gpu_layers",
             "batch_size",
             "embeddings",
+            "kv_cache_type",
+            "flash_attention",
             "stream_interval_ms",
             "logging_level",
             "queue_size",

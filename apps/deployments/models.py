@@ -41,6 +41,20 @@ PRESET_SAMPLING: dict[str, dict[str, float | int]] = {
 }
 
 
+class KvCacheType(models.TextChoices):
+    """How the KV cache stores keys and values: smaller types hold more context in the
+    same memory, at a small cost in quality."""
+
+    F16 = "f16", "f16 (full precision)"
+    Q8_0 = "q8_0", "q8_0 (half the memory, near-lossless)"
+    Q4_0 = "q4_0", "q4_0 (a quarter of the memory, some loss)"
+
+
+# Bytes per stored element of each KV cache type (q8_0 and q4_0 store 32 values in 34
+# and 18 bytes).
+KV_CACHE_BYTES: dict[str, float] = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
 class LoggingLevel(models.TextChoices):
     METADATA = "metadata", "Metadata only (no prompts or outputs)"
     HASHED = "hashed", "Hashed (sha256 of prompts and outputs)"
@@ -89,6 +103,13 @@ class Deployment(models.Model):
         default=1, validators=[MinValueValidator(1), MaxValueValidator(64)]
     )
     embeddings = models.BooleanField(default=False)
+    kv_cache_type = models.CharField(
+        "KV cache type", max_length=8, choices=KvCacheType.choices, default=KvCacheType.F16
+    )
+    flash_attention = models.BooleanField(
+        default=True,
+        help_text="Fused attention: faster with several slots; needed by a quantised KV cache.",
+    )
     stream_interval_ms = models.PositiveSmallIntegerField(
         "Stream interval (ms)",
         default=100,

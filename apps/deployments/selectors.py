@@ -37,6 +37,8 @@ class WorkerStatus:
     ram_available_mib: int
     gpus: list[dict[str, Any]] = field(default_factory=list)
     replicas: list[dict[str, Any]] = field(default_factory=list)
+    # Memory bandwidth and matrix throughput measured when the worker started.
+    probe: dict[str, float] = field(default_factory=dict)
 
     @property
     def seconds_since_seen(self) -> float:
@@ -86,6 +88,7 @@ def parse_heartbeat(raw: bytes | str | None, *, now: float | None = None) -> Wor
         ram_available_mib=data.get("ram_available_mib", 0),
         gpus=data.get("gpus", []),
         replicas=data.get("replicas", []) if online else [],
+        probe=data.get("probe", {}),
     )
 
 

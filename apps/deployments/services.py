@@ -20,7 +20,14 @@ from apps.accounts.services import require_role, system_user
 from apps.audit.models import Outcome
 from apps.audit.services import audit_record
 from apps.deployments import selectors
-from apps.deployments.models import MANAGER_ROLES, Deployment, Replica, State
+from apps.deployments.models import (
+    KV_CACHE_BYTES,
+    MANAGER_ROLES,
+    Deployment,
+    KvCacheType,
+    Replica,
+    State,
+)
 from apps.registry.models import Format, ModelVersion
 from apps.registry.models import State as VersionState
 from apps.registry.services import artifact_store, model_version_deploy_check
@@ -41,6 +48,8 @@ SETTINGS_FIELDS = (
     "batch_size",
     "parallel_slots",
     "embeddings",
+    "kv_cache_type",
+    "flash_attention",
     "stream_interval_ms",
     "preset",
     "chat_template",
@@ -81,9 +90,14 @@ class MemoryEstimate:
 
 
 def memory_estimate(
-    *, version: ModelVersion, context_length: int, parallel_slots: int, batch_size: int
+    *,
+    version: ModelVersion,
+    context_length: int,
+    parallel_slots: int,
+    batch_size: int,
+    kv_cache_type: str = KvCacheType.F16,
 ) -> MemoryEstimate:
-    """Weights, plus an f16 KV cache for every slot's full context, plus scratch buffers.
+    """Weights, plus a KV cache for every slot's full context, plus scratch buffers.
 
     The KV cache is sized from the GGUF attention shape (grouped-query heads make it
     smaller); a file that does not state it is sized as if every head had its own KV.
@@ -96,10 +110,9 @@ def memory_estimate(
     head_dim = embedding // heads if heads else 0
     key_len = meta.get("key_length") or head_dim
     value_len = meta.get("value_length") or head_dim
-    per_token = (
-        layers * kv_heads * (key_len + value_len) * 2 if kv_heads else layers * embedding * 4
-    )
-    kv_cache = per_token * context_length * parallel_slots
+    elements = layers * kv_heads * (key_len + value_len) if kv_heads else layers * embedding * 2
+    per_token = elements * KV_CACHE_BYTES[kv_cache_type]
+    kv_cache = int(per_token * context_length * parallel_slots)
     vocab = version.vocab_size or meta.get("vocab_size") or 0
     compute = COMPUTE_OVERHEAD_BYTES + batch_size * (vocab + 4 * embedding) * 4
     return MemoryEstimate(weights=version.size, kv_cache=kv_cache, compute=compute)
@@ -115,6 +128,7 @@ def _estimate_for(deployment: Deployment) -> MemoryEstimate:
         context_length=deployment.context_length,
         parallel_slots=deployment.parallel_slots,
         batch_size=deployment.batch_size,
+        kv_cache_type=deployment.kv_cache_type,
     )
     if deployment.adapter is not None:  # loaded whole, next to the model
         estimate = dataclasses.replace(estimate, weights=estimate.weights + deployment.adapter.size)
@@ -204,6 +218,8 @@ def _replica_spec(replica: Replica) -> ReplicaSpec:
         batch_size=deployment.batch_size,
         parallel_slots=deployment.parallel_slots,
         embeddings=deployment.embeddings,
+        kv_cache_type=deployment.kv_cache_type,
+        flash_attention=deployment.flash_attention,
         chat_template=deployment.chat_template,
         has_chat_template=version.has_chat_template,
         queue_size=deployment.queue_size,
@@ -317,11 +333,36 @@ def _check_adapter(version: ModelVersion, adapter: ModelVersion | None) -> None:
 
 def _check_settings(version: ModelVersion, values: dict[str, Any]) -> None:
     _check_adapter(version, values.get("adapter"))
+    kv_type = values.get("kv_cache_type", KvCacheType.F16)
+    if kv_type != KvCacheType.F16 and not values.get("flash_attention", True):
+        raise ValidationError(
+            {
+                "kv_cache_type": f"A {kv_type} KV cache needs flash attention on (llama.cpp "
+                "stores a quantised V cache only for its fused attention)."
+            }
+        )
     limit = version.context_length
     if limit and values.get("context_length", 0) > limit:
         raise ValidationError(
-            f"The context length {values['context_length']} is above the model's {limit} tokens."
+            {
+                "context_length": f"The context length {values['context_length']} is above "
+                f"the model's {limit} tokens."
+            }
         )
+
+
+def deployment_values_check(*, version: ModelVersion, values: dict[str, Any]) -> None:
+    """Raise ValidationError unless these settings suit ``version`` (a fitting adapter, a
+    context the model takes, a KV cache type its attention supports)."""
+    _check_settings(version, values)
+
+
+def deployment_settings_check(*, version: ModelVersion, values: dict[str, Any]) -> None:
+    """Raise ValidationError unless ``version`` may run with these settings: an approved
+    GGUF model whose file verifies and whose licence is allowed, a fitting adapter, a
+    context the model takes. Setups and trials ask before they load anything."""
+    _check_version(version)
+    _check_settings(version, values)
 
 
 def deployment_create(

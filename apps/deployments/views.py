@@ -77,6 +77,7 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
         context_length=deployment.context_length,
         parallel_slots=deployment.parallel_slots,
         batch_size=deployment.batch_size,
+        kv_cache_type=deployment.kv_cache_type,
     )
     context = {
         "deployment": deployment,

@@ -187,6 +187,19 @@ MATRIX = {
         "/api/v1/deployments/{deployment}/stop",
         {ADMIN: 200, DS: 403, DEV: 403, CO: 403},
     ),
+    "setups_view": (
+        "View setups, trials and recipes; ask the setup advisor",
+        "get",
+        "/setups/",
+        dict.fromkeys(ROLES, 200),
+    ),
+    "setups_manage": (
+        "Create, deploy, try, import and export setups (and apply the advisor's)",
+        "post",
+        "/api/v1/setups/",
+        # An admin's empty request is let through to validation.
+        {ADMIN: 400, DS: 403, DEV: 403, CO: 403},
+    ),
     "playground": (
         "Use the playground and the inference API (`/v1/`)",
         "get",

@@ -60,3 +60,25 @@ def test_wait_needs_a_live_worker_holding_the_replica(users, version, heartbeats
     assert out.getvalue().splitlines()[-1] == "  tiny-chat: Ready"
     assert users[Role.ADMIN]  # the key file went to the first admin
     assert (tmp_path / "key.txt").read_text().strip()
+
+
+def test_a_deployment_an_admin_stopped_is_reported_not_waited_for(users, version, tmp_path):
+    Deployment.objects.create(
+        name="tiny-chat",
+        model_version=version,
+        context_length=256,
+        running=False,
+        state=State.STOPPED,
+    )
+    out = io.StringIO()
+    # Waiting for it would end in "not ready" (a CommandError that stops bin/aibox run).
+    call_command(
+        "deployment_default",
+        name="tiny-chat",
+        key_file=str(tmp_path / "k.txt"),
+        wait=5,
+        stdout=out,
+    )
+    assert "stopped by an admin; not starting it" in out.getvalue()
+    deployment = Deployment.objects.get(name="tiny-chat")
+    assert not deployment.running and deployment.state == State.STOPPED

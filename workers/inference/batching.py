@@ -68,7 +68,21 @@ def model_params(gpu_layers: int) -> llama_cpp.llama_model_params:
     return params
 
 
-def context_params(slots: int, context_length: int, threads: int) -> llama_cpp.llama_context_params:
+KV_CACHE_TYPES = {
+    "f16": llama_cpp.GGML_TYPE_F16,
+    "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+    "q4_0": llama_cpp.GGML_TYPE_Q4_0,
+}
+
+
+def context_params(
+    slots: int,
+    context_length: int,
+    threads: int,
+    *,
+    kv_cache_type: str = "f16",
+    flash_attention: bool = True,
+) -> llama_cpp.llama_context_params:
     """Context parameters for a ``Scheduler``: one KV stream per slot.
 
     Each stream holds one request's context plus a cell for a pad row; a micro-batch
@@ -80,7 +94,12 @@ def context_params(slots: int, context_length: int, threads: int) -> llama_cpp.l
     params.kv_unified = False
     # llama.cpp's "auto" leaves flash attention off on the CPU; on, a batch of streams
     # decodes about 20 % faster, and each query row's attention is still computed alone.
-    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    params.flash_attn_type = (
+        llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        if flash_attention
+        else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
+    params.type_k = params.type_v = KV_CACHE_TYPES[kv_cache_type]
     params.n_batch = params.n_ubatch = max(PROMPT_CHUNK, slots)
     params.n_threads = params.n_threads_batch = threads
     return params

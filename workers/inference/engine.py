@@ -141,7 +141,13 @@ class Replica:
         self.model = _internals.LlamaModel(
             path_model=str(self._model_path), params=model_params, verbose=False
         )
-        params = batching.context_params(spec.parallel_slots, spec.context_length, self._threads)
+        params = batching.context_params(
+            spec.parallel_slots,
+            spec.context_length,
+            self._threads,
+            kv_cache_type=spec.kv_cache_type,
+            flash_attention=spec.flash_attention,
+        )
         self._ctx = _internals.LlamaContext(model=self.model, params=params, verbose=False)
         if self._adapter_path is not None:
             self._adapter = llama_cpp.llama_adapter_lora_init(

@@ -56,6 +56,10 @@ class ReplicaSpec:
     batch_size: int = 512
     parallel_slots: int = 1
     embeddings: bool = False
+    # How the KV cache stores keys and values ("f16", "q8_0", "q4_0"); a quantised cache
+    # needs flash attention.
+    kv_cache_type: str = "f16"
+    flash_attention: bool = True
     chat_template: str = ""
     has_chat_template: bool = False
     queue_size: int = 8

@@ -25,6 +25,7 @@ from workers.inference import protocol
 from workers.inference.cache import ModelCache
 from workers.inference.engine import LoadError, Replica
 from workers.inference.protocol import ReplicaSpec, RequestSpec
+from workers.probe import probe
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +227,7 @@ def runtime() -> Runtime:
 def heartbeat_payload(hostname: str, *, pool: str, serving: bool) -> dict[str, Any]:
     payload = inventory().as_dict()
     payload.update(
+        probe=probe(),
         hostname=hostname,
         pool=pool,
         serving=serving,

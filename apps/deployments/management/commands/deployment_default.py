@@ -68,6 +68,13 @@ class Command(BaseCommand):
         self.stdout.write(f"An inference API key for {admin.username} is in {path}.")
 
     def _wait(self, deployment: Deployment, timeout: float) -> None:
+        if not deployment.running:
+            # An admin stopped it on purpose: report it and carry on, never restart it.
+            self.stdout.write(
+                f"  {deployment.name}: stopped by an admin; not starting it (start it on the "
+                "Deployments page)."
+            )
+            return
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:

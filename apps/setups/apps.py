@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class SetupsConfig(AppConfig):
+    name = "apps.setups"
+    label = "setups"

@@ -1,0 +1,412 @@
+"""Setups against the live stack: the advisor on this machine, trials measured by the real
+runtime on a real worker, one-call deploys, and recipes exported and imported."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import yaml
+
+from apps.accounts.models import Role
+from apps.audit import signing
+from apps.audit.chain import canonical_json
+from apps.audit.models import AuditEvent
+from apps.audit.signing import create_key
+from apps.deployments import services as deployment_services
+from apps.deployments.models import Deployment, State
+from apps.setups import recipes
+from apps.setups.models import Experience, Origin, Setup, Trial, TrialState, UseCase
+from tests.conftest import client_for, make_user
+from tests.live import wait_until
+
+CHAT_USE_CASES = [u for u in UseCase if u != UseCase.SEARCH]
+
+
+def _advise(client, **body):
+    return client.post("/api/v1/setups/advise", body, content_type="application/json")
+
+
+def _candidate(answer: dict, version) -> dict:
+    return next(c for c in answer["candidates"] if c["model_version"] == version.pk)
+
+
+def wait_for_state(deployment: Deployment, state: str, *, timeout: float) -> Deployment:
+    def reached() -> bool:
+        deployment.refresh_from_db()
+        assert deployment.state != State.FAILED, deployment.state_reason
+        return deployment.state == state
+
+    wait_until(reached, what=f"{deployment.name} becoming {state}", timeout=timeout)
+    return deployment
+
+
+def _wait_for_trial(trial_id: int, timeout: float = 180) -> Trial:
+    def finished():
+        trial = Trial.objects.get(pk=trial_id)
+        return trial if trial.state in (TrialState.SUCCEEDED, TrialState.FAILED) else None
+
+    return wait_until(finished, what=f"trial {trial_id} finishing", timeout=timeout)
+
+
+@pytest.mark.parametrize("experience", list(Experience))
+@pytest.mark.parametrize("use_case", CHAT_USE_CASES)
+def test_the_advisor_proposes_the_bundled_model_with_reasons_and_fit(stack, use_case, experience):
+    answer = _advise(client_for(stack.admin), use_case=use_case, experience=experience)
+    assert answer.status_code == 200, answer.content
+    body = answer.json()
+    assert stack.worker in body["workers"]
+    gemma = _candidate(body, stack.version)
+    assert gemma["suitable"] and gemma["fits_somewhere"], gemma["why_not"]
+    assert gemma["rank"] == 1
+    fit = next(f for f in gemma["fits"] if f["worker"] == stack.worker)
+    assert 0 < fit["needed_bytes"] < fit["free_bytes"]
+    # Every setting the advisor chose comes with its reason in plain words.
+    reasons = " ".join(gemma["reasons"])
+    assert f"{gemma['settings']['context_length']:,} tokens of context" in reasons
+    assert gemma["settings"]["preset"] in reasons
+    assert f"KV cache {gemma['settings']['kv_cache_type']}" in reasons
+    assert gemma["expected"]["decode_tps"] > 0
+    assert gemma["expected"]["basis"] in ("measured", "scaled", "estimate")
+
+
+def test_the_experience_changes_the_settings(stack):
+    client = client_for(stack.admin)
+    fast = _candidate(_advise(client, use_case="chat", experience="fast").json(), stack.version)
+    creative = _candidate(
+        _advise(client, use_case="chat", experience="creative").json(), stack.version
+    )
+    long_docs = _candidate(
+        _advise(client, use_case="long_documents", experience="quality").json(), stack.version
+    )
+    assert fast["settings"]["parallel_slots"] > creative["settings"]["parallel_slots"]
+    assert creative["settings"]["preset"] == "creative"
+    assert "temperature 1.0" in " ".join(creative["reasons"])
+    # Gemma 3 270M takes 32k tokens: long documents get all of it, with q8_0 to fit.
+    assert long_docs["settings"]["context_length"] == 32_768
+    assert long_docs["settings"]["kv_cache_type"] == "q8_0"
+    assert "so each has room" in " ".join(long_docs["reasons"])
+
+
+def test_a_generation_model_is_not_proposed_for_search(stack):
+    body = _advise(client_for(stack.admin), use_case="search", experience="fast").json()
+    gemma = _candidate(body, stack.version)
+    assert not gemma["suitable"]
+    assert "not an embedding model" in " ".join(gemma["why_not"])
+
+
+def test_a_model_the_workers_cannot_hold_is_listed_with_the_numbers(stack, huge_version):
+    body = _advise(client_for(stack.admin), use_case="chat", experience="quality").json()
+    huge = _candidate(body, huge_version)
+    assert not huge["fits_somewhere"]
+    assert huge["rank"] > _candidate(body, stack.version)["rank"]
+    # (It has no chat template either; that reason comes first.)
+    why = huge["why_not"][-1]
+    needed = next(f for f in huge["fits"] if f["worker"] == stack.worker)["needed_bytes"]
+    assert f"needs about {needed / 2**20:,.0f} MiB" in why
+    assert "has" in why and "MiB free" in why
+    # Asked to deploy it anyway, the box refuses with the same reason and creates nothing.
+    answer = client_for(stack.admin).post(
+        "/api/v1/setups/advise/apply",
+        {
+            "use_case": "chat",
+            "experience": "quality",
+            "model_version": huge_version.pk,
+            "action": "deploy",
+        },
+        content_type="application/json",
+    )
+    assert answer.status_code == 400
+    assert "MiB free" in answer.json()["model_version"][0]
+    assert not Setup.objects.filter(model_version=huge_version).exists()
+
+
+def test_a_trial_measures_the_setup_and_the_advisor_then_quotes_it(stack):
+    admin = client_for(stack.admin)
+    answer = admin.post(
+        "/api/v1/setups/advise/apply",
+        {
+            "use_case": "extraction",
+            "experience": "quality",
+            "model_version": stack.version.pk,
+            "action": "trial",
+        },
+        content_type="application/json",
+    )
+    assert answer.status_code == 201, answer.content
+    setup = Setup.objects.get(name=answer.json()["setup"]["name"])
+    assert setup.origin == Origin.ADVISOR and "Proposed by the advisor" in setup.notes
+    trial = _wait_for_trial(answer.json()["trial"]["id"])
+    assert trial.state == TrialState.SUCCEEDED, trial.reason
+    assert trial.worker == stack.worker
+    for figure in (
+        "load_seconds",
+        "prompt_tps_short",
+        "prompt_tps_long",
+        "decode_tps_single",
+        "decode_tps_parallel",
+        "ttft_p50_ms",
+        "ttft_p95_ms",
+        "peak_ram_bytes",
+    ):
+        assert getattr(trial, figure) > 0, figure
+    assert trial.peak_vram_bytes is None  # no GPU here
+    assert trial.hardware["llama_cpp_version"] and trial.hardware_class.startswith("cpu:")
+    assert AuditEvent.objects.filter(action="trial.succeeded", target_id=str(setup.pk)).exists()
+
+    # The setup's page shows the figures, and the comparison API returns them.
+    page = admin.get(f"/setups/{setup.name}/")
+    assert f"{trial.decode_tps_single:.1f}" in page.content.decode()
+    listed = admin.get("/api/v1/setups/trials/", {"setup": setup.name}).json()
+    assert listed[0]["decode_tps_single"] == trial.decode_tps_single
+
+    # Asked again, the advisor quotes the measurement instead of an estimate.
+    again = _advise(admin, use_case="extraction", experience="quality").json()
+    expected = _candidate(again, stack.version)["expected"]
+    assert expected["basis"] == "measured" and expected["trial"] == trial.pk
+    assert expected["decode_tps"] == round(trial.decode_tps_single, 1)
+
+
+def test_one_call_deploys_a_candidate(stack):
+    answer = client_for(stack.admin).post(
+        "/api/v1/setups/advise/apply",
+        {
+            "use_case": "chat",
+            "experience": "creative",
+            "model_version": stack.version.pk,
+            "action": "deploy",
+            "deployment_name": "gemma-creative",
+        },
+        content_type="application/json",
+    )
+    assert answer.status_code == 201, answer.content
+    deployment = Deployment.objects.get(name="gemma-creative")
+    setup = Setup.objects.get(name=answer.json()["setup"]["name"])
+    assert (deployment.preset, deployment.parallel_slots) == (setup.preset, setup.parallel_slots)
+    assert deployment.kv_cache_type == setup.kv_cache_type
+    try:
+        wait_for_state(deployment, State.READY, timeout=120)
+    finally:
+        deployment_services.deployment_stop(actor=stack.admin, deployment=deployment)
+
+
+def test_bad_input_names_the_field_and_creates_nothing(stack):
+    admin = client_for(stack.admin)
+    answer = _advise(admin, use_case="poetry", experience="fast")
+    assert answer.status_code == 400 and "use_case" in answer.json()
+    before = Setup.objects.count()
+    answer = admin.post(
+        "/api/v1/setups/",
+        {
+            "name": "too-many-slots",
+            "use_case": "chat",
+            "experience": "fast",
+            "model_version": stack.version.pk,
+            "parallel_slots": 0,
+        },
+        content_type="application/json",
+    )
+    assert answer.status_code == 400 and "parallel_slots" in answer.json()
+    answer = admin.post(
+        "/api/v1/setups/",
+        {
+            "name": "too-long",
+            "use_case": "chat",
+            "experience": "fast",
+            "model_version": stack.version.pk,
+            "context_length": 65_536,
+        },
+        content_type="application/json",
+    )
+    assert answer.status_code == 400 and "context_length" in answer.json()
+    answer = admin.post(
+        "/api/v1/setups/",
+        {
+            "name": "quantised-without-fa",
+            "use_case": "chat",
+            "experience": "fast",
+            "model_version": stack.version.pk,
+            "kv_cache_type": "q8_0",
+            "flash_attention": False,
+        },
+        content_type="application/json",
+    )
+    assert answer.status_code == 400 and "kv_cache_type" in answer.json()
+    assert Setup.objects.count() == before
+
+
+@pytest.mark.parametrize("role", [Role.DATA_SCIENTIST, Role.APP_DEVELOPER, Role.COMPLIANCE_OFFICER])
+def test_only_admins_apply_but_every_role_may_ask(stack, role):
+    user = make_user(role, username=f"setups-{role}")
+    client = client_for(user)
+    assert _advise(client, use_case="chat", experience="fast").status_code == 200
+    answer = client.post(
+        "/api/v1/setups/advise/apply",
+        {
+            "use_case": "chat",
+            "experience": "fast",
+            "model_version": stack.version.pk,
+            "action": "deploy",
+        },
+        content_type="application/json",
+    )
+    assert answer.status_code == 403
+
+
+# -- recipes ---------------------------------------------------------------------------
+
+
+def _make_setup(stack, name: str, **values) -> Setup:
+    answer = client_for(stack.admin).post(
+        "/api/v1/setups/",
+        {
+            "name": name,
+            "use_case": "chat",
+            "experience": "fast",
+            "model_version": stack.version.pk,
+            "notes": "Four slots for a busy help desk.",
+            "context_length": 2048,
+            "parallel_slots": 4,
+            "kv_cache_type": "q8_0",
+            "preset": "balanced",
+            **values,
+        },
+        content_type="application/json",
+    )
+    assert answer.status_code == 201, answer.content
+    return Setup.objects.get(name=name)
+
+
+def _import(client, data: bytes, **fields):
+    upload = io.BytesIO(data)
+    upload.name = "recipe.yaml"
+    return client.post("/api/v1/setups/import", {"file": upload, **fields})
+
+
+def test_a_recipe_round_trip_reproduces_the_setup(stack):
+    admin = client_for(stack.admin)
+    setup = _make_setup(stack, "helpdesk")
+    exported = admin.get("/api/v1/setups/helpdesk/recipe")
+    assert exported.status_code == 200
+    assert exported["Content-Type"].startswith("application/yaml")
+    document = yaml.safe_load(exported.content)
+    assert document["model"]["sha256"] == stack.version.sha256
+    assert document["settings"]["parallel_slots"] == 4
+    before = setup.settings_dict()
+    # As on a box that never saw it: the setup is gone, the model is there.
+    setup.delete()
+    answer = _import(admin, exported.content)
+    assert answer.status_code == 201, answer.content
+    assert answer.json()["trusted"] is True and not answer.json()["warning"]
+    imported = Setup.objects.get(name="helpdesk")
+    assert imported.settings_dict() == before
+    assert imported.model_version == stack.version and imported.origin == Origin.RECIPE
+    assert imported.notes == "Four slots for a busy help desk."
+
+
+def test_a_changed_byte_is_refused(stack):
+    admin = client_for(stack.admin)
+    _make_setup(stack, "tamper-me")
+    data = admin.get("/api/v1/setups/tamper-me/recipe").content
+    tampered = data.replace(b"parallel_slots: 4", b"parallel_slots: 8")
+    assert tampered != data
+    Setup.objects.filter(name="tamper-me").delete()
+    answer = _import(admin, tampered)
+    assert answer.status_code == 400 and "signature" in answer.json()
+    assert not Setup.objects.filter(name="tamper-me").exists()
+
+
+def test_an_unknown_signer_imports_with_a_warning(stack, settings, tmp_path):
+    admin = client_for(stack.admin)
+    _make_setup(stack, "from-elsewhere")
+    own_key = settings.AUDIT_SIGNING_KEY_FILE
+    settings.AUDIT_SIGNING_KEY_FILE = tmp_path / "other-box.pem"
+    other = create_key(settings.AUDIT_SIGNING_KEY_FILE)
+    data = admin.get("/api/v1/setups/from-elsewhere/recipe").content
+    settings.AUDIT_SIGNING_KEY_FILE = own_key
+    answer = _import(admin, data, name="from-elsewhere-2")
+    assert answer.status_code == 201, answer.content
+    assert answer.json()["trusted"] is False and "does not trust" in answer.json()["warning"]
+    setup = Setup.objects.get(name="from-elsewhere-2")
+    assert setup.recipe_signer == other.fingerprint and not setup.recipe_signer_trusted
+    assert "does not trust" in admin.get("/setups/from-elsewhere-2/").content.decode()
+    # Once the operator trusts that key, its recipes import without the warning.
+    settings.RECIPE_TRUSTED_KEYS = [other.fingerprint]
+    answer = _import(admin, data, name="from-elsewhere-3")
+    assert answer.json()["trusted"] is True
+
+
+def test_a_recipe_for_a_missing_model_offers_the_import(stack):
+    admin = client_for(stack.admin)
+    _make_setup(stack, "needs-a-model")
+    data = admin.get("/api/v1/setups/needs-a-model/recipe").content
+    document = yaml.safe_load(data)
+    # Another box's recipe names a model imported from Hugging Face that this one lacks:
+    # re-sign it with this box's key as that box would have signed it.
+    document.pop("signature")
+    document["model"]["sha256"] = "ab" * 32
+    document["model"]["source"] = {
+        "hugging_face": {
+            "repo": "acme/helper-7b-GGUF",
+            "file": "helper-7b.Q4_K_M.gguf",
+            "revision": "0123abc",
+        },
+        "package": None,
+    }
+    before = Setup.objects.count()
+    answer = _import(admin, recipes.recipe_dump(document), name="missing")
+    assert answer.status_code == 409
+    assert "acme/helper-7b-GGUF" in answer.json()["detail"]
+    assert Setup.objects.count() == before
+
+
+def _signed_as_written(document: dict) -> bytes:
+    """A recipe signed with this box's key exactly as given: ``recipe_dump`` refuses to
+    write what a reader would refuse, but another (newer, or broken) writer might."""
+    signature = {
+        "algorithm": "ed25519",
+        "public_key": signing.public_key().base64,
+        "value": signing.sign(canonical_json(document).encode("utf-8")),
+    }
+    return yaml.safe_dump({**document, "signature": signature}, sort_keys=False).encode()
+
+
+def test_bad_recipe_files_are_refused_with_the_field(stack):
+    admin = client_for(stack.admin)
+    _make_setup(stack, "schema-test")
+    data = admin.get("/api/v1/setups/schema-test/recipe").content
+    document = yaml.safe_load(data)
+    document.pop("signature")
+    document["schema_version"] = 2
+    answer = _import(admin, _signed_as_written(document), name="v2")
+    assert answer.status_code == 400 and "schema_version" in answer.json()
+    answer = _import(admin, b"name: [unclosed", name="broken")
+    assert answer.status_code == 400
+    answer = _import(admin, b"#" * (recipes.MAX_RECIPE_BYTES + 1), name="huge")
+    assert answer.status_code == 400 and "file" in answer.json()
+    document["schema_version"] = 1
+    document["settings"]["parallel_slots"] = 500
+    answer = _import(admin, _signed_as_written(document), name="bad-slots")
+    assert answer.status_code == 400 and "settings.parallel_slots" in answer.json()
+    assert not Setup.objects.filter(name__in=["v2", "broken", "huge", "bad-slots"]).exists()
+
+
+def test_the_recipe_book_saves_a_builtin_as_a_setup(stack):
+    admin = client_for(stack.admin)
+    book = admin.get("/api/v1/setups/recipe-book").json()
+    pairs = {(r["use_case"], r["experience"]) for r in book}
+    assert {
+        ("chat", "fast"),
+        ("extraction", "quality"),
+        ("chat", "creative"),
+        ("long_documents", "quality"),
+    } <= pairs
+    page = admin.get("/setups/recipes/", {"use_case": "long_documents"}).content.decode()
+    long_docs = next(r for r in book if r["use_case"] == "long_documents")
+    fast_chat = next(r for r in book if (r["use_case"], r["experience"]) == ("chat", "fast"))
+    assert long_docs["name"] in page and fast_chat["name"] not in page
+    answer = admin.post(f"/setups/recipes/{long_docs['name']}/use")
+    assert answer.status_code == 302
+    setup = Setup.objects.filter(origin=Origin.RECIPE, use_case="long_documents").latest("id")
+    assert setup.context_length == long_docs["settings"]["context_length"]
+    assert setup.model_version == stack.version
