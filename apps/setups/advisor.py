@@ -46,12 +46,13 @@ LONG_DOCUMENT_MIN_CONTEXT = 16_384
 SHORT_PROMPT_TOKENS = 32
 
 # How much of the probed bandwidth and throughput llama.cpp reaches, fitted to trials of
-# the bundled model on a 2-core x86 VM (docs/setups.md, "Estimates"); bench/setups.py
-# prints how far the resulting estimates land from measurements on any box.
-DECODE_BANDWIDTH_EFFICIENCY = 0.55
-PROMPT_FLOPS_EFFICIENCY = 0.35
-# Fixed cost before the first token of any request (queueing, scheduling, the first step).
-FIRST_TOKEN_OVERHEAD_MS = 8.0
+# the bundled model on a 2-core x86 VM (docs/setups.md, "The advisor"); bench/setups.py
+# prints how far the resulting estimates land from measurements on any box. Prompt
+# reading gets a third of the float32 GEMM probe (dequantising as it multiplies).
+DECODE_BANDWIDTH_EFFICIENCY = 0.85
+PROMPT_FLOPS_EFFICIENCY = 0.33
+# Fixed cost before the first token of any request (queueing, scheduling, sampling).
+FIRST_TOKEN_OVERHEAD_MS = 5.0
 
 
 @dataclass(frozen=True)
@@ -366,7 +367,12 @@ def expected_speed(
         return None  # GPUs are not probed: only a trial says how fast they run
     decode = DECODE_BANDWIDTH_EFFICIENCY * probe["memory_gbs"] * 1e9 / weights
     params = version.parameter_count or weights * 2  # about 4 bits a weight
-    prompt_tps = PROMPT_FLOPS_EFFICIENCY * probe["matmul_gflops"] * 1e9 / (2 * params)
+    # The token embedding table is looked up, not multiplied, while a prompt is read (and
+    # the output projection runs for its last token only): most of a small model's
+    # parameters, as in Gemma 3 270M (168M of 268M).
+    table = (version.vocab_size or 0) * (version.embedding_size or 0)
+    active = max(params - table, params // 10)
+    prompt_tps = PROMPT_FLOPS_EFFICIENCY * probe["matmul_gflops"] * 1e9 / (2 * active)
     ttft = FIRST_TOKEN_OVERHEAD_MS + 1000 * SHORT_PROMPT_TOKENS / prompt_tps
     return Expected(
         decode,

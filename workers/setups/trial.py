@@ -146,6 +146,7 @@ def run_trial(
         setup, stream_interval_ms=0, queue_size=max(setup.queue_size, setup.parallel_slots)
     )
     hardware = fingerprint(cpu_cores_hint=cpu_cores)
+    load_before = _load_average()
     on_gpu = setup.gpu_index is not None and setup.gpu_layers != 0
     # Both baselines are read now, before anything of the model is in memory.
     ram = _Peak(_rss_bytes, RSS_INTERVAL_SECONDS)
@@ -255,6 +256,11 @@ def run_trial(
             "flash_attention": setup.flash_attention,
             "gpu_layers": setup.gpu_layers,
             "gpu_index": setup.gpu_index,
+            # Other work on the machine slows llama.cpp's threads many times over (they
+            # spin while waiting for each other): a load near the core count before or
+            # after marks figures that are not this setup's own.
+            "load_average_before": load_before,
+            "load_average_after": _load_average(),
         },
         hardware=hardware,
     )
@@ -421,6 +427,14 @@ def _rss_bytes() -> int | None:
         with open("/proc/self/statm") as fh:
             return int(fh.read().split()[1]) * _PAGE_SIZE
     except (OSError, ValueError, IndexError):
+        return None
+
+
+def _load_average() -> float | None:
+    """The machine's one-minute load average; None where the system has none."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
         return None
 
 
