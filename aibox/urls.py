@@ -100,6 +100,16 @@ api_v1 = [
         )
         for action in ("start", "stop", "restart", "scale")
     ],
+    path(
+        "deployments/<str:name>/switch",
+        deployments_api.DeploymentSwitchView.as_view(),
+        name="deployment_switch",
+    ),
+    path(
+        "deployments/<str:name>/rollback",
+        deployments_api.DeploymentRollbackView.as_view(),
+        name="deployment_rollback",
+    ),
     path("workers/", deployments_api.WorkerListView.as_view(), name="workers"),
     path("registry/versions/<int:pk>/", registry_api.VersionDetailView.as_view(), name="version"),
     path(
@@ -137,6 +147,7 @@ api_v1 = [
     path("setups/<str:name>/", setups_api.SetupDetailView.as_view(), name="setup"),
     path("setups/<str:name>/deploy", setups_api.SetupDeployView.as_view(), name="setup_deploy"),
     path("setups/<str:name>/trials", setups_api.SetupTrialView.as_view(), name="setup_trial"),
+    path("setups/<str:name>/switch", setups_api.SetupSwitchView.as_view(), name="setup_switch"),
     path("setups/<str:name>/recipe", setups_api.RecipeExportView.as_view(), name="setup_recipe"),
 ]
 

@@ -30,11 +30,26 @@ class ReplicaSerializer(serializers.Serializer):
     memory_estimate_bytes = serializers.IntegerField()
 
 
+class RevisionSerializer(serializers.Serializer):
+    number = serializers.IntegerField()
+    state = serializers.CharField()
+    label = serializers.CharField()
+    reason = serializers.CharField()
+    model_version = serializers.IntegerField(source="model_version_id")
+    sha256 = serializers.CharField(source="model_version.sha256")
+    adapter = serializers.IntegerField(source="adapter_id", allow_null=True)
+    settings = serializers.JSONField(source="values")
+    created_at = serializers.DateTimeField()
+    activated_at = serializers.DateTimeField(allow_null=True)
+
+
 class DeploymentSerializer(serializers.ModelSerializer):
     model_version = serializers.PrimaryKeyRelatedField(queryset=ModelVersion.objects.all())
     model = serializers.CharField(source="model_version.repo.name", read_only=True)
     sha256 = serializers.CharField(source="model_version.sha256", read_only=True)
     replica_states = ReplicaSerializer(source="replica_set", many=True, read_only=True)
+    revision = serializers.IntegerField(source="revision.number", read_only=True, default=None)
+    revisions = RevisionSerializer(many=True, read_only=True)
 
     class Meta:
         model = Deployment
@@ -49,6 +64,8 @@ class DeploymentSerializer(serializers.ModelSerializer):
             "state",
             "state_reason",
             "replica_states",
+            "revision",
+            "revisions",
             "created_at",
             "updated_at",
         ]
@@ -120,6 +137,68 @@ class DeploymentActionView(APIView):
             deployment = service(actor=request.user, deployment=deployment)
         deployment = _deployment(request, name)
         return Response(DeploymentSerializer(deployment).data)
+
+
+class SwitchSerializer(serializers.Serializer):
+    model_version = serializers.PrimaryKeyRelatedField(
+        queryset=ModelVersion.objects.all(), required=False
+    )
+    settings = serializers.DictField(required=False, default=dict)
+    label = serializers.CharField(required=False, default="", max_length=200)
+    stop_then_start = serializers.BooleanField(required=False, default=False)
+
+
+class DeploymentSwitchView(APIView):
+    """Change a deployment's model or settings under the same name (a new revision that
+    takes the traffic once loaded); ``settings`` holds only what changes."""
+
+    permission_classes = [MANAGERS]
+
+    @extend_schema(request=SwitchSerializer, responses={202: RevisionSerializer})
+    def post(self, request: Request, name: str) -> Response:
+        deployment = _deployment(request, name)
+        serializer = SwitchSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        values = dict(data["settings"])
+        if "adapter" in values:
+            adapter = values["adapter"]
+            values["adapter"] = (
+                ModelVersion.objects.filter(pk=adapter).first() if adapter is not None else None
+            )
+            if adapter is not None and values["adapter"] is None:
+                return Response(
+                    {"detail": "No such adapter.", "adapter": ["No such adapter."]}, status=400
+                )
+        revision = services.deployment_switch(
+            actor=request.user,
+            deployment=deployment,
+            model_version=data.get("model_version") or deployment.model_version,
+            label=data["label"],
+            stop_then_start=data["stop_then_start"],
+            **values,
+        )
+        return Response(RevisionSerializer(revision).data, status=status.HTTP_202_ACCEPTED)
+
+
+class DeploymentRollbackView(APIView):
+    """Switch back to what an earlier revision ran: ``{"revision": n}``."""
+
+    permission_classes = [MANAGERS]
+
+    @extend_schema(request=OpenApiTypes.OBJECT, responses={202: RevisionSerializer})
+    def post(self, request: Request, name: str) -> Response:
+        deployment = _deployment(request, name)
+        number = request.data.get("revision")
+        if not isinstance(number, int) or isinstance(number, bool):
+            return Response(
+                {"detail": "Give 'revision' as an integer.", "revision": ["An integer."]},
+                status=400,
+            )
+        revision = services.deployment_rollback(
+            actor=request.user, deployment=deployment, number=number
+        )
+        return Response(RevisionSerializer(revision).data, status=status.HTTP_202_ACCEPTED)
 
 
 class WorkerListView(APIView):

@@ -145,6 +145,10 @@ class Deployment(models.Model):
         help_text="A request still queued after this long fails with a timeout.",
     )
     running = models.BooleanField(default=True, help_text="Whether an admin wants it served.")
+    # The revision whose settings the fields above hold and whose replicas take requests.
+    revision = models.ForeignKey(
+        "deployments.Revision", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
     state_reason = models.TextField(blank=True)
     created_by = models.ForeignKey(
@@ -162,11 +166,63 @@ class Deployment(models.Model):
         return self.name
 
 
+class RevisionState(models.TextChoices):
+    PENDING = "pending", "Loading beside the serving one"
+    ACTIVE = "active", "Serving"
+    FAILED = "failed", "Failed to load"
+    RETIRED = "retired", "Replaced"
+
+
+class Revision(models.Model):
+    """One version of a deployment's setup: its model, adapter and every setting.
+
+    A change of setup is a new revision. Its replicas load beside the serving ones, take
+    the traffic once every one of them is ready, and the old ones drain and unload; a
+    revision that fails to load leaves the serving one as it was.
+    """
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="revisions")
+    number = models.PositiveIntegerField()
+    model_version = models.ForeignKey(
+        "registry.ModelVersion", on_delete=models.PROTECT, related_name="+"
+    )
+    adapter = models.ForeignKey(
+        "registry.ModelVersion", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    # The setup's other settings (services.REVISION_FIELDS), as plain values. Where and how
+    # many replicas run, logging and queueing stay the deployment's, whatever it runs.
+    values = models.JSONField(default=dict)
+    # What it came from, for people: "created", "setup helpdesk", "rollback to 2".
+    label = models.CharField(max_length=200, blank=True)
+    state = models.CharField(
+        max_length=16, choices=RevisionState.choices, default=RevisionState.PENDING
+    )
+    reason = models.TextField(blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    activated_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["deployment", "-number"]
+        constraints = [
+            models.UniqueConstraint(fields=["deployment", "number"], name="deployment_revision")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.deployment.name} r{self.number}"
+
+
 class Replica(models.Model):
     """One copy of a deployment loaded on one worker. ``generation`` grows on every load,
     so a late report about an earlier load is recognised and ignored."""
 
     deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="replica_set")
+    # The revision it runs (None only for replicas placed before revisions existed).
+    revision = models.ForeignKey(
+        Revision, null=True, blank=True, on_delete=models.CASCADE, related_name="replicas"
+    )
     index = models.PositiveSmallIntegerField()
     worker = models.CharField(max_length=200)
     gpu_index = models.PositiveSmallIntegerField(null=True, blank=True)
@@ -179,7 +235,7 @@ class Replica(models.Model):
     class Meta:
         ordering = ["deployment", "index"]
         constraints = [
-            models.UniqueConstraint(fields=["deployment", "index"], name="deployment_replica_index")
+            models.UniqueConstraint(fields=["revision", "index"], name="revision_replica_index")
         ]
 
     def __str__(self) -> str:

@@ -7,12 +7,13 @@ Workers report replica states through Redis (a Celery task on the control queue)
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import models, transaction
 from django.utils import timezone
 
 from apps.accounts.models import User
@@ -26,6 +27,8 @@ from apps.deployments.models import (
     Deployment,
     KvCacheType,
     Replica,
+    Revision,
+    RevisionState,
     State,
 )
 from apps.registry.models import Format, ModelVersion
@@ -60,6 +63,27 @@ SETTINGS_FIELDS = (
     "queue_size",
     "queue_timeout_seconds",
 )
+
+
+# What a revision changes: the setup the deployment runs. Where and how many replicas
+# run, logging and queueing are the deployment's own, whatever revision it runs.
+REVISION_FIELDS = (
+    "adapter_scale",
+    "context_length",
+    "threads",
+    "gpu_layers",
+    "batch_size",
+    "parallel_slots",
+    "embeddings",
+    "kv_cache_type",
+    "flash_attention",
+    "stream_interval_ms",
+    "preset",
+    "chat_template",
+)
+# Loading reads the file at about this rate on a small box (bench/setups.py's trials):
+# the interruption a stop-then-start switch announces.
+LOAD_BYTES_PER_SECOND = 400 * MIB
 
 
 class PlacementError(ValidationError):
@@ -196,8 +220,21 @@ def _reserved_memory() -> dict[tuple[str, int | None], int]:
     return reserved
 
 
+def _revised(deployment: Deployment, revision: Revision | None) -> Deployment:
+    """The deployment as ``revision`` has it (an unsaved copy): what its replicas load."""
+    # The deployment's own fields hold the serving revision's settings.
+    if revision is None or revision.pk == deployment.revision_id:
+        return deployment
+    revised = copy.copy(deployment)
+    revised.model_version = revision.model_version
+    revised.adapter = revision.adapter
+    for field, value in revision.values.items():
+        setattr(revised, field, value)
+    return revised
+
+
 def _replica_spec(replica: Replica) -> ReplicaSpec:
-    deployment = replica.deployment
+    deployment = _revised(replica.deployment, replica.revision)
     version = deployment.model_version
     adapter = deployment.adapter
     return ReplicaSpec(
@@ -243,21 +280,24 @@ def _send_unload(replica: Replica, reason: str) -> None:
     transaction.on_commit(lambda: tasks.send_to_worker(tasks.replica_unload, worker, args))
 
 
-def _place_replicas(deployment: Deployment) -> list[Replica]:
-    """Give each wanted replica a worker and send it a load; raise PlacementError if one
-    does not fit. Already-placed replicas are reloaded where they are."""
-    estimate = _estimate_for(deployment).total
+def _place_replicas(deployment: Deployment, revision: Revision | None = None) -> list[Replica]:
+    """Give each wanted replica of ``revision`` (the serving one unless given) a worker and
+    send it a load; raise PlacementError if one does not fit. Already-placed replicas
+    are reloaded where they are."""
+    revision = revision or deployment.revision
+    target = _revised(deployment, revision)
+    estimate = _estimate_for(target).total
     reserved = _reserved_memory()
     placed = []
-    existing = {r.index: r for r in deployment.replica_set.select_for_update()}
+    existing = {r.index: r for r in revision.replicas.select_for_update()}
     for index in range(deployment.replicas):
         replica = existing.get(index)
         if replica is not None and replica.state in (State.LOADING, State.READY):
             continue
-        hostname, gpu_index = _choose_worker(deployment, estimate, reserved)
+        hostname, gpu_index = _choose_worker(target, estimate, reserved)
         reserved[(hostname, gpu_index)] = reserved.get((hostname, gpu_index), 0) + estimate
         if replica is None:
-            replica = Replica(deployment=deployment, index=index, generation=0)
+            replica = Replica(deployment=deployment, revision=revision, index=index, generation=0)
         replica.worker = hostname
         replica.gpu_index = gpu_index
         replica.generation += 1
@@ -272,8 +312,13 @@ def _place_replicas(deployment: Deployment) -> list[Replica]:
 
 
 def _refresh_state(deployment: Deployment) -> None:
-    """The deployment's state, summed up from its replicas."""
-    replicas = list(deployment.replica_set.all())
+    """The deployment's state, summed up from the replicas of the revision it serves (a
+    revision loading beside it, or one draining, does not change what clients get)."""
+    replicas = [
+        r
+        for r in deployment.replica_set.all()
+        if deployment.revision_id is None or r.revision_id == deployment.revision_id
+    ]
     states = [r.state for r in replicas]
     reasons = [r.state_reason for r in replicas if r.state_reason]
     if not deployment.running:
@@ -385,6 +430,18 @@ def deployment_create(
         deployment = Deployment(name=name, model_version=model_version, created_by=actor, **values)
         deployment.full_clean()
         deployment.save()
+        deployment.revision = Revision.objects.create(
+            deployment=deployment,
+            number=1,
+            model_version=model_version,
+            adapter=deployment.adapter,
+            values=_revision_values(deployment),
+            label="created",
+            state=RevisionState.ACTIVE,
+            created_by=actor,
+            activated_at=timezone.now(),
+        )
+        deployment.save(update_fields=["revision"])
         estimate = _estimate_for(deployment)
         _place_or_wait(deployment)
         audit_record(
@@ -404,6 +461,10 @@ def deployment_create(
             },
         )
     return deployment
+
+
+def _revision_values(deployment: Deployment) -> dict[str, Any]:
+    return {field: getattr(deployment, field) for field in REVISION_FIELDS}
 
 
 def _place_or_wait(deployment: Deployment) -> None:
@@ -435,6 +496,7 @@ def deployment_stop(*, actor: User, deployment: Deployment, reason: str = "") ->
         deployment = Deployment.objects.select_for_update().get(pk=deployment.pk)
         deployment.running = False
         deployment.save(update_fields=["running"])
+        _abandon_pending(deployment, "The deployment was stopped during the switch.")
         _stop_replicas(deployment, deployment.replica_set.select_for_update())
         _refresh_state(deployment)
         audit_record(
@@ -466,6 +528,7 @@ def deployment_restart(*, actor: User, deployment: Deployment) -> Deployment:
         deployment.save(update_fields=["running"])
         # Unload the current generation wherever it is: placement may pick another
         # worker for the new one, and the old copy must not stay resident there.
+        _abandon_pending(deployment, "The deployment was restarted during the switch.")
         _stop_replicas(deployment, deployment.replica_set.select_for_update())
         deployment.replica_set.update(state=State.STOPPED)
         _place_or_wait(deployment)
@@ -480,10 +543,11 @@ def deployment_scale(*, actor: User, deployment: Deployment, replicas: int) -> D
         raise ValidationError("A deployment has between 1 and 16 replicas.")
     with transaction.atomic():
         deployment = Deployment.objects.select_for_update().get(pk=deployment.pk)
+        _refuse_during_switch(deployment, "scaled")
         before = deployment.replicas
         deployment.replicas = replicas
         deployment.save(update_fields=["replicas"])
-        extra = deployment.replica_set.select_for_update().filter(index__gte=replicas)
+        extra = deployment.revision.replicas.select_for_update().filter(index__gte=replicas)
         _stop_replicas(deployment, extra)
         extra.delete()
         if deployment.running:
@@ -497,6 +561,226 @@ def deployment_scale(*, actor: User, deployment: Deployment, replicas: int) -> D
             details={"from": before, "to": replicas},
         )
     return deployment
+
+
+# -- revisions: switching a running deployment to another setup ------------------------
+
+
+class SwitchNeedsRoom(ValidationError):
+    """The new setup cannot load beside the serving one; a stop-then-start switch can."""
+
+    def __init__(self, message: str, interruption_seconds: int) -> None:
+        super().__init__(message)
+        self.interruption_seconds = interruption_seconds
+
+
+def _pending(deployment: Deployment) -> Revision | None:
+    return deployment.revisions.filter(state=RevisionState.PENDING).first()
+
+
+def _refuse_during_switch(deployment: Deployment, doing: str) -> None:
+    pending = _pending(deployment)
+    if pending is not None:
+        raise ValidationError(
+            f"Revision {pending.number} of {deployment.name} is still loading; it cannot be "
+            f"{doing} until the switch is over."
+        )
+
+
+def _abandon_pending(deployment: Deployment, reason: str) -> None:
+    for revision in deployment.revisions.select_for_update().filter(state=RevisionState.PENDING):
+        _fail_revision(revision, reason, unload=False)
+
+
+def _changes(deployment: Deployment, revision: Revision) -> dict[str, list[Any]]:
+    """What the revision changes against what is served now: {field: [from, to]}."""
+    changes: dict[str, list[Any]] = {}
+    if deployment.model_version_id != revision.model_version_id:
+        changes["model_version"] = [str(deployment.model_version), str(revision.model_version)]
+    if deployment.adapter_id != revision.adapter_id:
+        changes["adapter"] = [str(deployment.adapter or ""), str(revision.adapter or "")]
+    for field, value in revision.values.items():
+        if getattr(deployment, field) != value:
+            changes[field] = [getattr(deployment, field), value]
+    return changes
+
+
+def _interruption_seconds(version: ModelVersion) -> int:
+    return max(2, round(2 + version.size / LOAD_BYTES_PER_SECOND))
+
+
+def deployment_switch(
+    *,
+    actor: User,
+    deployment: Deployment,
+    model_version: ModelVersion,
+    label: str = "",
+    stop_then_start: bool = False,
+    **values: Any,
+) -> Revision:
+    """Change what a deployment runs, under the same name: a new revision.
+
+    Its replicas load beside the serving ones; once every one is ready, traffic moves to
+    them and the old ones finish what they are serving, then unload (no request fails).
+    If the new one fails to load, the old one keeps serving and the revision is marked
+    failed with the reason. When no worker has room for both, SwitchNeedsRoom says how
+    long a ``stop_then_start`` switch would interrupt serving.
+    """
+    require_role(actor, MANAGER_ROLES, "switch deployments")
+    unknown = set(values) - {"adapter", *REVISION_FIELDS}
+    if unknown:
+        raise ValidationError(f"Not a setup setting: {', '.join(sorted(unknown))}.")
+    merged = {**_revision_values(deployment), "adapter": deployment.adapter, **values}
+    _check_version(model_version)
+    _check_settings(model_version, merged)
+    adapter = merged.pop("adapter")
+    with transaction.atomic():
+        deployment = Deployment.objects.select_for_update().get(pk=deployment.pk)
+        _refuse_during_switch(deployment, "switched again")
+        number = (deployment.revisions.aggregate(n=models.Max("number"))["n"] or 0) + 1
+        revision = Revision(
+            deployment=deployment,
+            number=number,
+            model_version=model_version,
+            adapter=adapter,
+            values=merged,
+            label=label[:200],
+            created_by=actor,
+        )
+        changes = _changes(deployment, revision)
+        if not changes:
+            raise ValidationError(f"{deployment.name} already runs exactly this setup.")
+        # Each field validated as the deployment would (ranges, choices).
+        _revised(deployment, revision).full_clean(exclude=["revision"])
+        revision.save()
+        details = {
+            "revision": number,
+            "from": deployment.revision.number,
+            "label": label,
+            "changes": changes,
+            "stop_then_start": stop_then_start,
+        }
+        if not deployment.running:
+            # Nothing is served: the new settings simply apply to the next start.
+            _activate(deployment, revision)
+        elif stop_then_start:
+            old = deployment.revision
+            _activate(deployment, revision)
+            _retire_replicas(old, drain=False)
+            _place_or_wait(deployment)
+        else:
+            try:
+                _place_replicas(deployment, revision)
+            except NoWorkerOnline:
+                _activate(deployment, revision)  # nothing serves now: it waits like a start
+                _place_or_wait(deployment)
+            except PlacementError as exc:
+                seconds = _interruption_seconds(model_version)
+                raise SwitchNeedsRoom(
+                    f"{exc.message} The new setup cannot load beside the serving one. "
+                    f"Switch with a stop-then-start instead: {deployment.name} stops "
+                    f"answering for about {seconds} s while the new setup loads.",
+                    seconds,
+                ) from exc
+        audit_record(actor=actor, action="deployment.switch", target=deployment, details=details)
+    return revision
+
+
+def deployment_rollback(*, actor: User, deployment: Deployment, number: int) -> Revision:
+    """Switch back to what an earlier revision ran (as a new revision, like any switch)."""
+    earlier = deployment.revisions.filter(number=number).first()
+    if earlier is None:
+        raise ValidationError({"revision": f"{deployment.name} has no revision {number}."})
+    return deployment_switch(
+        actor=actor,
+        deployment=deployment,
+        model_version=earlier.model_version,
+        label=f"rollback to revision {number}",
+        adapter=earlier.adapter,
+        **earlier.values,
+    )
+
+
+def _activate(deployment: Deployment, revision: Revision) -> Revision | None:
+    """Make ``revision`` the one served: the deployment takes its settings, and routing
+    its replicas, in this transaction. Returns the revision it replaced."""
+    old = deployment.revision
+    deployment.model_version = revision.model_version
+    deployment.adapter = revision.adapter
+    for field, value in revision.values.items():
+        setattr(deployment, field, value)
+    deployment.revision = revision
+    deployment.updated_at = timezone.now()
+    deployment.save()
+    revision.state = RevisionState.ACTIVE
+    revision.activated_at = timezone.now()
+    revision.save(update_fields=["state", "activated_at"])
+    if old is not None and old.pk != revision.pk:
+        Revision.objects.filter(pk=old.pk).update(state=RevisionState.RETIRED)
+    return old
+
+
+def _retire_replicas(revision: Revision | None, *, drain: bool) -> None:
+    """Take a replaced revision's replicas out of service: each finishes what it holds
+    (``drain``) or stops at once, then unloads; rows go when their worker says so."""
+    if revision is None:
+        return
+    online = {w.hostname for w in selectors.worker_list() if w.online}
+    for replica in revision.replicas.select_for_update():
+        if replica.state in (State.STOPPED, State.FAILED) or replica.worker not in online:
+            replica.delete()
+            continue
+        replica.state = State.STOPPING
+        replica.updated_at = timezone.now()
+        replica.save(update_fields=["state", "updated_at"])
+        if drain:
+            _send_retire(replica)
+        else:
+            _send_unload(replica, "The deployment switched to another setup.")
+
+
+def _send_retire(replica: Replica) -> None:
+    from apps.deployments import tasks
+
+    args = {"replica_id": replica.pk, "generation": replica.generation}
+    worker = replica.worker
+    transaction.on_commit(lambda: tasks.send_to_worker(tasks.replica_retire, worker, args))
+
+
+def _promote(revision: Revision) -> None:
+    """Every replica of a pending revision is ready: it takes the traffic."""
+    deployment = Deployment.objects.select_for_update().get(pk=revision.deployment_id)
+    changes = _changes(deployment, revision)
+    old = _activate(deployment, revision)
+    _retire_replicas(old, drain=True)
+    _refresh_state(deployment)
+    audit_record(
+        actor=system_user(),
+        action="deployment.revision_active",
+        target=deployment,
+        details={
+            "revision": revision.number,
+            "replaced": old.number if old else None,
+            "sha256": revision.model_version.sha256,
+            "changes": changes,
+        },
+    )
+
+
+def _fail_revision(revision: Revision, reason: str, *, unload: bool = True) -> None:
+    """A pending revision did not load: the serving one stays; its replicas go."""
+    Revision.objects.filter(pk=revision.pk).update(state=RevisionState.FAILED, reason=reason)
+    for replica in revision.replicas.select_for_update():
+        if unload and replica.state in (State.PENDING, State.LOADING, State.READY):
+            _send_unload(replica, "The switch failed.")
+        replica.delete()
+    audit_record(
+        actor=system_user(),
+        action="deployment.switch_failed",
+        target=revision.deployment,
+        outcome=Outcome.FAILURE,
+        details={"revision": revision.number, "reason": reason},
+    )
 
 
 # Later states win; a report that would move a replica backwards is stale.
@@ -535,6 +819,10 @@ def replica_state_apply(
         replica.updated_at = timezone.now()
         replica.save(update_fields=["state", "state_reason", "updated_at"])
         deployment = replica.deployment
+        revision = replica.revision
+        if revision is not None and revision.pk != deployment.revision_id:
+            _revision_report(revision, replica, state, reason)
+            deployment.refresh_from_db()  # a promotion changed what it serves
         _refresh_state(deployment)
         actor = system_user()
         if details.get("integrity_failure"):
@@ -561,6 +849,22 @@ def replica_state_apply(
                 },
             )
     return True
+
+
+def _revision_report(revision: Revision, replica: Replica, state: str, reason: str) -> None:
+    """A replica of a revision that is not the served one changed state."""
+    revision = Revision.objects.select_for_update().get(pk=revision.pk)
+    if revision.state == RevisionState.PENDING:
+        if state == State.FAILED:
+            _fail_revision(revision, reason or "A replica failed to load.")
+        elif state == State.READY:
+            states = list(revision.replicas.values_list("state", flat=True))
+            if len(states) >= revision.deployment.replicas and all(
+                s == State.READY for s in states
+            ):
+                _promote(revision)
+    elif state in (State.STOPPED, State.FAILED):
+        replica.delete()  # a replaced revision's replica has unloaded
 
 
 def worker_online(*, hostname: str) -> int:

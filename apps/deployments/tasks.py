@@ -68,6 +68,19 @@ def replica_unload(args: dict[str, Any]) -> None:
     )
 
 
+@shared_task(name="deployments.replica_retire", acks_late=False)
+def replica_retire(args: dict[str, Any]) -> None:
+    # Blocks one of the worker's task threads while the replica finishes its requests.
+    runtime().retire(args["replica_id"], generation=args["generation"])
+    replica_report.delay(
+        replica_id=args["replica_id"],
+        generation=args["generation"],
+        state=State.STOPPED,
+        reason="",
+        details={},
+    )
+
+
 @shared_task(name="deployments.replica_report")
 def replica_report(
     *, replica_id: int, generation: int, state: str, reason: str, details: dict[str, Any]

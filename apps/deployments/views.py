@@ -9,7 +9,13 @@ from django.views.decorators.http import require_http_methods, require_POST
 from apps.accounts.access import login_required, role_required
 from apps.deployments import selectors, services
 from apps.deployments.forms import DeploymentForm, ScaleForm
-from apps.deployments.models import INFERENCE_ROLES, MANAGER_ROLES, Deployment, State
+from apps.deployments.models import (
+    INFERENCE_ROLES,
+    MANAGER_ROLES,
+    Deployment,
+    RevisionState,
+    State,
+)
 from apps.inference.models import UsageRecord
 
 SETTLED = {State.READY, State.STOPPED, State.FAILED}
@@ -79,6 +85,7 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
         batch_size=deployment.batch_size,
         kv_cache_type=deployment.kv_cache_type,
     )
+    revisions = list(deployment.revisions.select_related("model_version__repo", "adapter__repo"))
     context = {
         "deployment": deployment,
         "replicas": _replicas(deployment, workers),
@@ -87,7 +94,11 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
         "can_use": request.user.has_role(*INFERENCE_ROLES),
         "usage": UsageRecord.objects.filter(deployment=deployment)[:20],
         "scale_form": ScaleForm(initial={"replicas": deployment.replicas}),
-        "settling": deployment.state not in SETTLED,
+        "revisions": revisions,
+        # Polled while it loads, and while a switch loads or drains beside it.
+        "settling": deployment.state not in SETTLED
+        or any(r.state == RevisionState.PENDING for r in revisions)
+        or any(r.state == State.STOPPING for r in deployment.replica_set.all()),
     }
     if request.htmx:
         return render(request, "deployments/_deployment_state.html", context)
@@ -99,7 +110,14 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
 def deployment_action(request: HttpRequest, name: str, action: str) -> HttpResponse:
     deployment = _deployment_or_404(request, name)
     try:
-        if action == "scale":
+        if action == "rollback":
+            number = request.POST.get("revision", "")
+            if not number.isdigit():
+                raise ValidationError("Choose a revision to roll back to.")
+            services.deployment_rollback(
+                actor=request.user, deployment=deployment, number=int(number)
+            )
+        elif action == "scale":
             form = ScaleForm(request.POST)
             if not form.is_valid():
                 raise ValidationError("Give a number of replicas from 1 to 16.")

@@ -86,6 +86,8 @@ class Route:
     sha256: str
     embeddings: bool
     adapter_sha256: str = ""
+    # The deployment's revision that serves the request (its setup at the time).
+    revision: int = 0
 
 
 def check_inference_access(caller: Caller) -> None:
@@ -155,7 +157,10 @@ _ROUTE_FIELDS = (
     "state_reason",
     "model_version__artifact",  # an artifact's key is its sha256
     "adapter__artifact",
+    "revision",
+    "revision__number",
     "replica_set__id",
+    "replica_set__revision",
     "replica_set__index",
     "replica_set__worker",
     "replica_set__generation",
@@ -183,7 +188,10 @@ def route(caller: Caller, name: str) -> Route:
             state=row["replica_set__state"],
         )
         for row in rows
+        # Only the served revision's replicas: one loading beside it for a switch, or one
+        # draining after it, takes no new requests.
         if row["replica_set__id"] is not None
+        and row["replica_set__revision"] in (deployment["revision"], None)
     ]
     if not any(r.state == State.READY for r in replicas):
         reason = deployment["state_reason"]
@@ -221,6 +229,7 @@ def route(caller: Caller, name: str) -> Route:
         sha256=deployment["model_version__artifact"],
         embeddings=deployment["embeddings"],
         adapter_sha256=deployment["adapter__artifact"] or "",
+        revision=deployment["revision__number"] or 0,
     )
 
 

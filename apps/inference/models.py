@@ -44,6 +44,8 @@ class UsageRecord(models.Model):
     model_sha256 = models.CharField(max_length=64, blank=True)
     # The LoRA adapter applied on top, when the deployment has one.
     adapter_sha256 = models.CharField(max_length=64, blank=True, db_index=True)
+    # The deployment's revision (its setup at the time) that served the request.
+    revision = models.PositiveIntegerField(null=True, blank=True)
     worker = models.CharField(max_length=200, blank=True)
     endpoint = models.CharField(max_length=16, choices=Endpoint.choices)
     stream = models.BooleanField(default=False)

@@ -54,6 +54,7 @@ def usage_record(
         deployment_name=route.deployment_name,
         model_sha256=route.sha256,
         adapter_sha256=route.adapter_sha256,
+        revision=route.revision or None,
         worker=route.worker,
         endpoint=endpoint,
         stream=stream,

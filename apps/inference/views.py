@@ -357,7 +357,8 @@ class _Shape:
     def __init__(self, kind: str, route: gateway.Route, request_id: str) -> None:
         self.kind = kind
         self.model = route.deployment_name
-        self.fingerprint = f"aibox-{route.sha256[:12]}"
+        # Names the model file and the deployment's revision that answered.
+        self.fingerprint = f"aibox-{route.sha256[:12]}-r{route.revision}"
         self.created = int(time.time())
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         self.id = f"{prefix}-{request_id}"

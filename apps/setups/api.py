@@ -14,7 +14,8 @@ from rest_framework.views import APIView
 
 from apps.accounts.models import Role, Scope
 from apps.accounts.permissions import NotFromAnotherSite, role_and_scope
-from apps.deployments.api import DeploymentSerializer
+from apps.deployments import selectors as deployment_selectors
+from apps.deployments.api import DeploymentSerializer, RevisionSerializer
 from apps.deployments.models import DEPLOYMENT_NAME
 from apps.registry.models import ModelVersion
 from apps.setups import recipes, selectors, services
@@ -203,6 +204,37 @@ class SetupDeployView(APIView):
             actor=request.user, setup=setup, **serializer.validated_data
         )
         return Response(DeploymentSerializer(deployment).data, status=status.HTTP_201_CREATED)
+
+
+class SwitchRequestSerializer(serializers.Serializer):
+    deployment = serializers.CharField(max_length=100)
+    stop_then_start = serializers.BooleanField(required=False, default=False)
+
+
+class SetupSwitchView(APIView):
+    """Switch a deployment to this setup under its name: ``{"deployment": name}``."""
+
+    permission_classes = [MANAGERS]
+
+    @extend_schema(request=SwitchRequestSerializer, responses={202: RevisionSerializer})
+    def post(self, request: Request, name: str) -> Response:
+        setup = _setup(request, name)
+        serializer = SwitchRequestSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        deployment = (
+            deployment_selectors.deployment_list(user=request.user)
+            .filter(name=serializer.validated_data["deployment"])
+            .first()
+        )
+        if deployment is None:
+            raise Http404("No such deployment.")
+        revision = services.setup_switch(
+            actor=request.user,
+            setup=setup,
+            deployment=deployment,
+            stop_then_start=serializer.validated_data["stop_then_start"],
+        )
+        return Response(RevisionSerializer(revision).data, status=status.HTTP_202_ACCEPTED)
 
 
 class SetupTrialView(APIView):

@@ -3,7 +3,7 @@ from __future__ import annotations
 from django import forms
 
 from apps.deployments.models import DEPLOYMENT_NAME
-from apps.setups.models import Experience, UseCase
+from apps.setups.models import Experience, Setup, UseCase
 
 
 class AdviseForm(forms.Form):
@@ -33,3 +33,16 @@ class RecipeImportForm(forms.Form):
     name = forms.CharField(
         max_length=100, required=False, help_text="Save it under another name (optional)."
     )
+
+
+class SwitchForm(forms.Form):
+    setup = forms.ModelChoiceField(queryset=Setup.objects.none(), label="Setup")
+    stop_then_start = forms.BooleanField(
+        required=False,
+        label="Stop, then start (when the worker cannot hold both at once)",
+        help_text="Serving stops while the new setup loads.",
+    )
+
+    def __init__(self, *args, setups=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["setup"].queryset = setups if setups is not None else Setup.objects.none()

@@ -23,10 +23,11 @@ from apps.audit.models import Outcome
 from apps.audit.services import audit_record
 from apps.audit.signing import public_key
 from apps.deployments import selectors as deployment_selectors
-from apps.deployments.models import Deployment
+from apps.deployments.models import Deployment, Revision
 from apps.deployments.services import (
     deployment_create,
     deployment_settings_check,
+    deployment_switch,
     deployment_values_check,
 )
 from apps.registry.models import Format, ModelVersion
@@ -129,6 +130,30 @@ def setup_deploy(*, actor: User, setup: Setup, name: str, replicas: int = 1) -> 
             details={"deployment": deployment.name, "deployment_id": deployment.pk},
         )
     return deployment
+
+
+def setup_switch(
+    *, actor: User, setup: Setup, deployment: Deployment, stop_then_start: bool = False
+) -> Revision:
+    """Switch a running deployment to this setup under the same public name (a new
+    revision: loaded beside the serving one, then given the traffic)."""
+    require_role(actor, MANAGER_ROLES, "switch deployments")
+    with transaction.atomic():
+        revision = deployment_switch(
+            actor=actor,
+            deployment=deployment,
+            model_version=setup.model_version,
+            label=f"setup {setup.name}",
+            stop_then_start=stop_then_start,
+            **_deployment_values(setup),
+        )
+        audit_record(
+            actor=actor,
+            action="setup.switch",
+            target=setup,
+            details={"deployment": deployment.name, "revision": revision.number},
+        )
+    return revision
 
 
 def _trial_worker(setup: Setup, hostname: str | None) -> str:

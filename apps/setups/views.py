@@ -8,9 +8,10 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from apps.accounts.access import login_required
 from apps.deployments import selectors as deployment_selectors
+from apps.deployments.services import SwitchNeedsRoom
 from apps.registry.models import ModelVersion
 from apps.setups import plots, recipes, selectors, services
-from apps.setups.forms import AdviseForm, ApplyForm, DeployForm, RecipeImportForm
+from apps.setups.forms import AdviseForm, ApplyForm, DeployForm, RecipeImportForm, SwitchForm
 from apps.setups.models import Experience, Setup, TrialState, UseCase
 
 
@@ -239,3 +240,42 @@ def recipe_use(request: HttpRequest, name: str) -> HttpResponse:
         return redirect("setups:recipes")
     messages.success(request, f"Recipe {name} saved as setup {outcome.setup.name}.")
     return redirect("setups:detail", name=outcome.setup.name)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def switch(request: HttpRequest, deployment: str) -> HttpResponse:
+    """Switch a deployment to a setup (the form sits on the deployment's page)."""
+    _require_manager(request, "switch deployments")
+    target = deployment_selectors.deployment_list(user=request.user).filter(name=deployment).first()
+    if target is None:
+        raise Http404("No such deployment.")
+    form = SwitchForm(request.POST or None, setups=selectors.setup_list(user=request.user))
+    needs_room = None
+    if request.method == "POST" and form.is_valid():
+        try:
+            revision = services.setup_switch(
+                actor=request.user,
+                setup=form.cleaned_data["setup"],
+                deployment=target,
+                stop_then_start=form.cleaned_data["stop_then_start"],
+            )
+        except SwitchNeedsRoom as exc:
+            needs_room = exc.interruption_seconds
+            form.add_error(None, " ".join(exc.messages))
+        except ValidationError as exc:
+            form.add_error(None, " ".join(exc.messages))
+        else:
+            messages.success(
+                request,
+                f"{target.name}: revision {revision.number} ({form.cleaned_data['setup'].name}) "
+                + (
+                    "is loading beside the serving one; traffic moves to it once it is ready."
+                    if revision.state == "pending"
+                    else "is starting."
+                ),
+            )
+            return redirect("deployments:detail", name=target.name)
+    context = {"form": form, "deployment": target, "needs_room": needs_room}
+    template = "setups/_switch_form.html" if request.htmx else "setups/switch.html"
+    return render(request, template, context)

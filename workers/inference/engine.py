@@ -210,6 +210,11 @@ class Replica:
         except queue.Full:
             self._fail(request, protocol.QUEUE_FULL, "The deployment's queue is full.")
 
+    def busy(self) -> bool:
+        """Whether a request is queued or generating (read from another thread: a lag of
+        one step does not matter to a caller that waits for quiet)."""
+        return self._queue.qsize() > 0 or bool(self._running)
+
     def snapshot(self) -> dict[str, Any]:
         running = len(self._running)
         return {

@@ -107,6 +107,13 @@ def _merge_deltas(batch: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, di
     return merged
 
 
+# A replaced replica unloads after this long without work (requests routed to it before
+# the switch may still arrive), and at the latest after the timeout.
+RETIRE_QUIET_SECONDS = 2.0
+RETIRE_TIMEOUT_SECONDS = 600.0
+RETIRE_POLL_SECONDS = 0.05
+
+
 class Runtime:
     def __init__(self, redis_url: str, cache_dir: str | os.PathLike[str]) -> None:
         self.redis = redis.Redis.from_url(redis_url)
@@ -169,6 +176,36 @@ class Runtime:
         replica.stop(reason)
         self._changed()
         return True
+
+    def retire(
+        self,
+        replica_id: int,
+        *,
+        generation: int,
+        quiet_seconds: float = RETIRE_QUIET_SECONDS,
+        timeout: float = RETIRE_TIMEOUT_SECONDS,
+    ) -> bool:
+        """Unload a replica another one has replaced, once it has finished its work.
+
+        It keeps serving what reaches it until it has been idle for ``quiet_seconds``:
+        requests routed to it just before the switch may still be on their way. After
+        ``timeout`` it unloads whatever it holds (a stream that long is cut).
+        """
+        with self._lock:
+            replica = self._replicas.get(replica_id)
+        if replica is None or replica.spec.generation > generation:
+            return False
+        deadline = time.monotonic() + timeout
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            if replica.busy():
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= quiet_seconds:
+                break
+            time.sleep(RETIRE_POLL_SECONDS)
+        return self.unload(
+            replica_id, generation=generation, reason="The deployment switched to another setup."
+        )
 
     def _changed(self) -> None:
         try:
