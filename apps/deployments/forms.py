@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django import forms
 
-from apps.deployments.models import Deployment
+from apps.deployments.models import Deployment, KvCacheType
 from apps.registry.models import Format, ModelVersion, State
 
 
@@ -55,6 +55,11 @@ class DeploymentForm(forms.ModelForm):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["context_length"].initial = 2048
+        # Scripts that post the form from before KV cache types keep getting f16.
+        self.fields["kv_cache_type"].required = False
+
+    def clean_kv_cache_type(self) -> str:
+        return self.cleaned_data.get("kv_cache_type") or KvCacheType.F16
 
     def validate_unique(self) -> None:
         # Uniqueness is the service's check, with its own message.

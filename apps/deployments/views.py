@@ -101,7 +101,8 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
         or any(r.state == State.STOPPING for r in deployment.replica_set.all()),
     }
     if request.htmx:
-        return render(request, "deployments/_deployment_state.html", context)
+        part = "_revisions" if request.GET.get("part") == "revisions" else "_deployment_state"
+        return render(request, f"deployments/{part}.html", context)
     return render(request, "deployments/deployment_detail.html", context)
 
 

@@ -137,7 +137,9 @@ def test_clients_stream_through_a_switch_and_a_rollback_without_a_failure(stack)
 def test_a_switch_that_cannot_load_leaves_the_old_one_serving(stack, openai_client, tmp_path):
     deployment = Deployment.objects.get(name="gemma")
     before = _active(deployment)
-    repo = model_repo_create(actor=stack.admin, name=f"broken-{uuid.uuid4().hex[:4]}", licence="mit")
+    repo = model_repo_create(
+        actor=stack.admin, name=f"broken-{uuid.uuid4().hex[:4]}", licence="mit"
+    )
     # A valid GGUF header with no usable weights: llama.cpp refuses to load it.
     broken = model_version_approve(
         actor=stack.admin,
