@@ -176,3 +176,15 @@ class Trial(models.Model):
 
     def __str__(self) -> str:
         return f"trial {self.pk} of {self.setup}"
+
+
+class RevisionSetup(models.Model):
+    """The setup a deployment's revision was made from (deployed or switched to)."""
+
+    revision = models.OneToOneField(
+        "deployments.Revision", on_delete=models.CASCADE, related_name="setup_link"
+    )
+    setup = models.ForeignKey(Setup, on_delete=models.PROTECT, related_name="revisions")
+
+    def __str__(self) -> str:
+        return f"{self.revision} from {self.setup}"

@@ -33,7 +33,7 @@ from apps.deployments.services import (
 from apps.registry.models import Format, ModelVersion
 from apps.registry.services import artifact_store
 from apps.setups import advisor, recipes, selectors
-from apps.setups.models import SETUP_SETTINGS, Origin, Setup, Trial, TrialState
+from apps.setups.models import SETUP_SETTINGS, Origin, RevisionSetup, Setup, Trial, TrialState
 from workers.inference.protocol import ReplicaSpec
 
 MANAGER_ROLES = (Role.ADMIN,)
@@ -123,6 +123,7 @@ def setup_deploy(*, actor: User, setup: Setup, name: str, replicas: int = 1) -> 
             replicas=replicas,
             **_deployment_values(setup),
         )
+        RevisionSetup.objects.create(revision=deployment.revision, setup=setup)
         audit_record(
             actor=actor,
             action="setup.deploy",
@@ -147,6 +148,7 @@ def setup_switch(
             stop_then_start=stop_then_start,
             **_deployment_values(setup),
         )
+        RevisionSetup.objects.create(revision=revision, setup=setup)
         audit_record(
             actor=actor,
             action="setup.switch",

@@ -279,3 +279,11 @@ def switch(request: HttpRequest, deployment: str) -> HttpResponse:
     context = {"form": form, "deployment": target, "needs_room": needs_room}
     template = "setups/_switch_form.html" if request.htmx else "setups/switch.html"
     return render(request, template, context)
+
+
+@login_required
+def fit_notes(request: HttpRequest) -> HttpResponse:
+    """What the deployments page says about running deployments and today's workers."""
+    return render(
+        request, "setups/_fit_notes.html", {"notes": selectors.fit_notes(user=request.user)}
+    )

@@ -77,10 +77,12 @@ def committed_db(django_db_blocker):
         yield
 
 
-def write_shaped_gguf(path: Path, *, context: int, blocks: int, embedding: int) -> Path:
+def write_shaped_gguf(
+    path: Path, *, context: int, blocks: int, embedding: int, arch: str = "llama"
+) -> Path:
     """A few-KB GGUF whose metadata claims a model shape: the advisor sizes the KV cache
     from it, so a claimed large shape is a model no worker here can hold."""
-    writer = GGUFWriter(str(path), arch="llama")
+    writer = GGUFWriter(str(path), arch=arch)
     writer.add_name("shaped-test-model")
     writer.add_context_length(context)
     writer.add_block_count(blocks)

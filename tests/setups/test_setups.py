@@ -4,9 +4,14 @@ runtime on a real worker, one-call deploys, and recipes exported and imported.""
 from __future__ import annotations
 
 import io
+import json
+import time
+import uuid
 
 import pytest
+import redis
 import yaml
+from django.conf import settings
 
 from apps.accounts.models import Role
 from apps.audit import signing
@@ -15,10 +20,19 @@ from apps.audit.models import AuditEvent
 from apps.audit.signing import create_key
 from apps.deployments import services as deployment_services
 from apps.deployments.models import Deployment, State
-from apps.setups import recipes
+from apps.registry.models import ModelVersion
+from apps.registry.services import (
+    model_repo_create,
+    model_version_approve,
+    model_version_deprecate,
+)
+from apps.setups import recipes, services
 from apps.setups.models import Experience, Origin, Setup, Trial, TrialState, UseCase
 from tests.conftest import client_for, make_user
 from tests.live import wait_until
+from tests.registry.conftest import upload_version
+from tests.setups.conftest import write_shaped_gguf
+from workers.inference import protocol
 
 CHAT_USE_CASES = [u for u in UseCase if u != UseCase.SEARCH]
 
@@ -410,3 +424,86 @@ def test_the_recipe_book_saves_a_builtin_as_a_setup(stack):
     setup = Setup.objects.filter(origin=Origin.RECIPE, use_case="long_documents").latest("id")
     assert setup.context_length == long_docs["settings"]["context_length"]
     assert setup.model_version == stack.version
+
+
+# -- when the workers (or the registry) change -------------------------------------------
+
+
+def _approved_shape(stack, tmp_path, name: str, **shape) -> ModelVersion:
+    repo = model_repo_create(
+        actor=stack.admin, name=f"{name}-{uuid.uuid4().hex[:4]}", licence="mit"
+    )
+    path = write_shaped_gguf(tmp_path / f"{name}.gguf", arch="gemma3", **shape)
+    version = upload_version(stack.admin, repo, path)
+    return model_version_approve(actor=stack.admin, version=version, reason="test")
+
+
+def _notes(client) -> str:
+    return client.get("/setups/fit/").content.decode()
+
+
+def test_the_deployments_page_says_when_a_better_setup_appears(stack, tmp_path):
+    admin = client_for(stack.admin)
+    setup = _make_setup(stack, "fit-chat", context_length=2048, parallel_slots=2)
+    deployment = services.setup_deploy(actor=stack.admin, setup=setup, name="fit-chat")
+    try:
+        wait_for_state(deployment, State.READY, timeout=120)
+        assert 'data-deployment="fit-chat"' not in _notes(admin)
+        # A much smaller chat model is approved: for a fast chat it is now ranked first.
+        small = _approved_shape(stack, tmp_path, "small", context=8192, blocks=2, embedding=8)
+        try:
+            notes = _notes(admin)
+            assert 'data-deployment="fit-chat" data-note="better"' in notes
+            assert f"the advisor now ranks {small} first" in notes
+            # The deployments page loads the notes.
+            assert "setups/fit/" in admin.get("/deployments/").content.decode()
+        finally:
+            model_version_deprecate(actor=stack.admin, version=small, reason="test over")
+    finally:
+        deployment_services.deployment_stop(actor=stack.admin, deployment=deployment)
+
+
+def test_a_deployment_on_a_machine_that_left_no_longer_fits(stack, tmp_path):
+    """A borrowed GPU server joins, a big model is deployed on it, the server leaves."""
+    redis_client = redis.Redis.from_url(settings.REDIS_URL)
+    borrowed = f"borrowed-{uuid.uuid4().hex[:4]}@gpu"
+    heartbeat = {
+        "hostname": borrowed,
+        "sent_at": time.time(),
+        "serving": True,
+        "pool": "threads",
+        "cpu_cores": 32,
+        "cpu_model": "Test CPU",
+        "ram_total_mib": 262_144,
+        "ram_available_mib": 250_000,
+        "gpus": [
+            {
+                "index": 0,
+                "name": "NVIDIA H100",
+                "memory_total_mib": 81_559,
+                "memory_free_mib": 81_000,
+            }
+        ],
+        "replicas": [],
+    }
+    redis_client.set(protocol.heartbeat_key(borrowed), json.dumps(heartbeat), ex=600)
+    redis_client.sadd(protocol.WORKERS_SET, borrowed)
+    big = _approved_shape(stack, tmp_path, "big", context=4096, blocks=100, embedding=16_384)
+    deployment = None
+    try:
+        # ~26 GB of KV cache: only the borrowed GPU can hold it.
+        deployment = deployment_services.deployment_create(
+            actor=stack.admin, name="big-on-gpu", model_version=big, context_length=4096
+        )
+        assert deployment.replica_set.get().worker == borrowed
+        assert 'data-deployment="big-on-gpu"' not in _notes(client_for(stack.admin))
+        redis_client.delete(protocol.heartbeat_key(borrowed))  # the server leaves
+        notes = _notes(client_for(stack.admin))
+        assert 'data-deployment="big-on-gpu" data-note="no_fit"' in notes
+        assert "big-on-gpu no longer fits anywhere" in notes and "MiB free" in notes
+    finally:
+        redis_client.delete(protocol.heartbeat_key(borrowed))
+        redis_client.srem(protocol.WORKERS_SET, borrowed)
+        if deployment is not None:
+            deployment_services.deployment_stop(actor=stack.admin, deployment=deployment)
+        model_version_deprecate(actor=stack.admin, version=big, reason="test over")
