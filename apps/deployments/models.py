@@ -67,21 +67,10 @@ class DeploymentQuerySet(models.QuerySet):
         return self if user.is_authenticated and user.is_active else self.none()
 
 
-class Deployment(models.Model):
-    """A model version served under a public name: the ``model`` that API clients send."""
+class RuntimeSettings(models.Model):
+    """How a model runs: the settings a setup chooses and a deployment's revision holds.
+    (The adapter is a foreign key on each model that has one, with its own related name.)"""
 
-    name = models.CharField(max_length=100, unique=True, validators=[DEPLOYMENT_NAME])
-    model_version = models.ForeignKey(
-        "registry.ModelVersion", on_delete=models.PROTECT, related_name="deployments"
-    )
-    # A LoRA adapter (GGUF) applied on top of the model, and how strongly.
-    adapter = models.ForeignKey(
-        "registry.ModelVersion",
-        null=True,
-        blank=True,
-        on_delete=models.PROTECT,
-        related_name="adapter_deployments",
-    )
     adapter_scale = models.FloatField(
         default=1.0, validators=[MinValueValidator(0.0), MaxValueValidator(4.0)]
     )
@@ -121,6 +110,43 @@ class Deployment(models.Model):
     preset = models.CharField(max_length=16, choices=Preset.choices, default=Preset.BALANCED)
     chat_template = models.TextField(
         blank=True, help_text="Overrides the model's chat template (Jinja, as in Hugging Face)."
+    )
+
+    class Meta:
+        abstract = True
+
+
+# The settings above, in the order forms, recipes and the API list them.
+RUNTIME_FIELDS = (
+    "adapter_scale",
+    "context_length",
+    "parallel_slots",
+    "batch_size",
+    "threads",
+    "gpu_layers",
+    "kv_cache_type",
+    "flash_attention",
+    "embeddings",
+    "stream_interval_ms",
+    "preset",
+    "chat_template",
+)
+
+
+class Deployment(RuntimeSettings):
+    """A model version served under a public name: the ``model`` that API clients send."""
+
+    name = models.CharField(max_length=100, unique=True, validators=[DEPLOYMENT_NAME])
+    model_version = models.ForeignKey(
+        "registry.ModelVersion", on_delete=models.PROTECT, related_name="deployments"
+    )
+    # A LoRA adapter (GGUF) applied on top of the model, and how strongly.
+    adapter = models.ForeignKey(
+        "registry.ModelVersion",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="adapter_deployments",
     )
     replicas = models.PositiveSmallIntegerField(
         default=1, validators=[MinValueValidator(1), MaxValueValidator(16)]

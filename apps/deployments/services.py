@@ -24,6 +24,7 @@ from apps.deployments import selectors
 from apps.deployments.models import (
     KV_CACHE_BYTES,
     MANAGER_ROLES,
+    RUNTIME_FIELDS,
     Deployment,
     KvCacheType,
     Replica,
@@ -42,44 +43,19 @@ COMPUTE_OVERHEAD_BYTES = 48 * MIB
 # Keep this much of a worker's memory free for the OS and the worker itself.
 HEADROOM_BYTES = 256 * MIB
 
+# What a revision changes: the setup the deployment runs (with the adapter). Where and
+# how many replicas run, logging and queueing are the deployment's own, whatever
+# revision it runs.
+REVISION_FIELDS = RUNTIME_FIELDS
 SETTINGS_FIELDS = (
     "adapter",
-    "adapter_scale",
-    "context_length",
-    "threads",
-    "gpu_layers",
-    "batch_size",
-    "parallel_slots",
-    "embeddings",
-    "kv_cache_type",
-    "flash_attention",
-    "stream_interval_ms",
-    "preset",
-    "chat_template",
+    *REVISION_FIELDS,
     "replicas",
     "placement_worker",
     "placement_gpu",
     "logging_level",
     "queue_size",
     "queue_timeout_seconds",
-)
-
-
-# What a revision changes: the setup the deployment runs. Where and how many replicas
-# run, logging and queueing are the deployment's own, whatever revision it runs.
-REVISION_FIELDS = (
-    "adapter_scale",
-    "context_length",
-    "threads",
-    "gpu_layers",
-    "batch_size",
-    "parallel_slots",
-    "embeddings",
-    "kv_cache_type",
-    "flash_attention",
-    "stream_interval_ms",
-    "preset",
-    "chat_template",
 )
 # Loading reads the file at about this rate on a small box (bench/setups.py's trials):
 # the interruption a stop-then-start switch announces.

@@ -8,12 +8,12 @@ recipe exported from it stays true): a different choice is a new setup.
 from __future__ import annotations
 
 from django.conf import settings
-from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.core.validators import RegexValidator
 from django.db import models
 from django.utils import timezone
 
 from apps.accounts.models import User
-from apps.deployments.models import KvCacheType, Preset
+from apps.deployments.models import RUNTIME_FIELDS, RuntimeSettings
 
 SETUP_NAME = RegexValidator(
     r"^[a-zA-Z0-9][a-zA-Z0-9._:-]{0,99}$",
@@ -43,21 +43,7 @@ class Origin(models.TextChoices):
 
 # The runtime settings a setup carries, named as on a deployment; a deployment adds
 # where and how many (replicas, placement, queue, logging) to them.
-SETUP_SETTINGS = (
-    "adapter",
-    "adapter_scale",
-    "context_length",
-    "parallel_slots",
-    "batch_size",
-    "threads",
-    "gpu_layers",
-    "kv_cache_type",
-    "flash_attention",
-    "embeddings",
-    "stream_interval_ms",
-    "preset",
-    "chat_template",
-)
+SETUP_SETTINGS = ("adapter", *RUNTIME_FIELDS)
 
 
 class SetupQuerySet(models.QuerySet):
@@ -66,7 +52,7 @@ class SetupQuerySet(models.QuerySet):
         return self if user.is_authenticated and user.is_active else self.none()
 
 
-class Setup(models.Model):
+class Setup(RuntimeSettings):
     name = models.CharField(max_length=100, unique=True, validators=[SETUP_NAME])
     notes = models.TextField(blank=True, help_text="Why these settings: for the next admin.")
     use_case = models.CharField(max_length=16, choices=UseCase.choices)
@@ -81,32 +67,6 @@ class Setup(models.Model):
         on_delete=models.PROTECT,
         related_name="adapter_setups",
     )
-    adapter_scale = models.FloatField(
-        default=1.0, validators=[MinValueValidator(0.0), MaxValueValidator(4.0)]
-    )
-    context_length = models.PositiveIntegerField(
-        default=4096, validators=[MinValueValidator(128), MaxValueValidator(1_048_576)]
-    )
-    parallel_slots = models.PositiveSmallIntegerField(
-        default=1, validators=[MinValueValidator(1), MaxValueValidator(64)]
-    )
-    batch_size = models.PositiveIntegerField(
-        default=512, validators=[MinValueValidator(8), MaxValueValidator(8192)]
-    )
-    threads = models.PositiveSmallIntegerField(
-        null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(256)]
-    )
-    gpu_layers = models.IntegerField(default=-1, validators=[MinValueValidator(-1)])
-    kv_cache_type = models.CharField(
-        max_length=8, choices=KvCacheType.choices, default=KvCacheType.F16
-    )
-    flash_attention = models.BooleanField(default=True)
-    embeddings = models.BooleanField(default=False)
-    stream_interval_ms = models.PositiveSmallIntegerField(
-        default=100, validators=[MaxValueValidator(1000)]
-    )
-    preset = models.CharField(max_length=16, choices=Preset.choices, default=Preset.BALANCED)
-    chat_template = models.TextField(blank=True)
     origin = models.CharField(max_length=16, choices=Origin.choices, default=Origin.MANUAL)
     # For a setup imported from a recipe: the signer's key fingerprint, and whether the
     # box trusted that key when it was imported.

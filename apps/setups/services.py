@@ -37,18 +37,8 @@ from apps.setups.models import SETUP_SETTINGS, Origin, RevisionSetup, Setup, Tri
 from workers.inference.protocol import ReplicaSpec
 
 MANAGER_ROLES = (Role.ADMIN,)
-# Trial figures a worker reports, as stored on the trial.
-TRIAL_FIGURES = (
-    "load_seconds",
-    "prompt_tps_short",
-    "prompt_tps_long",
-    "decode_tps_single",
-    "decode_tps_parallel",
-    "ttft_p50_ms",
-    "ttft_p95_ms",
-    "peak_ram_bytes",
-    "peak_vram_bytes",
-)
+# Trial figures a worker reports, as stored on the trial and carried by recipes.
+TRIAL_FIGURES = recipes.FIGURE_VALUES
 
 
 def setup_create(
