@@ -82,3 +82,24 @@ def test_a_deployment_an_admin_stopped_is_reported_not_waited_for(users, version
     assert "stopped by an admin; not starting it" in out.getvalue()
     deployment = Deployment.objects.get(name="tiny-chat")
     assert not deployment.running and deployment.state == State.STOPPED
+
+
+def test_a_failed_deployment_is_reported_and_aibox_carries_on(users, version, tmp_path):
+    Deployment.objects.create(
+        name="tiny-chat",
+        model_version=version,
+        context_length=256,
+        running=True,
+        state=State.FAILED,
+        state_reason="llama.cpp could not load the model.",
+    )
+    err = io.StringIO()
+    call_command(
+        "deployment_default",
+        name="tiny-chat",
+        key_file=str(tmp_path / "k.txt"),
+        wait=5,
+        stderr=err,
+    )
+    assert "tiny-chat failed: llama.cpp could not load the model." in err.getvalue()
+    assert "AIBox keeps running" in err.getvalue()

@@ -94,6 +94,11 @@ class Command(BaseCommand):
             if serving:
                 return
             if deployment.state == State.FAILED:
-                raise CommandError(f"{deployment.name} failed: {deployment.state_reason}")
+                # The web UI is where an admin fixes it: report it, and let AIBox run.
+                self.stderr.write(
+                    f"  {deployment.name} failed: {deployment.state_reason} AIBox keeps "
+                    "running; see the Deployments page."
+                )
+                return
             time.sleep(0.5)
         raise CommandError(f"{deployment.name} was not ready after {timeout:.0f} s.")
