@@ -148,9 +148,9 @@ def setup_switch(
     return revision
 
 
-def _trial_worker(setup: Setup, hostname: str | None) -> str:
-    """The serving worker to run the trial on: the one asked for, or the roomiest that
-    holds the setup."""
+def _trial_worker(setup: Setup, hostname: str | None) -> advisor.Fit:
+    """Where to run the trial: the worker asked for, or the roomiest that holds the
+    setup (and on a GPU worker, its roomiest GPU)."""
     workers = [w for w in deployment_selectors.worker_list() if w.serving]
     if hostname:
         workers = [w for w in workers if w.hostname == hostname]
@@ -168,10 +168,10 @@ def _trial_worker(setup: Setup, hostname: str | None) -> str:
                 f"{roomiest.where} has {max(roomiest.free_bytes, 0) // 2**20:,} MiB free."
             }
         )
-    return max(fitting, key=lambda f: f.free_bytes).worker
+    return max(fitting, key=lambda f: f.free_bytes)
 
 
-def _trial_spec(trial: Trial) -> dict[str, Any]:
+def _trial_spec(trial: Trial, gpu_index: int | None) -> dict[str, Any]:
     setup = trial.setup
     version, adapter = setup.model_version, setup.adapter
     store = artifact_store()
@@ -188,7 +188,8 @@ def _trial_spec(trial: Trial) -> dict[str, Any]:
         architecture=version.architecture,
         context_length=setup.context_length,
         threads=setup.threads,
-        gpu_layers=setup.gpu_layers,
+        gpu_layers=setup.gpu_layers if gpu_index is not None else 0,
+        gpu_index=gpu_index,
         batch_size=setup.batch_size,
         parallel_slots=setup.parallel_slots,
         kv_cache_type=setup.kv_cache_type,
@@ -205,7 +206,8 @@ def trial_request(*, actor: User, setup: Setup, worker: str | None = None) -> Tr
     """Queue a trial of ``setup`` on a worker (the roomiest that fits, unless named)."""
     require_role(actor, MANAGER_ROLES, "run trials")
     deployment_settings_check(version=setup.model_version, values=_deployment_values(setup))
-    hostname = _trial_worker(setup, worker)
+    place = _trial_worker(setup, worker)
+    hostname = place.worker
     with transaction.atomic():
         trial = Trial.objects.create(setup=setup, worker=hostname, created_by=actor)
         audit_record(
@@ -214,7 +216,7 @@ def trial_request(*, actor: User, setup: Setup, worker: str | None = None) -> Tr
             target=setup,
             details={"trial": trial.pk, "worker": hostname},
         )
-        spec = _trial_spec(trial)
+        spec = _trial_spec(trial, place.gpu_index)
 
         def send() -> None:
             from apps.setups import tasks
