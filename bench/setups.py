@@ -195,14 +195,19 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
-    est_errors, trial_errors = [], []
+    errors: dict[tuple[str, str], list[float]] = {}
     for key, _names, est, with_trial, result in rows:
         d_est = _err(est.decode_tps, result.decode_tps_single)
         d_tri = _err(with_trial.decode_tps, result.decode_tps_single)
         t_est = _err(est.ttft_ms, result.ttft_p50_ms)
         t_tri = _err(with_trial.ttft_ms, result.ttft_p50_ms)
-        est_errors += [abs(d_est), abs(t_est)]
-        trial_errors += [abs(d_tri), abs(t_tri)]
+        for key_, value in (
+            (("decode", "estimate"), d_est),
+            (("decode", "trial"), d_tri),
+            (("ttft", "estimate"), t_est),
+            (("ttft", "trial"), t_tri),
+        ):
+            errors.setdefault(key_, []).append(abs(value))
         print(
             f"{key[0]:>6} {key[1]:>5} {key[2]:>5} | {result.decode_tps_single:>10.1f} "
             f"{est.decode_tps:>6.1f} {d_est:>+6.1f} {with_trial.decode_tps:>7.1f} "
@@ -218,15 +223,13 @@ def main() -> None:
             f"{result.decode_tps_parallel:.1f}"
         )
     print()
-    print(
-        f"estimate without a trial: mean |error| {sum(est_errors) / len(est_errors):.1f} %, "
-        f"largest {max(est_errors):.1f} % (target 25 %)"
-    )
-    print(
-        f"with a trial on this hardware: mean |error| "
-        f"{sum(trial_errors) / len(trial_errors):.1f} %, largest {max(trial_errors):.1f} % "
-        "(target 10 %)"
-    )
+    targets = {"estimate": 25, "trial": 10}
+    labels = {"estimate": "estimate without a trial", "trial": "with a trial on this hardware"}
+    for (figure, basis), values in errors.items():
+        print(
+            f"{figure:>6}, {labels[basis]}: mean |error| {sum(values) / len(values):.1f} %, "
+            f"largest {max(values):.1f} % (target {targets[basis]} %)"
+        )
 
 
 if __name__ == "__main__":
