@@ -6,7 +6,6 @@ import copy
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -361,9 +360,8 @@ def test_alias_bomb_is_refused_before_it_expands():
     for i in range(1, 10):
         lines.append(f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]")
     bomb = ("\n".join(lines) + "\n").encode("utf-8")
-    started = time.monotonic()
+    # Expanded, it would hold 8 x 9**9 strings; refused at the first anchor, it returns.
     error = refused(bomb)
-    assert time.monotonic() - started < 1.0
     assert error.field == "file"
     assert "anchors and aliases" in error.message
 
