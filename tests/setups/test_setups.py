@@ -500,3 +500,29 @@ def test_a_deployment_on_a_machine_that_left_no_longer_fits(stack, tmp_path):
         if deployment is not None:
             deployment_services.deployment_stop(actor=stack.admin, deployment=deployment)
         model_version_deprecate(actor=stack.admin, version=big, reason="test over")
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_setup_pages_check_the_role(stack, role):
+    """Every role reads setups, the advisor and the recipe book; only admins change."""
+    setup = Setup.objects.filter(name="page-roles").first() or _make_setup(stack, "page-roles")
+    user = make_user(role, username=f"pages-{role}")
+    client = client_for(user)
+    for page in ("/setups/", "/setups/advisor/", "/setups/recipes/", f"/setups/{setup.name}/"):
+        assert client.get(page).status_code == 200, page
+    allowed = role == Role.ADMIN
+    book = recipes.builtin_recipes()[0].document["name"]
+    writes = {
+        # (On a worker that is not there: an admin's trial is refused, not run.)
+        f"/setups/{setup.name}/trial": {"worker": "nope@nowhere"},
+        f"/setups/{setup.name}/recipe": {},
+        f"/setups/recipes/{book}/use": {},
+        "/setups/switch/nope/": {"setup": setup.pk},
+    }
+    for path, data in writes.items():
+        status = client.post(path, data).status_code
+        if allowed:
+            assert status in (200, 302, 404), (path, status)  # 404: no deployment "nope"
+        else:
+            assert status == 403, (path, status)
+    assert (client.get("/setups/switch/nope/").status_code == 403) is not allowed
