@@ -151,3 +151,17 @@ def wait_until(condition: Callable[[], Any], *, what: str, timeout: float = 60) 
         if time.monotonic() > deadline:
             pytest.fail(f"Never happened: {what}.")
         time.sleep(0.1)
+
+
+def wait_for_state(deployment, state: str, *, timeout: float = 60):
+    """Wait until ``deployment`` reaches ``state``; fail at once if it fails instead."""
+    from apps.deployments.models import State
+
+    def reached() -> bool:
+        deployment.refresh_from_db()
+        if deployment.state == State.FAILED and state != State.FAILED:
+            pytest.fail(f"{deployment.name} failed: {deployment.state_reason}")
+        return deployment.state == state
+
+    wait_until(reached, what=f"{deployment.name} becoming {state}", timeout=timeout)
+    return deployment

@@ -117,6 +117,7 @@ def fit_notes(*, user: User) -> list[FitNote]:
     deployments = deployment_selectors.deployment_list(user=user).filter(running=True)
     versions = list(deployable_versions())
     trials = trials_succeeded()
+    tops: dict[tuple[str, str], advisor.Candidate | None] = {}
     notes = []
     for deployment in deployments:
         version = deployment.model_version
@@ -153,14 +154,17 @@ def fit_notes(*, user: User) -> list[FitNote]:
         setup = _setup_of(deployment)
         if setup is None:
             continue
-        ranked = advisor.advise(
-            use_case=setup.use_case,
-            experience=setup.experience,
-            versions=versions,
-            workers=workers,
-            trials=trials,
-        )
-        top = next((c for c in ranked if c.suitable and c.fits_somewhere), None)
+        key = (setup.use_case, setup.experience)
+        if key not in tops:  # deployments for the same need share one ranking
+            ranked = advisor.advise(
+                use_case=setup.use_case,
+                experience=setup.experience,
+                versions=versions,
+                workers=workers,
+                trials=trials,
+            )
+            tops[key] = next((c for c in ranked if c.suitable and c.fits_somewhere), None)
+        top = tops[key]
         if top is not None and top.version.pk != version.pk:
             notes.append(
                 FitNote(

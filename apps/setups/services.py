@@ -341,21 +341,14 @@ def candidate_apply(
         if action == "trial":
             return setup, trial_request(actor=actor, setup=setup, worker=worker)
         return setup, setup_deploy(
-            actor=actor, setup=setup, name=deployment_name or _free_deployment_name(name)
+            actor=actor, setup=setup, name=deployment_name or _free_name(name, Deployment)
         )
 
 
-def _free_name(base: str) -> str:
+def _free_name(base: str, model: type[Setup] | type[Deployment] = Setup) -> str:
+    """``base``, or ``base-2``, ``base-3``... whichever no setup (or deployment) has."""
     name, n = base, 1
-    while Setup.objects.filter(name=name).exists():
-        n += 1
-        name = f"{base[:95]}-{n}"
-    return name
-
-
-def _free_deployment_name(base: str) -> str:
-    name, n = base, 1
-    while Deployment.objects.filter(name=name).exists():
+    while model.objects.filter(name=name).exists():
         n += 1
         name = f"{base[:95]}-{n}"
     return name

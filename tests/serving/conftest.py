@@ -30,6 +30,7 @@ from tests.live import (
     start_celery_worker,
     start_web_server,
     stop_processes,
+    wait_for_state,
     wait_until,
 )
 
@@ -62,17 +63,6 @@ class Stack:
 
     def key(self, label: str = "inference") -> str:
         return self.keys[label]
-
-
-def wait_for_state(deployment: Deployment, state: str, *, timeout: float = 60) -> Deployment:
-    def reached() -> bool:
-        deployment.refresh_from_db()
-        if deployment.state == State.FAILED and state != State.FAILED:
-            pytest.fail(f"{deployment.name} failed: {deployment.state_reason}")
-        return deployment.state == state
-
-    wait_until(reached, what=f"{deployment.name} becoming {state}", timeout=timeout)
-    return deployment
 
 
 @pytest.fixture(scope="package")

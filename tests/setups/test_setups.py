@@ -29,7 +29,7 @@ from apps.registry.services import (
 from apps.setups import recipes, services
 from apps.setups.models import Experience, Origin, Setup, Trial, TrialState, UseCase
 from tests.conftest import client_for, make_user
-from tests.live import wait_until
+from tests.live import wait_for_state, wait_until
 from tests.registry.conftest import upload_version
 from tests.setups.conftest import write_shaped_gguf
 from workers.inference import protocol
@@ -43,16 +43,6 @@ def _advise(client, **body):
 
 def _candidate(answer: dict, version) -> dict:
     return next(c for c in answer["candidates"] if c["model_version"] == version.pk)
-
-
-def wait_for_state(deployment: Deployment, state: str, *, timeout: float) -> Deployment:
-    def reached() -> bool:
-        deployment.refresh_from_db()
-        assert deployment.state != State.FAILED, deployment.state_reason
-        return deployment.state == state
-
-    wait_until(reached, what=f"{deployment.name} becoming {state}", timeout=timeout)
-    return deployment
 
 
 def _wait_for_trial(trial_id: int, timeout: float = 180) -> Trial:
