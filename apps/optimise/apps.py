@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class OptimiseConfig(AppConfig):
+    name = "apps.optimise"
+    label = "optimise"

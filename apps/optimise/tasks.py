@@ -1,0 +1,43 @@
+"""Bridges between optimisation rows and ``workers.optimise``.
+
+Quantise, export and evaluation jobs go to the ``training`` queue: they are long,
+CPU/GPU-heavy and need the model tooling, like fine-tunes, and a training worker runs
+one at a time. ``optimise.reap`` (Celery beat) fails jobs whose worker went silent.
+"""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from apps.optimise import services
+
+# A 70B model quantises in well under an hour on a server; evaluations are capped in
+# chunks and items. Past this the job fails with its reason instead of hanging.
+TIME_LIMIT = 6 * 3600
+
+
+@shared_task(
+    name="optimise.model_job_run",
+    bind=True,
+    acks_late=True,
+    soft_time_limit=TIME_LIMIT,
+    time_limit=TIME_LIMIT + 300,
+)
+def model_job_run(self, job_id: int) -> None:
+    services.model_job_run(job_id=job_id, worker=self.request.hostname or "")
+
+
+@shared_task(
+    name="optimise.evaluation_run",
+    bind=True,
+    acks_late=True,
+    soft_time_limit=TIME_LIMIT,
+    time_limit=TIME_LIMIT + 300,
+)
+def evaluation_run(self, evaluation_id: int) -> None:
+    services.evaluation_run(evaluation_id=evaluation_id, worker=self.request.hostname or "")
+
+
+@shared_task(name="optimise.reap")
+def reap() -> None:
+    services.jobs_reap()
