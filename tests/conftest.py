@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -205,6 +206,69 @@ def live_worker(test_database, tmp_path_factory) -> Iterator[LiveWorker]:
         yield LiveWorker(name=name, artifact_root=root, process=process)
     finally:
         stop_processes([process])
+
+
+# The converted checkpoint (keyed by the GGUF's sha256) outlives a test run, so only the
+# first run on a machine pays for converting the GGUF.
+CONVERT_CACHE = Path(
+    os.environ.get("AIBOX_TEST_FINETUNE_CACHE", Path.home() / ".cache" / "aibox-test-finetune")
+)
+
+
+# Short, so a test sees a killed worker's job fail within seconds; long enough that a
+# busy two-core machine never starves the heartbeat thread that long.
+HEARTBEAT_TTL = "8"
+
+
+@dataclass
+class TrainingWorker:
+    """The session's training worker, which a test may kill and start again."""
+
+    env: dict[str, str]
+    logs: Path
+    name: str = ""
+    process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        from tests.live import start_celery_worker
+
+        self.name = f"train-{uuid.uuid4().hex[:6]}@localhost"
+        self.process = start_celery_worker(
+            env=self.env,
+            name=self.name,
+            log=self.logs / f"{self.name.split('@')[0]}.log",
+            pool="solo",
+            concurrency=1,
+            queues="training",
+        )
+
+    def kill(self) -> None:
+        """SIGKILL: no warm shutdown, no cleanup, as when a machine loses power."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def training_worker(live_worker, tmp_path_factory) -> Iterator[TrainingWorker]:
+    from tests.live import process_env, stop_processes
+
+    worker = TrainingWorker(
+        env=process_env(
+            AIBOX_ARTIFACT_ROOT=str(live_worker.artifact_root),
+            # Kept across restarts, so a retried job finds its checkpoints.
+            AIBOX_FINETUNE_WORK_DIR=str(tmp_path_factory.mktemp("finetune-work")),
+            AIBOX_FINETUNE_CACHE_DIR=str(CONVERT_CACHE),
+            AIBOX_FINETUNE_DEVICE="cpu",
+            AIBOX_FINETUNE_HEARTBEAT_TTL=HEARTBEAT_TTL,
+            AIBOX_WORKER_SERVING="false",
+        ),
+        logs=tmp_path_factory.mktemp("training-worker"),
+    )
+    worker.start()
+    try:
+        yield worker
+    finally:
+        stop_processes([worker.process])
 
 
 @pytest.fixture
