@@ -263,6 +263,35 @@ def reading_options(version: DatasetVersion, *, tokenize: bool = True) -> data.V
     )
 
 
+def dataset_version_canonical(
+    version: DatasetVersion, work_dir: Path, *, name: str = "rows"
+) -> Path:
+    """The version's valid rows as canonical JSON Lines in ``work_dir`` (``<name>.jsonl``).
+
+    Every shape and format becomes the same JSON Lines a worker reads (fine-tunes,
+    evaluations), from the verified stored file. An existing file is reused, so a
+    resumed job does not convert again.
+    """
+    target = work_dir / f"{name}.jsonl"
+    if target.exists():
+        return target
+    path = artifact_store().verify(version.sha256)
+    out = work_dir / f"{name}-tmp"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    (derived,) = data.transform(
+        path,
+        data.FileFormat(version.format),
+        reading_options(version, tokenize=False),
+        "filter",
+        {"drop_invalid": True, "drop_pii": False},
+        out,
+    )
+    Path(derived.path).rename(target)
+    shutil.rmtree(out, ignore_errors=True)
+    return target
+
+
 def _rejection_reason(report: data.Report) -> str:
     first = report.errors[0] if report.errors else None
     where = f" The first: line {first.line}: {first.message}" if first else ""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from dataclasses import fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -568,38 +567,18 @@ def _register_outputs(
 
 def train_spec(job: FineTuneJob, *, work_dir: Path, report) -> TrainSpec:
     """The runner's spec: verified inputs on local disk, canonical JSON Lines data."""
-    from apps.datasets.services import reading_options
-    from apps.registry.services import artifact_store, model_version_verify
-    from workers import datasets as data
+    from apps.datasets.services import dataset_version_canonical
+    from apps.registry.services import model_version_verify
 
     base_path = model_version_verify(actor=system_user(), version=job.base_model)
     work_dir.mkdir(parents=True, exist_ok=True)
 
-    def canonical(version: DatasetVersion, name: str) -> Path:
-        # Every shape and format becomes the same JSON Lines the runner reads.
-        target = work_dir / f"{name}.jsonl"
-        if target.exists():
-            return target
-        path = artifact_store().verify(version.sha256)
-        out = work_dir / f"{name}-tmp"
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir()
-        (derived,) = data.transform(
-            path,
-            data.FileFormat(version.format),
-            reading_options(version, tokenize=False),
-            "filter",
-            {"drop_invalid": True, "drop_pii": False},
-            out,
-        )
-        Path(derived.path).rename(target)
-        shutil.rmtree(out, ignore_errors=True)
-        return target
-
     report({"event": "log", "message": f"Preparing {job.dataset_version} for training."})
-    train_path = canonical(job.dataset_version, "train")
+    train_path = dataset_version_canonical(job.dataset_version, work_dir, name="train")
     validation_path = (
-        canonical(job.validation_version, "validation") if job.validation_version else None
+        dataset_version_canonical(job.validation_version, work_dir, name="validation")
+        if job.validation_version
+        else None
     )
     return TrainSpec(
         job_id=str(job.pk),

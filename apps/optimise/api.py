@@ -19,6 +19,8 @@ from apps.registry.models import ModelRepo, ModelVersion
 READERS = role_and_scope(*Role, scopes=(Scope.REGISTRY_READ,))
 # Like every registry write through a key: the job adds versions to the registry.
 LAUNCHERS = role_and_scope(*LAUNCHER_ROLES, scopes=(Scope.ADMIN,))
+# Like fine-tunes: an evaluation reads data and adds no version.
+EVALUATORS = role_and_scope(*LAUNCHER_ROLES, scopes=(Scope.DATASETS,))
 
 
 class ModelJobSerializer(serializers.ModelSerializer):
@@ -162,7 +164,7 @@ class ModelJobDetailView(APIView):
 
 class EvaluationListView(APIView):
     def get_permissions(self):
-        return [(LAUNCHERS if self.request.method == "POST" else READERS)()]
+        return [(EVALUATORS if self.request.method == "POST" else READERS)()]
 
     @extend_schema(responses=EvaluationSerializer(many=True))
     def get(self, request: Request) -> Response:

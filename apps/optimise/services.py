@@ -610,7 +610,7 @@ def _evaluate(evaluation: Evaluation, work: Path) -> tuple[dict[str, Any], dict[
         data = done.as_dict()
         figures = {
             "perplexity": data.get("perplexity"),
-            "perplexity_uncertainty": data.get("perplexity_uncertainty"),
+            "perplexity_uncertainty": data.get("uncertainty"),
             "kl_divergence": data.get("kl_divergence"),
             "kl_uncertainty": data.get("kl_divergence_uncertainty"),
             "top_token_agreement": data.get("same_top"),
@@ -627,10 +627,11 @@ def _evaluate(evaluation: Evaluation, work: Path) -> tuple[dict[str, Any], dict[
             progress=progress,
         )
         data = done.as_dict()
+        seconds = data.get("seconds") or 0
         figures = {
-            "exact_match": data.get("exact_match"),
+            "exact_match": data.get("exact"),
             "contains": data.get("contains"),
-            "tokens_per_s": data.get("tokens_per_s"),
+            "tokens_per_s": data["generated_tokens"] / seconds if seconds else None,
         }
     return figures, {**data, "hardware": fingerprint(), "rows": len(rows)}
 

@@ -80,6 +80,8 @@ class SourceKind(models.TextChoices):
     HUGGING_FACE = "hugging_face", "Imported from Hugging Face"
     BUNDLED = "bundled", "Bundled with AIBox"
     FINE_TUNE = "fine_tune", "Produced by a fine-tune"
+    QUANTIZED = "quantized", "Quantised by AIBox"
+    EXPORTED = "exported", "Exported by AIBox (F16/BF16, an adapter merged in or not)"
 
 
 APPROVER_ROLES = (Role.ADMIN, Role.COMPLIANCE_OFFICER)

@@ -13,7 +13,8 @@ API and bench/setups.py ask the same question the same way.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +101,32 @@ class Expected:
         }
 
 
+@dataclass(frozen=True)
+class Quality:
+    """What an evaluation measured of a version (apps/optimise): its perplexity on a
+    text dataset, the same dataset for every candidate so they compare."""
+
+    perplexity: float
+    uncertainty: float
+    dataset: str
+    evaluation: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "perplexity": self.perplexity,
+            "uncertainty": self.uncertainty,
+            "dataset": self.dataset,
+            "evaluation": self.evaluation,
+        }
+
+    @property
+    def reason(self) -> str:
+        return (
+            f"Measured quality: perplexity {self.perplexity:.3f} ± {self.uncertainty:.3f} "
+            f"on {self.dataset} (evaluation #{self.evaluation}); lower is better."
+        )
+
+
 @dataclass
 class Candidate:
     version: ModelVersion
@@ -110,6 +137,7 @@ class Candidate:
     unsuitable: list[str] = field(default_factory=list)
     fits: list[Fit] = field(default_factory=list)
     expected: Expected | None = None
+    quality: Quality | None = None
     rank: int = 0
 
     @property
@@ -162,6 +190,7 @@ class Candidate:
             "fits_somewhere": self.fits_somewhere,
             "why_not": self.why_not,
             "expected": self.expected.as_dict() if self.expected else None,
+            "quality": self.quality.as_dict() if self.quality else None,
         }
 
 
@@ -389,9 +418,12 @@ def advise(
     versions: Iterable[ModelVersion],
     workers: Sequence[WorkerStatus],
     trials: Sequence[Trial],
+    quality: Mapping[int, Quality] | None = None,
 ) -> list[Candidate]:
     """Candidates for every version, ranked: suitable ones that fit first (fastest first
-    for a fast experience, largest model first otherwise), then the rest with why."""
+    for a fast experience, largest model first otherwise, and among versions of one size
+    the lowest measured perplexity), then the rest with why."""
+    quality = quality or {}
     candidates = []
     serving = [w for w in workers if w.serving]
     for version in versions:
@@ -404,7 +436,10 @@ def advise(
             reasons=reasons,
             unsuitable=_unsuitable(version, use_case),
             fits=fits_on(version, settings, serving),
+            quality=quality.get(version.pk),
         )
+        if candidate.quality is not None:
+            candidate.reasons.append(candidate.quality.reason)
         best = candidate.best_fit
         if best is not None:
             worker = next(w for w in serving if w.hostname == best.worker)
@@ -416,7 +451,9 @@ def advise(
         speed = c.expected.decode_tps if c.expected else 0.0
         size = c.version.parameter_count or c.version.size
         preference = speed if experience == Experience.FAST else size
-        return (not proposed, -preference, str(c.version))
+        # Quantisations of one model share a size: what they measured decides.
+        perplexity = c.quality.perplexity if c.quality else math.inf
+        return (not proposed, -preference, perplexity, str(c.version))
 
     candidates.sort(key=order)
     for rank, candidate in enumerate(candidates, start=1):

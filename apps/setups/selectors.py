@@ -10,6 +10,7 @@ from apps.accounts.models import User
 from apps.deployments import selectors as deployment_selectors
 from apps.deployments.models import Deployment, State
 from apps.deployments.services import REVISION_FIELDS
+from apps.optimise import selectors as optimise_selectors
 from apps.registry.models import Format, ModelVersion
 from apps.registry.models import State as VersionState
 from apps.setups import advisor
@@ -68,14 +69,30 @@ def advice(*, use_case: str, experience: str, worker: str | None = None) -> Advi
         workers = [w for w in workers if w.hostname == worker]
         if not workers:
             raise ValidationError({"worker": f"The worker '{worker}' is not online and serving."})
+    versions = list(deployable_versions())
     candidates = advisor.advise(
         use_case=use_case,
         experience=experience,
-        versions=deployable_versions(),
+        versions=versions,
         workers=workers,
         trials=trials_succeeded(),
+        quality=quality_of(versions),
     )
     return Advice(use_case, experience, [w.hostname for w in workers], candidates)
+
+
+def quality_of(versions: list[ModelVersion]) -> dict[int, advisor.Quality]:
+    """The advisor's quality figures: each version's perplexity, on the text dataset most
+    of them were evaluated on (apps/optimise)."""
+    return {
+        pk: advisor.Quality(
+            perplexity=e.perplexity,
+            uncertainty=e.perplexity_uncertainty or 0.0,
+            dataset=str(e.dataset_version),
+            evaluation=e.pk,
+        )
+        for pk, e in optimise_selectors.quality_by_version(versions).items()
+    }
 
 
 @dataclass(frozen=True)
@@ -117,6 +134,7 @@ def fit_notes(*, user: User) -> list[FitNote]:
     deployments = deployment_selectors.deployment_list(user=user).filter(running=True)
     versions = list(deployable_versions())
     trials = trials_succeeded()
+    quality = quality_of(versions)
     tops: dict[tuple[str, str], advisor.Candidate | None] = {}
     notes = []
     for deployment in deployments:
@@ -162,6 +180,7 @@ def fit_notes(*, user: User) -> list[FitNote]:
                 versions=versions,
                 workers=workers,
                 trials=trials,
+                quality=quality,
             )
             tops[key] = next((c for c in ranked if c.suitable and c.fits_somewhere), None)
         top = tops[key]

@@ -200,6 +200,19 @@ MATRIX = {
         # An admin's empty request is let through to validation.
         {ADMIN: 400, DS: 403, DEV: 403, CO: 403},
     ),
+    "optimise_view": (
+        "View optimisation jobs, evaluations and the quality comparison of a model",
+        "get",
+        "/optimise/versions/{version}/",
+        dict.fromkeys(ROLES, 200),
+    ),
+    "optimise_launch": (
+        "Quantise, export (merge an adapter) and evaluate model versions",
+        "post",
+        "/api/v1/optimise/evaluations/",
+        # Let through to validation: the request names no model or data.
+        {ADMIN: 400, DS: 400, DEV: 403, CO: 403},
+    ),
     "playground": (
         "Use the playground and the inference API (`/v1/`)",
         "get",

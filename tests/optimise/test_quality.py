@@ -128,8 +128,12 @@ def test_perplexity_and_kl_divergence_order_the_quantisations(chain):
         # 20 paragraphs make about ten 128-token chunks; the second half of each is scored.
         assert e.result["chunks"] >= 8 and e.result["n_ctx"] == 128
         assert e.result["tokens_scored"] == e.result["chunks"] * 63
-    print({k: (e.perplexity, e.perplexity_uncertainty, e.kl_divergence, e.top_token_agreement)
-           for k, e in chain.evaluations.items()})
+    print(
+        {
+            k: (e.perplexity, e.perplexity_uncertainty, e.kl_divergence, e.top_token_agreement)
+            for k, e in chain.evaluations.items()
+        }
+    )
     # Within the reported uncertainty: F16 ≤ Q8_0 ≤ Q4_0.
     assert f16.perplexity <= q8.perplexity + q8.perplexity_uncertainty
     assert q8.perplexity <= q4.perplexity + q4.perplexity_uncertainty
@@ -170,3 +174,25 @@ def test_the_pages_show_the_figures_and_compare_the_versions(chain):
     assert {row["quantization"] for row in body["rows"]} == {"F16", "Q8_0", "Q4_0"}
     dana_panel = client_for(chain.dana).get(f"/optimise/versions/{chain.f16.pk}/").content
     assert b"quantize-form" in dana_panel and b"evaluate-form" in dana_panel
+
+
+def test_the_setup_advisor_ranks_quantisations_by_what_they_measured(chain):
+    from apps.setups import advisor
+    from apps.setups.selectors import quality_of
+
+    versions = [chain.q4, chain.q8, chain.f16]
+    quality = quality_of(versions)
+    assert quality[chain.q4.pk].perplexity == chain.evaluations["q4"].perplexity
+    ranked = advisor.advise(
+        use_case="chat",
+        experience="quality",
+        versions=versions,
+        workers=[],
+        trials=[],
+        quality=quality,
+    )
+    # One model, three files of one size in parameters: the lower perplexity ranks first.
+    by_perplexity = sorted(versions, key=lambda v: quality[v.pk].perplexity)
+    assert [c.version for c in ranked] == by_perplexity
+    assert any("Measured quality: perplexity" in r for r in ranked[0].reasons)
+    assert ranked[0].as_dict()["quality"]["dataset"] == str(chain.prose)
