@@ -17,6 +17,10 @@ QUANT_HELP = {
 
 
 class QuantizeForm(forms.Form):
+    # Three forms share the version's panel: ids of their own, the same field names.
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, auto_id="quantize_%s", **kwargs)
+
     quant_type = forms.ChoiceField(
         choices=[
             (t, f"{t} — {QUANT_HELP[t]}" if t in QUANT_HELP else t) for t in OFFERED_QUANT_TYPES
@@ -37,6 +41,9 @@ class QuantizeForm(forms.Form):
 
 
 class ExportForm(forms.Form):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, auto_id="export_%s", **kwargs)
+
     adapter = forms.ModelChoiceField(
         queryset=selectors.lora_adapters(),
         required=False,
@@ -73,5 +80,5 @@ class EvaluateForm(forms.Form):
     )
 
     def __init__(self, *args, user, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, auto_id="evaluate_%s", **kwargs)
         self.fields["dataset_version"].queryset = selectors.evaluable_dataset_versions(user=user)

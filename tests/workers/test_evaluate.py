@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import random
 import shutil
+import struct
 from pathlib import Path
 
 import llama_cpp
 import numpy as np
 import pytest
-from gguf import GGUFReader, GGUFWriter
 
+from tests.workers.lora import write_lora
 from workers.optimise.evaluate import (
     EvaluationError,
     EvaluationStopped,
@@ -88,9 +90,14 @@ def gemma(tmp_path_factory) -> Path:
     return bundled.assemble(tmp_path_factory.mktemp("gemma") / bundled.MODEL_NAME)
 
 
+def _vocab(path: Path) -> llama_cpp.Llama:
+    """The model's tokenizer and metadata, without its weights."""
+    return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+
+
 def _token_count(path: Path, text: str) -> int:
-    """Tokens of ``text`` as llama-perplexity counts them (BOS added), from the vocab alone."""
-    vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    """Tokens of ``text`` as llama-perplexity counts them (BOS added)."""
+    vocab = _vocab(path)
     try:
         return len(vocab.tokenize(text.encode("utf-8"), add_bos=True, special=False))
     finally:
@@ -98,30 +105,33 @@ def _token_count(path: Path, text: str) -> int:
 
 
 def _random_lora(path: Path, base: Path, *, scale: float, transposed: bool = False) -> Path:
-    """A rank-4 LoRA GGUF of random weights on every layer's attn_q and ffn_up, in
-    llama.cpp's layout (workers/finetune/export.py); ``transposed`` swaps each weight's
-    in and out sizes, which no Gemma 3 270M weight has."""
-    shapes = {t.name: [int(n) for n in t.shape] for t in GGUFReader(base).tensors}
+    """A rank-4 LoRA adapter of random weights on every layer's attn_q and ffn_up;
+    ``transposed`` swaps each weight's in and out sizes, which fits no Gemma 3 270M weight.
+
+    Sizes come from the model's metadata: reading its tensors with GGUFReader would parse
+    the whole 262k-token vocabulary first, which takes seconds.
+    """
+    vocab = _vocab(base)
+    meta = vocab.metadata
+    vocab.close()
+    n_embd = int(meta["gemma3.embedding_length"])
+    q_size = int(meta["gemma3.attention.head_count"]) * int(meta["gemma3.attention.key_length"])
+    sizes = {
+        "attn_q": (n_embd, q_size),
+        "ffn_up": (n_embd, int(meta["gemma3.feed_forward_length"])),
+    }
     rank = 4
     rng = np.random.default_rng(0)
-    writer = GGUFWriter(str(path), arch="gemma3")
-    writer.add_type("adapter")
-    writer.add_string("adapter.type", "lora")
-    writer.add_float32("adapter.lora.alpha", float(rank))
-    writer.add_file_type(0)
-    for name in sorted(n for n in shapes if n.endswith((".attn_q.weight", ".ffn_up.weight"))):
-        n_in, n_out = shapes[name][:2]  # ggml order: ne = [in, out]
-        if transposed:
-            n_in, n_out = n_out, n_in
-        a = rng.standard_normal((rank, n_in)) * scale
-        b = rng.standard_normal((n_out, rank)) * scale
-        writer.add_tensor(f"{name}.lora_a", a.astype(np.float32))
-        writer.add_tensor(f"{name}.lora_b", b.astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    pairs = {}
+    for block in range(int(meta["gemma3.block_count"])):
+        for weight, (n_in, n_out) in sizes.items():
+            if transposed:
+                n_in, n_out = n_out, n_in
+            pairs[f"blk.{block}.{weight}.weight"] = (
+                rng.normal(0.0, scale, (rank, n_in)),
+                rng.normal(0.0, scale, (n_out, rank)),
+            )
+    return write_lora(path, architecture="gemma3", alpha=rank, pairs=pairs)
 
 
 # -- perplexity ----------------------------------------------------------------------
@@ -150,7 +160,7 @@ def test_prose_has_a_small_perplexity_and_shuffled_words_a_large_one(gemma):
 
     words = PROSE.split()
     random.Random(7).shuffle(words)
-    shuffled = perplexity(gemma, " ".join(words), n_ctx=128, threads=THREADS)
+    shuffled = perplexity(gemma, " ".join(words), n_ctx=128, max_chunks=2, threads=THREADS)
 
     assert shuffled.perplexity > 5 * result.perplexity
 
@@ -172,7 +182,6 @@ def test_a_model_against_an_identical_copy_diverges_by_nothing(gemma, tmp_path):
 def test_an_adapter_is_measured_against_its_base(gemma, tmp_path):
     adapter = _random_lora(tmp_path / "adapter.gguf", gemma, scale=0.05)
 
-    base = perplexity(gemma, PROSE, n_ctx=128, max_chunks=2, threads=THREADS)
     tuned = perplexity(
         gemma,
         PROSE,
@@ -183,8 +192,7 @@ def test_an_adapter_is_measured_against_its_base(gemma, tmp_path):
         threads=THREADS,
     )
 
-    assert tuned.perplexity != pytest.approx(base.perplexity, rel=1e-3)
-    assert tuned.reference_perplexity == pytest.approx(base.perplexity, rel=1e-4)
+    assert tuned.perplexity != pytest.approx(tuned.reference_perplexity, rel=1e-3)
     assert tuned.kl_divergence > 0.01
     assert 0 < tuned.kl_divergence_uncertainty < tuned.kl_divergence
     assert 0 < tuned.same_top < 1
@@ -200,13 +208,15 @@ def test_an_adapter_for_another_shape_is_refused(gemma, tmp_path):
 
 def test_a_reference_with_another_vocabulary_is_refused(gemma, tmp_path):
     other = Path(shutil.copy(gemma, tmp_path / "other-vocab.gguf"))
-    reader = GGUFReader(other, "r+")
-    tokens = reader.fields["tokenizer.ggml.tokens"]
-    # One ordinary token's text changed in place (same length): same size, other meaning.
-    text = tokens.parts[tokens.data[5000]]
-    text[0] = ord("Q") if text[0] != ord("Q") else ord("Z")
-    reader.data.flush()
-    del reader
+    vocab = _vocab(gemma)
+    text = llama_cpp.llama_vocab_get_text(llama_cpp.llama_model_get_vocab(vocab.model), 5000)
+    vocab.close()
+    # One token's text changed in place, its length kept: a GGUF string is its length
+    # (uint64) and its bytes, and this one occurs once in the file.
+    with other.open("r+b") as fh, mmap.mmap(fh.fileno(), 0) as data:
+        at = data.find(struct.pack("<Q", len(text)) + text)
+        assert at > 0
+        data[at + 8 : at + 9] = b"Q" if text[:1] != b"Q" else b"Z"
 
     with pytest.raises(EvaluationError, match="token 5000 .* same tokenizer"):
         perplexity(gemma, PROSE, n_ctx=128, reference_path=other, threads=THREADS)
@@ -255,18 +265,13 @@ def test_greedy_answers_score_as_their_own_expected_answers(gemma):
         n_ctx=256,
         threads=THREADS,
         progress=lambda *args: seen.append(args),
-        keep_examples=3,
     )
 
     assert missed.n == 5
-    assert (missed.exact, missed.exact_count, missed.contains, missed.contains_count) == (
-        0,
-        0,
-        0,
-        0,
-    )
+    assert (missed.exact_count, missed.contains_count) == (0, 0)
+    assert missed.exact == missed.contains == 0
     assert missed.chat_template == "default:gemma3"  # the bundled GGUF ships none
-    assert [e["prompt"] for e in missed.examples] == QUESTIONS[:3]
+    assert [e["prompt"] for e in missed.examples] == QUESTIONS
     assert all(e["output"].strip() for e in missed.examples)
     assert 0 < missed.generated_tokens <= 5 * 12
     assert seen[-1][:2] == (5, 5)
@@ -274,21 +279,9 @@ def test_greedy_answers_score_as_their_own_expected_answers(gemma):
 
     # Generation is greedy, so the same prompts answer the same way again; an answer
     # matches whatever the case and spacing of the expected one.
-    outputs = [
-        e["output"]
-        for e in task_score(
-            gemma,
-            nonsense,
-            template=None,
-            architecture="gemma3",
-            max_tokens=12,
-            n_ctx=256,
-            threads=THREADS,
-        ).examples
-    ]
     expected = [
-        TaskItem(item.messages, f"  {out.upper()} ")
-        for item, out in zip(nonsense, outputs, strict=True)
+        TaskItem(item.messages, f"  {example['output'].upper()} ")
+        for item, example in zip(nonsense, missed.examples, strict=True)
     ]
     hit = task_score(
         gemma,
@@ -298,9 +291,11 @@ def test_greedy_answers_score_as_their_own_expected_answers(gemma):
         max_tokens=12,
         n_ctx=256,
         threads=THREADS,
+        keep_examples=3,
     )
 
-    assert (hit.exact, hit.exact_count, hit.contains) == (1.0, 5, 1.0)
+    assert (hit.exact, hit.exact_count, hit.contains, hit.contains_count) == (1.0, 5, 1.0, 5)
+    assert [e["prompt"] for e in hit.examples] == QUESTIONS[:3]
     assert all(e["exact"] and e["contains"] for e in hit.examples)
 
 
@@ -309,7 +304,13 @@ def test_task_score_uses_the_template_it_is_given(gemma):
     plain = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}Answer:"
 
     result = task_score(
-        gemma, [item], template=plain, architecture="gemma3", max_tokens=4, threads=THREADS
+        gemma,
+        [item],
+        template=plain,
+        architecture="gemma3",
+        max_tokens=4,
+        n_ctx=256,
+        threads=THREADS,
     )
 
     assert result.chat_template == "deployment"

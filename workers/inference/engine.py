@@ -153,7 +153,9 @@ class Replica:
             self._adapter = llama_cpp.llama_adapter_lora_init(
                 self.model.model, str(self._adapter_path).encode("utf-8")
             )
-            if self._adapter is None:
+            # ctypes gives a NULL pointer back as a falsy object, not None.
+            if not self._adapter:
+                self._adapter = None
                 raise ValueError("the LoRA adapter does not fit this model")
             adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapter)
             scales = (llama_cpp.ctypes.c_float * 1)(spec.adapter_scale)
