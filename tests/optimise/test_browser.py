@@ -37,7 +37,7 @@ def test_quantise_from_the_version_page_and_follow_the_job(page):
     page.goto(f"/registry/versions/{gemma.pk}/")
     panel = page.locator("#optimise-panel")  # loaded by htmx after the page
     expect(panel.get_by_role("heading", name="Optimise and evaluate")).to_be_visible()
-    panel.get_by_text("Quantise", exact=True).click()
+    panel.locator("summary", has_text="Quantise").click()
     form = page.locator("#quantize-form")
     expect(form.get_by_text("already Q4_K_M")).to_be_visible()
     form.get_by_label("Quantisation type").select_option("Q8_0")
