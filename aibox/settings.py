@@ -263,6 +263,7 @@ INSTALLED_APPS = [
     "apps.datasets",
     "apps.finetune",
     "apps.deployments",
+    "apps.optimise",
     "apps.inference",
     "apps.setups",
     "apps.ops",
@@ -477,6 +478,8 @@ CELERY_BEAT_SCHEDULE = {
     "finetune-reap": {"task": "finetune.reap", "schedule": 30.0},
     # Trials whose worker went away are marked failed (apps/setups/tasks.py).
     "trial-reap": {"task": "setups.trial_reap", "schedule": 300.0},
+    # Quantise, export and evaluation jobs whose worker went silent (apps/optimise/tasks.py).
+    "optimise-reap": {"task": "optimise.reap", "schedule": 60.0},
 }
 # Beat's record of when each entry last ran: under var/, never in the repository.
 CELERY_BEAT_SCHEDULE_FILENAME = str(BASE_DIR / "var" / "celerybeat-schedule")

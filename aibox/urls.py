@@ -7,6 +7,7 @@ from apps.datasets import api as datasets_api
 from apps.deployments import api as deployments_api
 from apps.finetune import api as finetune_api
 from apps.inference import views as inference_views
+from apps.optimise import api as optimise_api
 from apps.registry import api as registry_api
 from apps.setups import api as setups_api
 
@@ -137,6 +138,23 @@ api_v1 = [
         registry_api.LicenceOverrideView.as_view(),
         name="version_licence_overrides",
     ),
+    path("optimise/jobs/", optimise_api.ModelJobListView.as_view(), name="optimise_jobs"),
+    path("optimise/jobs/<int:pk>/", optimise_api.ModelJobDetailView.as_view(), name="optimise_job"),
+    path(
+        "optimise/evaluations/",
+        optimise_api.EvaluationListView.as_view(),
+        name="evaluations",
+    ),
+    path(
+        "optimise/evaluations/<int:pk>/",
+        optimise_api.EvaluationDetailView.as_view(),
+        name="evaluation",
+    ),
+    path(
+        "optimise/compare/<str:name>/",
+        optimise_api.ComparisonView.as_view(),
+        name="optimise_compare",
+    ),
     path("setups/", setups_api.SetupListView.as_view(), name="setups"),
     path("setups/advise", setups_api.AdviseView.as_view(), name="setup_advise"),
     path("setups/advise/apply", setups_api.AdviseApplyView.as_view(), name="setup_advise_apply"),
@@ -166,6 +184,7 @@ urlpatterns = [
         name="playground_chat",
     ),
     path("deployments/", include("apps.deployments.urls")),
+    path("optimise/", include("apps.optimise.urls")),
     path("setups/", include("apps.setups.urls")),
     path("api/v1/", include((api_v1, "api"))),
     # The OpenAPI schema of /api/v1/ and a browsable docs page (docs/api.md).

@@ -105,6 +105,13 @@ class ArtifactStore:
         with source.open("rb") as fh:
             return self.stage_chunks(iter(lambda: fh.read(CHUNK), b""), max_bytes=max_bytes)
 
+    def stage_in_place(self, path: Path) -> Staged:
+        """Stage a file a job wrote inside tmp/ itself: hashed where it is, not copied,
+        so a model of many gigabytes is never written twice."""
+        if path.parent != self.tmp:
+            raise ArtifactError(f"{path} is not in the staging folder {self.tmp}.")
+        return Staged(path=path, sha256=file_sha256(path), size=path.stat().st_size)
+
     def commit(self, staged: Staged) -> tuple[Path, bool]:
         """Move a staged file to its final name; returns (path, newly_stored).
 

@@ -121,7 +121,7 @@ def test_the_merged_version_names_base_adapter_fine_tune_and_data(merged):
     # The lineage and the ML-BOM walk the whole chain: data → fine-tune → adapter → merged.
     client = client_for(merged.dana)
     lineage = client.get(f"/api/v1/registry/versions/{merged.merged_q8.pk}/lineage").json()
-    keys = {n["key"] for n in lineage["nodes"]}
+    keys = {n["id"] for n in lineage["nodes"]}
     assert {
         f"model_version:{merged.gemma.pk}",
         f"model_version:{job.adapter.pk}",
