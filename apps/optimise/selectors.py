@@ -8,8 +8,7 @@ from typing import Any
 from django.db.models import Q, QuerySet
 
 from apps.accounts.models import User
-from apps.datasets.models import Dataset, DatasetVersion
-from apps.datasets.models import State as DatasetState
+from apps.finetune.selectors import trainable_dataset_versions
 from apps.optimise.models import Evaluation, JobState, ModelJob
 from apps.registry.models import Format, ModelRepo, ModelVersion
 
@@ -41,14 +40,9 @@ def evaluation_list(
     return evaluations
 
 
-def evaluable_dataset_versions(*, user: User) -> QuerySet[DatasetVersion]:
-    return (
-        DatasetVersion.objects.filter(
-            state=DatasetState.VALID, dataset__in=Dataset.objects.visible_to(user)
-        )
-        .select_related("dataset")
-        .order_by("dataset__name", "-number")
-    )
+def evaluable_dataset_versions(*, user: User) -> QuerySet:
+    """Valid dataset versions the user may see: those a fine-tune could train on."""
+    return trainable_dataset_versions(user=user)
 
 
 def gguf_models() -> QuerySet[ModelVersion]:

@@ -403,6 +403,30 @@ def _failure(exc: BaseException) -> str:
     return f"The job failed unexpectedly ({type(exc).__name__}: {exc}); see the worker log."
 
 
+def _run(job: Job, *, action: str, work: Callable[[Path], tuple[dict, dict]]) -> None:
+    """Do a claimed job's ``work`` in a folder of its own, with a heartbeat while it runs.
+
+    ``work`` returns the fields to save on the job and the details of its audit event;
+    the job then ends succeeded, or failed with the reason if ``work`` raised.
+    """
+    model = type(job)
+    folder = _work_dir(model._meta.model_name, job.pk)
+    try:
+        with _heartbeat(model, job.pk):
+            fields, details = work(folder)
+    except Exception as exc:
+        log.exception("%s failed", job)
+        _finish(
+            job, state=JobState.FAILED, reason=_failure(exc), action=f"{action}.failed", details={}
+        )
+        return
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    with transaction.atomic():
+        model.objects.filter(pk=job.pk).update(**fields)
+        _finish(job, state=JobState.SUCCEEDED, action=f"{action}.succeeded", details=details)
+
+
 def model_job_run(*, job_id: int, worker: str) -> ModelJob | None:
     """Run a quantise or export job on this worker and register what it made."""
     if not _claim(ModelJob, job_id, worker):
@@ -410,31 +434,14 @@ def model_job_run(*, job_id: int, worker: str) -> ModelJob | None:
     job = ModelJob.objects.select_related("source__repo", "adapter__repo", "finetune_job").get(
         pk=job_id
     )
-    work = _work_dir("job", job_id)
-    try:
-        with _heartbeat(ModelJob, job_id):
-            output, result = _make_file(job, work)
-            version = _register(job, output, result)
-    except Exception as exc:
-        log.exception("optimisation job %s failed", job_id)
-        _finish(
-            job,
-            state=JobState.FAILED,
-            reason=_failure(exc),
-            action=f"optimise.{job.operation}.failed",
-            details={},
-        )
-        return ModelJob.objects.get(pk=job_id)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    with transaction.atomic():
-        ModelJob.objects.filter(pk=job_id).update(output_version=version, result=result)
-        _finish(
-            job,
-            state=JobState.SUCCEEDED,
-            action=f"optimise.{job.operation}.succeeded",
-            details={"output_version": version.pk, "sha256": version.sha256, **result},
-        )
+
+    def work(folder: Path) -> tuple[dict, dict]:
+        output, result = _make_file(job, folder)
+        version = _register(job, output, result)
+        audited = {"output_version": version.pk, "sha256": version.sha256, **result}
+        return {"output_version": version, "result": result}, audited
+
+    _run(job, action=f"optimise.{job.operation}", work=work)
     return ModelJob.objects.get(pk=job_id)
 
 
@@ -546,30 +553,15 @@ def evaluation_run(*, evaluation_id: int, worker: str) -> Evaluation | None:
     evaluation = Evaluation.objects.select_related(
         "model_version", "adapter", "reference", "dataset_version__dataset"
     ).get(pk=evaluation_id)
-    work = _work_dir("evaluation", evaluation_id)
-    try:
-        with _heartbeat(Evaluation, evaluation_id):
-            figures, result = _evaluate(evaluation, work)
-    except Exception as exc:
-        log.exception("evaluation %s failed", evaluation_id)
-        _finish(
-            evaluation,
-            state=JobState.FAILED,
-            reason=_failure(exc),
-            action="optimise.evaluation.failed",
-            details={},
-        )
-        return Evaluation.objects.get(pk=evaluation_id)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    with transaction.atomic():
-        Evaluation.objects.filter(pk=evaluation_id).update(result=result, **figures)
-        _finish(
-            evaluation,
-            state=JobState.SUCCEEDED,
-            action="optimise.evaluation.succeeded",
-            details={"dataset_sha256": evaluation.dataset_sha256, **figures},
-        )
+
+    def work(folder: Path) -> tuple[dict, dict]:
+        figures, result = _evaluate(evaluation, folder)
+        return {"result": result, **figures}, {
+            "dataset_sha256": evaluation.dataset_sha256,
+            **figures,
+        }
+
+    _run(evaluation, action="optimise.evaluation", work=work)
     return Evaluation.objects.get(pk=evaluation_id)
 
 
