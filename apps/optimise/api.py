@@ -36,6 +36,7 @@ class ModelJobSerializer(serializers.ModelSerializer):
             "source_label",
             "adapter",
             "finetune_job",
+            "imatrix_dataset",
             "params",
             "output_repo",
             "output_version",
@@ -57,6 +58,13 @@ class ModelJobRequestSerializer(serializers.Serializer):
     source = serializers.PrimaryKeyRelatedField(queryset=ModelVersion.objects.all())
     quant_type = serializers.CharField(required=False, help_text="quantize: e.g. Q4_K_M")
     allow_requantize = serializers.BooleanField(required=False, default=False)
+    imatrix_dataset = serializers.PrimaryKeyRelatedField(
+        queryset=DatasetVersion.objects.all(),
+        required=False,
+        allow_null=True,
+        help_text="quantize: plain text to compute an importance matrix on",
+    )
+    imatrix_chunks = serializers.IntegerField(required=False, default=32)
     adapter = serializers.PrimaryKeyRelatedField(
         queryset=ModelVersion.objects.all(), required=False, allow_null=True
     )
@@ -138,6 +146,8 @@ class ModelJobListView(APIView):
                 quant_type=data["quant_type"],
                 allow_requantize=data["allow_requantize"],
                 output_repo=data["output_repo"],
+                imatrix_dataset=data.get("imatrix_dataset"),
+                imatrix_chunks=data["imatrix_chunks"],
             )
         else:
             job = services.export_request(

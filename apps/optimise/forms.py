@@ -18,8 +18,9 @@ QUANT_HELP = {
 
 class QuantizeForm(forms.Form):
     # Three forms share the version's panel: ids of their own, the same field names.
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, user, **kwargs) -> None:
         super().__init__(*args, auto_id="quantize_%s", **kwargs)
+        self.fields["imatrix_dataset"].queryset = selectors.text_dataset_versions(user=user)
 
     quant_type = forms.ChoiceField(
         choices=[
@@ -37,6 +38,21 @@ class QuantizeForm(forms.Form):
         max_length=100,
         required=False,
         help_text="Registry model for the result (default: this one).",
+    )
+    imatrix_dataset = forms.ModelChoiceField(
+        queryset=None,
+        required=False,
+        empty_label="None",
+        label="Importance matrix from",
+        help_text="Plain-text data like what the model will read: the rounding favours the "
+        "weights that matter on it (needed for IQ2_XS and IQ2_XXS).",
+    )
+    imatrix_chunks = forms.IntegerField(
+        initial=32,
+        min_value=1,
+        max_value=10_000,
+        required=False,
+        label="Importance matrix chunks (512 tokens each)",
     )
 
 

@@ -83,7 +83,11 @@ class ModelJob(Job):
     finetune_job = models.ForeignKey(
         FineTuneJob, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )
-    # quantize: quant_type, allow_requantize; export: out_type, adapter_scale.
+    # Text whose activations weigh the rounding (an importance matrix), for quantising.
+    imatrix_dataset = models.ForeignKey(
+        DatasetVersion, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    # quantize: quant_type, allow_requantize, imatrix_chunks; export: out_type, adapter_scale.
     params = models.JSONField(default=dict)
     output_repo = models.CharField(max_length=100)
     output_version = models.ForeignKey(

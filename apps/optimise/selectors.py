@@ -8,6 +8,7 @@ from typing import Any
 from django.db.models import Q, QuerySet
 
 from apps.accounts.models import User
+from apps.datasets.models import Shape
 from apps.finetune.selectors import trainable_dataset_versions
 from apps.optimise.models import Evaluation, JobState, ModelJob
 from apps.registry.models import Format, ModelRepo, ModelVersion
@@ -43,6 +44,11 @@ def evaluation_list(
 def evaluable_dataset_versions(*, user: User) -> QuerySet:
     """Valid dataset versions the user may see: those a fine-tune could train on."""
     return trainable_dataset_versions(user=user)
+
+
+def text_dataset_versions(*, user: User) -> QuerySet:
+    """Valid plain-text dataset versions the user may see (importance matrices)."""
+    return trainable_dataset_versions(user=user).filter(shape=Shape.TEXT)
 
 
 def gguf_models() -> QuerySet[ModelVersion]:

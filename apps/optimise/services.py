@@ -51,8 +51,8 @@ from workers.optimise.quantize import QUANT_TYPES, is_quantised
 
 log = logging.getLogger(__name__)
 
-# Types AIBox offers: those llama.cpp can make without an importance matrix.
-OFFERED_QUANT_TYPES = [name for name, t in QUANT_TYPES.items() if not t.requires_imatrix]
+OFFERED_QUANT_TYPES = list(QUANT_TYPES)
+IMATRIX_N_CTX = 512
 EXPORT_TYPES = ("f16", "bf16")
 TASK_SHAPES = (Shape.PROMPT_COMPLETION, Shape.INSTRUCTION, Shape.CHAT)
 # A running job touches its heartbeat this often; beat fails one silent for SILENT_AFTER.
@@ -125,12 +125,16 @@ def quantize_request(
     quant_type: str,
     allow_requantize: bool = False,
     output_repo: str = "",
+    imatrix_dataset: DatasetVersion | None = None,
+    imatrix_chunks: int = 32,
 ) -> ModelJob:
     """Queue the quantisation of ``source`` to ``quant_type`` into a new draft version.
 
     The output goes to ``output_repo`` (default: the source's repo). A source that is
     already quantised is quantised again only when ``allow_requantize`` is set, and the
-    new version says so.
+    new version says so. With ``imatrix_dataset`` (valid text), the worker first reads
+    up to ``imatrix_chunks`` chunks of it with the source model and weighs the rounding
+    by what mattered there (an importance matrix, as llama-imatrix computes it).
     """
     require_role(actor, LAUNCHER_ROLES, "quantise models")
     _check_model(source, "source")
@@ -149,15 +153,52 @@ def quantize_request(
                 "or import one). Tick 'requantise' to do it anyway."
             }
         )
+    if imatrix_dataset is not None:
+        _check_text(imatrix_dataset, "imatrix_dataset")
+        if not 1 <= imatrix_chunks <= 10_000:
+            raise ValidationError({"imatrix_chunks": "Must be between 1 and 10000."})
+    elif QUANT_TYPES[quant_type].requires_imatrix:
+        raise ValidationError(
+            {
+                "imatrix_dataset": f"{quant_type} needs an importance matrix: choose a text "
+                "dataset version to compute it on."
+            }
+        )
     repo_name = _output_repo(output_repo, source.repo.name)
     _check_output_repo(actor, repo_name)
     params = {
         "quant_type": quant_type,
         "allow_requantize": bool(allow_requantize and is_quantised(source.quantization)),
     }
+    if imatrix_dataset is not None:
+        params |= {"imatrix_chunks": imatrix_chunks, "imatrix_n_ctx": IMATRIX_N_CTX}
     return _create_model_job(
-        actor=actor, operation=Operation.QUANTIZE, source=source, params=params, repo=repo_name
+        actor=actor,
+        operation=Operation.QUANTIZE,
+        source=source,
+        imatrix_dataset=imatrix_dataset,
+        params=params,
+        repo=repo_name,
     )
+
+
+def _check_text(version: DatasetVersion, field: str) -> None:
+    _check_valid(version, field)
+    if version.shape != Shape.TEXT:
+        raise ValidationError(
+            {field: f"{version} is {version.get_shape_display()}; plain text is needed here."}
+        )
+
+
+def _check_valid(version: DatasetVersion, field: str) -> None:
+    if version.state != DatasetState.VALID:
+        raise ValidationError(
+            {
+                field: f"{version} is {version.get_state_display()}, not valid: only "
+                "validated data can be used."
+                + (f" ({version.state_reason})" if version.state_reason else "")
+            }
+        )
 
 
 def export_request(
@@ -217,6 +258,7 @@ def _create_model_job(*, actor: User, operation: Operation, repo: str, **fields:
                 "adapter": job.adapter_id,
                 "adapter_sha256": job.adapter.sha256 if job.adapter else None,
                 "params": job.params,
+                "imatrix_dataset": job.imatrix_dataset_id,
                 "output_repo": repo,
             },
         )
@@ -245,14 +287,7 @@ def evaluation_request(
     _check_model(model_version, "model_version")
     if adapter is not None:
         adapter_base_check(adapter=adapter, base=model_version)
-    if dataset_version.state != DatasetState.VALID:
-        raise ValidationError(
-            {
-                "dataset_version": f"{dataset_version} is {dataset_version.get_state_display()}"
-                ", not valid: only validated data can be evaluated on."
-                + (f" ({dataset_version.state_reason})" if dataset_version.state_reason else "")
-            }
-        )
+    _check_valid(dataset_version, "dataset_version")
     shape = dataset_version.shape
     if shape != Shape.TEXT and shape not in TASK_SHAPES:
         raise ValidationError({"dataset_version": f"{dataset_version} has no usable shape."})
@@ -397,7 +432,14 @@ def _work_dir(kind: str, pk: int) -> Path:
 def _failure(exc: BaseException) -> str:
     if isinstance(exc, ValidationError):
         return " ".join(exc.messages)
-    known = ("QuantizeError", "MergeError", "EvaluationError", "IntegrityError", "DataError")
+    known = (
+        "QuantizeError",
+        "MergeError",
+        "EvaluationError",
+        "ImatrixError",
+        "IntegrityError",
+        "DataError",
+    )
     if type(exc).__name__ in known:
         return str(exc)
     return f"The job failed unexpectedly ({type(exc).__name__}: {exc}); see the worker log."
@@ -431,9 +473,9 @@ def model_job_run(*, job_id: int, worker: str) -> ModelJob | None:
     """Run a quantise or export job on this worker and register what it made."""
     if not _claim(ModelJob, job_id, worker):
         return None  # another delivery has it, or it was reaped
-    job = ModelJob.objects.select_related("source__repo", "adapter__repo", "finetune_job").get(
-        pk=job_id
-    )
+    job = ModelJob.objects.select_related(
+        "source__repo", "adapter__repo", "finetune_job", "imatrix_dataset__dataset"
+    ).get(pk=job_id)
 
     def work(folder: Path) -> tuple[dict, dict]:
         output, result = _make_file(job, folder)
@@ -452,7 +494,15 @@ def _make_file(job: ModelJob, work: Path) -> tuple[Path, dict[str, Any]]:
     actor = system_user()
     source_path = model_version_verify(actor=actor, version=job.source)
     out = work / "model.gguf"
+    imatrix = None
     if job.operation == Operation.QUANTIZE:
+        if job.imatrix_dataset is not None:
+            imatrix = _importance(job, source_path, work, progress)
+            reading = progress
+
+            def progress(done: int, total: int, message: str) -> None:
+                reading(total + done, 2 * total, message)  # the bar's second half
+
         done = quantize(
             source_path,
             out,
@@ -460,6 +510,7 @@ def _make_file(job: ModelJob, work: Path) -> tuple[Path, dict[str, Any]]:
             source_file_type=job.source.quantization,
             parameter_count=job.source.parameter_count or 0,
             allow_requantize=job.params.get("allow_requantize", False),
+            imatrix=imatrix.matrix if imatrix else None,
             progress=progress,
         )
     else:
@@ -478,7 +529,25 @@ def _make_file(job: ModelJob, work: Path) -> tuple[Path, dict[str, Any]]:
         )
     result = {**done.as_dict(), "llama_cpp": llama_cpp_build()}
     result.pop("out_path", None)
+    if imatrix is not None:
+        result["imatrix"] = imatrix.summary()
     return out, result
+
+
+def _importance(job: ModelJob, source_path: Path, work: Path, progress):
+    """The importance matrix of the job's source on its text (the first half of the bar)."""
+    from workers.finetune.data import read_rows
+    from workers.optimise.evaluate import text_of
+    from workers.optimise.imatrix import compute_imatrix
+
+    rows = dataset_version_canonical(job.imatrix_dataset, work, name="imatrix")
+    return compute_imatrix(
+        source_path,
+        text_of(row for _, row in read_rows(rows)),
+        n_ctx=job.params["imatrix_n_ctx"],
+        max_chunks=job.params["imatrix_chunks"],
+        progress=lambda done, total, message: progress(done, 2 * total, message),
+    )
 
 
 def _register(job: ModelJob, output: Path, result: dict[str, Any]) -> ModelVersion:
@@ -531,6 +600,15 @@ def provenance_of(job: ModelJob, result: dict[str, Any]) -> dict[str, Any]:
     }
     if job.operation == Operation.QUANTIZE:
         data["requantized"] = bool(result.get("requantized"))
+    if job.imatrix_dataset is not None:
+        d = job.imatrix_dataset
+        data["imatrix"] = {
+            "dataset_version": d.pk,
+            "dataset": d.dataset.name,
+            "number": d.number,
+            "sha256": d.sha256,
+            **result.get("imatrix", {}),
+        }
     if job.adapter is not None:
         data["adapter_version"] = job.adapter.pk
         data["adapter_sha256"] = job.adapter.sha256

@@ -35,7 +35,7 @@ def _add_errors(form: Form, exc: ValidationError) -> None:
 
 def _forms(request: HttpRequest, version: ModelVersion, **bound: Form) -> dict[str, Form]:
     return {
-        "quantize_form": bound.get("quantize") or QuantizeForm(initial={"allow_requantize": False}),
+        "quantize_form": bound.get("quantize") or QuantizeForm(user=request.user),
         "export_form": bound.get("export") or ExportForm(),
         "evaluate_form": bound.get("evaluate") or EvaluateForm(user=request.user),
     }
@@ -89,9 +89,11 @@ def quantize(request: HttpRequest, pk: int) -> HttpResponse:
             quant_type=data["quant_type"],
             allow_requantize=data["allow_requantize"],
             output_repo=data["output_repo"],
+            imatrix_dataset=data["imatrix_dataset"],
+            imatrix_chunks=data["imatrix_chunks"] or 32,
         )
 
-    form = QuantizeForm(request.POST or None)
+    form = QuantizeForm(request.POST or None, user=request.user)
     return _launch(request, pk, "quantize", form, start)
 
 

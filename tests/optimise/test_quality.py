@@ -37,6 +37,7 @@ class Chain:
     f16: ModelVersion
     q8: ModelVersion
     q4: ModelVersion
+    q3: ModelVersion
     prose: DatasetVersion
     evaluations: dict[str, Evaluation]
 
@@ -62,6 +63,17 @@ def _build() -> Chain:
     ).output_version
     q8 = run_job(dana, {"operation": "quantize", "source": f16.pk, "quant_type": "Q8_0"})
     q4 = run_job(dana, {"operation": "quantize", "source": f16.pk, "quant_type": "Q4_0"})
+    # Weighed by what mattered on the prose: an importance matrix computed on it first.
+    q3 = run_job(
+        dana,
+        {
+            "operation": "quantize",
+            "source": f16.pk,
+            "quant_type": "Q3_K_S",
+            "imatrix_dataset": prose.pk,
+            "imatrix_chunks": 2,
+        },
+    )
     evaluations = {}
     for label, version in (("f16", f16), ("q8", q8.output_version), ("q4", q4.output_version)):
         evaluations[label] = run_evaluation(
@@ -81,6 +93,7 @@ def _build() -> Chain:
         f16=f16,
         q8=q8.output_version,
         q4=q4.output_version,
+        q3=q3.output_version,
         prose=prose,
         evaluations=evaluations,
     )
@@ -111,6 +124,15 @@ def test_export_and_quantisation_make_draft_versions_with_provenance(chain):
         "optimise.evaluation.succeeded",
         "model_version.create",
     } <= actions
+
+
+def test_an_importance_matrix_computed_on_the_data_is_recorded(chain):
+    q3 = chain.q3
+    assert q3.quantization == "Q3_K_S" and list(q3.parents.all()) == [chain.f16]
+    imatrix = q3.source["imatrix"]
+    assert imatrix["sha256"] == chain.prose.sha256 and imatrix["dataset"] == "prose"
+    assert imatrix["chunks"] == 2 and imatrix["n_ctx"] == 512
+    assert imatrix["entries"] >= 120  # nearly every block weight of the 18 blocks
 
 
 def test_the_ml_bom_of_a_quantised_version_names_its_sources(chain):

@@ -71,6 +71,26 @@ def test_an_unknown_quantisation_type_is_refused(world):
     assert "Q4_K_M" in body["quant_type"][0]
 
 
+def test_an_importance_matrix_is_asked_for_where_needed_and_computed_on_text(world):
+    body = _refused(
+        world["dana"],
+        "/api/v1/optimise/jobs/",
+        {"operation": "quantize", "source": world["base"].pk, "quant_type": "IQ2_XS"},
+    )
+    assert "IQ2_XS needs an importance matrix" in body["imatrix_dataset"][0]
+    body = _refused(
+        world["dana"],
+        "/api/v1/optimise/jobs/",
+        {
+            "operation": "quantize",
+            "source": world["base"].pk,
+            "quant_type": "IQ2_XS",
+            "imatrix_dataset": world["chats"].pk,
+        },
+    )
+    assert "plain text is needed" in body["imatrix_dataset"][0]
+
+
 def test_an_adapter_is_not_a_source_and_not_merged_onto_another_base(world):
     body = _refused(
         world["dana"],
