@@ -9,7 +9,10 @@ On the bundled Gemma 3 270M, exported at F16 (by AIBox's export, cached under va
 - perplexity: AIBox's evaluation (``workers.optimise.evaluate.perplexity``) against
   llama.cpp's own ``llama-perplexity`` built from the vendored llama.cpp of the pinned
   llama-cpp-python (bench/llama_tools.py builds it once into var/), same file, context,
-  chunk count and threads, on F16 and on each quantised file; wall time includes loading.
+  chunk count and threads, on F16 and on each quantised file; wall time includes loading;
+- the importance matrix: AIBox's (``workers.optimise.imatrix``) against ``llama-imatrix``
+  on the F16, same text and chunks: the largest relative difference of any column, and
+  the time each took.
 
 It prints a table with the ratios the issue sets targets for (quantising within 10 % of
 the direct call; the same perplexity within 1 %, at least 0.8× the tool's speed).
@@ -30,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -38,8 +43,9 @@ from workers.artifacts import file_sha256  # noqa: E402
 from workers.gguf_meta import read_metadata  # noqa: E402
 from workers.inference.engine import default_threads  # noqa: E402
 from workers.optimise import evaluate  # noqa: E402
+from workers.optimise.imatrix import compute_imatrix  # noqa: E402
 from workers.optimise.merge import export_model  # noqa: E402
-from workers.optimise.quantize import QUANT_TYPES, quantize  # noqa: E402
+from workers.optimise.quantize import QUANT_TYPES, quantize, read_imatrix  # noqa: E402
 
 WORK = ROOT / "var" / "bench-quantize"
 # Plain English that every Debian machine has; long enough for a dozen 512-token chunks.
@@ -152,6 +158,40 @@ def aibox_perplexity(model: Path, text: str, ctx: int, chunks: int, threads: int
     return result.perplexity, result.uncertainty, time.perf_counter() - started
 
 
+def compare_imatrix(model: Path, text_file: Path, ctx: int, chunks: int, threads: int) -> None:
+    out = WORK / "reference.imatrix.gguf"
+    started = time.perf_counter()
+    run = subprocess.run(  # noqa: S603 - the tool we built, fixed arguments
+        [
+            str(tool("llama-imatrix")),
+            "-m", str(model), "-f", str(text_file), "-c", str(ctx), "-b", str(ctx),
+            "--chunks", str(chunks), "-t", str(threads), "-o", str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )  # fmt: skip
+    tool_seconds = time.perf_counter() - started
+    if run.returncode != 0:
+        raise SystemExit(f"llama-imatrix failed:\n{(run.stdout + run.stderr)[-2000:]}")
+    reference = read_imatrix(out)
+    started = time.perf_counter()
+    ours = compute_imatrix(
+        model, text_file.read_text(), n_ctx=ctx, max_chunks=chunks, threads=threads
+    ).matrix
+    our_seconds = time.perf_counter() - started
+    worst = max(
+        float(np.max(np.abs(ours[n] - reference[n]) / np.maximum(np.abs(reference[n]), 1e-12)))
+        for n in reference
+        if n in ours
+    )
+    say(
+        f"\nImportance matrix ({chunks} chunks of {ctx}): llama-imatrix {len(reference)} "
+        f"entries in {tool_seconds:.1f} s, AIBox {len(ours)} entries in {our_seconds:.1f} s; "
+        f"missing {len(set(reference) - set(ours))}, largest relative difference {worst:.2e}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--types", default="Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K_M,Q2_K")
@@ -166,7 +206,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"Unknown types: {', '.join(unknown)}")
 
-    tool("llama-perplexity")  # build first, so its minutes are not in any figure
+    for name in ("llama-perplexity", "llama-imatrix"):
+        tool(name)  # built first, so their minutes are in no figure
     source = f16_source()
     _metadata(source)
     text_file = WORK / "text.txt"
@@ -219,6 +260,7 @@ def main() -> None:
             f"{label:8} {lp:12.4f} ± {lu:7.4f} {ap:12.4f} ± {au:7.4f} "
             f"{(ap - lp) / lp * 100:+6.2f}% {ls:7.2f} {as_:8.2f} {ls / as_:6.2f}x"
         )
+    compare_imatrix(source, text_file, args.ctx, min(args.chunks, 4), args.threads)
     say("\nratio: AIBox / direct (target ≤ 1.10); speed: tool seconds / AIBox seconds (≥ 0.8)")
 
 

@@ -236,7 +236,10 @@ def compute_imatrix(
                 batch.pos[i] = i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
-                batch.logits[i] = i == len(piece) - 1
+                # Every position's logits, as llama-imatrix asks: else llama.cpp skips the
+                # last block's feed-forward for rows no output needs, and those weights
+                # would get no importance.
+                batch.logits[i] = True
             rc = llama_cpp.llama_decode(ctx.ctx, batch)
             if collector.error is not None:
                 raise ImatrixError(f"Reading the activations failed: {collector.error}")
