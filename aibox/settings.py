@@ -440,6 +440,7 @@ SPECTACULAR_SETTINGS = {
         "DatasetShapeEnum": "apps.datasets.models.Shape",
         "DeploymentStateEnum": "apps.deployments.models.State",
         "FineTuneJobStateEnum": "apps.finetune.models.JobState",
+        "OptimiseOperationEnum": "apps.optimise.models.Operation",
     },
 }
 

@@ -123,10 +123,16 @@ def test_clients_stream_through_a_switch_and_a_rollback_without_a_failure(stack)
     assert states == {1: "retired", 2: "retired", 3: "active"}
     assert deployment.revisions.get(number=3).label == "rollback to revision 1"
     # Every answer names the revision that served it, and its usage record says the same.
-    records = {
-        r.request_id.hex: r
-        for r in UsageRecord.objects.filter(deployment_name="switchy", stream=True)
-    }
+    # The web process writes a record as it closes the stream, just after the client has
+    # read the last chunk: wait for them all.
+    def all_recorded() -> dict | None:
+        records = {
+            r.request_id.hex: r
+            for r in UsageRecord.objects.filter(deployment_name="switchy", stream=True)
+        }
+        return records if set(traffic.answers) <= set(records) else None
+
+    records = wait_until(all_recorded, what="a usage record for every answer", timeout=30)
     for request_id, fingerprint in traffic.answers.items():
         record = records[request_id]
         assert record.status_code == 200
