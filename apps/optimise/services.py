@@ -20,7 +20,6 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Q
 from django.utils import timezone
 
 from apps.accounts.models import User
@@ -227,7 +226,7 @@ def export_request(
     finetune_job = None
     if adapter is not None:
         adapter_base_check(adapter=adapter, base=source)
-        finetune_job = FineTuneJob.objects.filter(Q(adapter=adapter)).first()
+        finetune_job = FineTuneJob.objects.filter(adapter=adapter).first()
     default_repo = adapter.repo.name + "-merged" if adapter is not None else source.repo.name
     repo_name = _output_repo(output_repo, default_repo)
     _check_output_repo(actor, repo_name)
