@@ -122,6 +122,7 @@ def test_clients_stream_through_a_switch_and_a_rollback_without_a_failure(stack)
     states = dict(deployment.revisions.values_list("number", "state"))
     assert states == {1: "retired", 2: "retired", 3: "active"}
     assert deployment.revisions.get(number=3).label == "rollback to revision 1"
+
     # Every answer names the revision that served it, and its usage record says the same.
     # The web process writes a record as it closes the stream, just after the client has
     # read the last chunk: wait for them all.
