@@ -149,7 +149,8 @@ def quantize_request(
             {
                 "allow_requantize": f"{source} is already quantised ({source.quantization}): "
                 "quantising it again loses more than quantising an F16/BF16 original (export "
-                "or import one). Tick 'requantise' to do it anyway."
+                "or import one). Ask for a requantisation ('Requantise', allow_requantize) "
+                "to do it anyway."
             }
         )
     if imatrix_dataset is not None:
