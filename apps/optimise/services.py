@@ -18,7 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
@@ -113,7 +113,7 @@ def _check_output_repo(actor: User, name: str) -> None:
     if repo is not None:
         try:
             require_repo_writer(actor, repo, "add versions to it")
-        except Exception as exc:
+        except PermissionDenied as exc:  # a field to change, not a role to lack
             raise ValidationError({"output_repo": str(exc)}) from exc
 
 

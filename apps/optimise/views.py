@@ -93,7 +93,7 @@ def quantize(request: HttpRequest, pk: int) -> HttpResponse:
             imatrix_chunks=data["imatrix_chunks"] or 32,
         )
 
-    form = QuantizeForm(request.POST or None, user=request.user)
+    form = QuantizeForm(request.POST if request.method == "POST" else None, user=request.user)
     return _launch(request, pk, "quantize", form, start)
 
 
@@ -110,7 +110,7 @@ def export(request: HttpRequest, pk: int) -> HttpResponse:
             output_repo=data["output_repo"],
         )
 
-    form = ExportForm(request.POST or None)
+    form = ExportForm(request.POST if request.method == "POST" else None)
     return _launch(request, pk, "export", form, start)
 
 
@@ -129,7 +129,7 @@ def evaluate(request: HttpRequest, pk: int) -> HttpResponse:
             max_items=data["max_items"],
         )
 
-    form = EvaluateForm(request.POST or None, user=request.user)
+    form = EvaluateForm(request.POST if request.method == "POST" else None, user=request.user)
     return _launch(request, pk, "evaluate", form, start)
 
 
