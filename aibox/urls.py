@@ -6,6 +6,7 @@ from apps.audit import api as audit_api
 from apps.datasets import api as datasets_api
 from apps.deployments import api as deployments_api
 from apps.finetune import api as finetune_api
+from apps.inference import api as inference_api
 from apps.inference import views as inference_views
 from apps.optimise import api as optimise_api
 from apps.registry import api as registry_api
@@ -18,7 +19,15 @@ api_v1 = [
     path(
         "api-keys/<int:pk>/revoke", accounts_api.ApiKeyRevokeView.as_view(), name="api_key_revoke"
     ),
+    path("limits/", accounts_api.LimitListView.as_view(), name="limits"),
+    path(
+        "api-keys/<int:pk>/limits", accounts_api.ApiKeyLimitsView.as_view(), name="api_key_limits"
+    ),
+    path("users/<int:pk>/limits", accounts_api.UserLimitsView.as_view(), name="user_limits"),
+    path("roles/<str:role>/limits", accounts_api.RoleLimitsView.as_view(), name="role_limits"),
     path("audit/events/", audit_api.AuditEventListView.as_view(), name="audit_events"),
+    path("usage/", inference_api.UsageListView.as_view(), name="usage"),
+    path("usage/daily/", inference_api.UsageDailyView.as_view(), name="usage_daily"),
     path("registry/repos/", registry_api.RepoListView.as_view(), name="repos"),
     path("registry/repos/<str:name>/", registry_api.RepoDetailView.as_view(), name="repo"),
     path(
@@ -186,6 +195,7 @@ urlpatterns = [
     path("deployments/", include("apps.deployments.urls")),
     path("optimise/", include("apps.optimise.urls")),
     path("setups/", include("apps.setups.urls")),
+    path("usage/", include("apps.inference.page_urls")),
     path("api/v1/", include((api_v1, "api"))),
     # The OpenAPI schema of /api/v1/ and a browsable docs page (docs/api.md).
     path("api/schema/", SpectacularAPIView.as_view(), name="api_schema"),

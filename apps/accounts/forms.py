@@ -3,7 +3,15 @@ from __future__ import annotations
 from django import forms
 from django.contrib.auth.password_validation import validate_password
 
-from apps.accounts.models import SYSTEM_USERNAME, Role, Scope, User
+from apps.accounts.models import (
+    LIMIT_MAX_BUDGET,
+    LIMIT_MAX_INT,
+    SYSTEM_USERNAME,
+    LimitPeriod,
+    Role,
+    Scope,
+    User,
+)
 
 
 class UserCreateForm(forms.Form):
@@ -70,3 +78,38 @@ class ApiKeyCreateForm(forms.Form):
     def deployment_names(self) -> list[str]:
         raw = self.cleaned_data.get("deployments") or ""
         return [name.strip() for name in raw.split(",") if name.strip()]
+
+
+class LimitForm(forms.Form):
+    """Limits on one subject; an empty box sets no limit at this level."""
+
+    requests_per_minute = forms.IntegerField(
+        required=False, min_value=1, max_value=LIMIT_MAX_INT, help_text="Requests in any 60 s."
+    )
+    tokens_per_minute = forms.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=LIMIT_MAX_INT,
+        help_text="Prompt and completion tokens in any 60 s; a request is let in while "
+        "fewer have been used.",
+    )
+    max_concurrent = forms.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=LIMIT_MAX_INT,
+        label="Concurrent requests",
+        help_text="Requests (streamed or not) in flight at once.",
+    )
+    token_budget = forms.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=LIMIT_MAX_BUDGET,
+        help_text="Prompt and completion tokens per period; then calls answer 429 "
+        "(insufficient_quota) until the period ends.",
+    )
+    budget_period = forms.ChoiceField(
+        required=False, choices=[("", "—"), *LimitPeriod.choices], label="Budget period"
+    )
+
+    def clean_budget_period(self) -> str | None:
+        return self.cleaned_data["budget_period"] or None

@@ -14,7 +14,18 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from apps.accounts.models import SYSTEM_USERNAME, ApiKey, Role, Scope, User
+from apps.accounts.models import (
+    LIMIT_FIELDS,
+    LIMIT_MAX_BUDGET,
+    LIMIT_MAX_INT,
+    SYSTEM_USERNAME,
+    ApiKey,
+    LimitPeriod,
+    Role,
+    Scope,
+    UsageLimit,
+    User,
+)
 from apps.audit.context import current_source
 from apps.audit.models import Outcome
 from apps.audit.services import audit_record
@@ -354,3 +365,128 @@ def api_key_authenticate(*, raw_key: str) -> ApiKey:
         ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
         api_key.last_used_at = now
     return api_key
+
+
+# --- usage limits on the inference API ----------------------------------------
+
+
+def _limit_subject(
+    *, api_key: ApiKey | None, user: User | None, role: str | None
+) -> dict[str, object]:
+    """The one subject a limit row is for, as the row's filter; refuses anything else."""
+    given = {
+        name: value
+        for name, value in (("api_key", api_key), ("user", user), ("role", role))
+        if value is not None
+    }
+    if len(given) != 1:
+        raise ValidationError("Name exactly one of an API key, a user or a role.")
+    if role is not None and role not in Role.values:
+        raise ValidationError({"role": [f"Unknown role {role!r}."]})
+    if user is not None and user.is_system:
+        raise ValidationError("The built-in system user does not call the inference API.")
+    return given
+
+
+def _limit_audit_target(subject: dict[str, object]) -> dict[str, object]:
+    if "role" in subject:
+        role = Role(subject["role"])
+        return {"target_type": "accounts.role", "target_id": role.value, "target_label": role.label}
+    return {"target": next(iter(subject.values()))}
+
+
+def _limit_values_check(values: dict[str, int | str | None]) -> None:
+    errors: dict[str, list[str]] = {}
+    for name in ("requests_per_minute", "tokens_per_minute", "max_concurrent", "token_budget"):
+        value = values[name]
+        ceiling = LIMIT_MAX_BUDGET if name == "token_budget" else LIMIT_MAX_INT
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= ceiling:
+            errors[name] = [f"Must be a whole number from 1 to {ceiling}, or empty for no limit."]
+    period = values["budget_period"]
+    if period is not None and period not in LimitPeriod.values:
+        errors["budget_period"] = [f"Must be one of: {', '.join(LimitPeriod.values)}."]
+    elif (values["token_budget"] is None) != (period is None):
+        errors["budget_period" if period is None else "token_budget"] = [
+            "A token budget needs its period (day or month), and a period needs a budget."
+        ]
+    if errors:
+        raise ValidationError(errors)
+
+
+@transaction.atomic
+def limit_set(
+    *,
+    actor: User,
+    api_key: ApiKey | None = None,
+    user: User | None = None,
+    role: str | None = None,
+    requests_per_minute: int | None = None,
+    tokens_per_minute: int | None = None,
+    max_concurrent: int | None = None,
+    token_budget: int | None = None,
+    budget_period: str | None = None,
+) -> UsageLimit | None:
+    """Replace the inference limits of one API key, user or role (admins only).
+
+    Every value is replaced: one left out (``None``) sets no limit at this level, so
+    the caller falls back to the user's or the role's value. All of them ``None``
+    removes the row, as ``limit_clear`` does, and returns ``None``. Audited with the
+    values before and after; saving the same values again writes nothing.
+    """
+    require_role(actor, [Role.ADMIN], "set usage limits")
+    subject = _limit_subject(api_key=api_key, user=user, role=role)
+    values: dict[str, int | str | None] = {
+        "requests_per_minute": requests_per_minute,
+        "tokens_per_minute": tokens_per_minute,
+        "max_concurrent": max_concurrent,
+        "token_budget": token_budget,
+        "budget_period": budget_period,
+    }
+    _limit_values_check(values)
+    if all(value is None for value in values.values()):
+        limit_clear(actor=actor, api_key=api_key, user=user, role=role)
+        return None
+    row = UsageLimit.objects.select_for_update().filter(**subject).first()
+    before = row.values() if row is not None else dict.fromkeys(LIMIT_FIELDS)
+    if before == values:
+        return row
+    if row is None:
+        row = UsageLimit(**subject)
+    for name, value in values.items():
+        setattr(row, name, value)
+    row.updated_at = timezone.now()
+    row.save()
+    audit_record(
+        actor=actor,
+        action="limit.set",
+        **_limit_audit_target(subject),
+        details={"subject": next(iter(subject)), "before": before, "after": values},
+    )
+    return row
+
+
+@transaction.atomic
+def limit_clear(
+    *,
+    actor: User,
+    api_key: ApiKey | None = None,
+    user: User | None = None,
+    role: str | None = None,
+) -> None:
+    """Remove the inference limits of one API key, user or role (admins only), so the
+    caller falls back to the next level's. Clearing what is not set writes nothing."""
+    require_role(actor, [Role.ADMIN], "clear usage limits")
+    subject = _limit_subject(api_key=api_key, user=user, role=role)
+    row = UsageLimit.objects.select_for_update().filter(**subject).first()
+    if row is None:
+        return
+    before = row.values()
+    row.delete()
+    audit_record(
+        actor=actor,
+        action="limit.clear",
+        **_limit_audit_target(subject),
+        details={"subject": next(iter(subject)), "before": before},
+    )

@@ -15,4 +15,8 @@ urlpatterns = [
     path("users/", views.user_list, name="user_list"),
     path("users/new/", views.user_create, name="user_create"),
     path("users/<int:pk>/", views.user_edit, name="user_edit"),
+    path("limits/", views.limit_list, name="limit_list"),
+    path("limits/api-keys/<int:pk>/", views.limit_api_key, name="limit_api_key"),
+    path("limits/users/<int:pk>/", views.limit_user, name="limit_user"),
+    path("limits/roles/<str:role>/", views.limit_role, name="limit_role"),
 ]

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import logout, update_session_auth_hash
@@ -12,7 +14,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from apps.accounts import selectors, services
 from apps.accounts.access import login_required, role_required
-from apps.accounts.forms import ApiKeyCreateForm, UserCreateForm, UserEditForm
+from apps.accounts.forms import ApiKeyCreateForm, LimitForm, UserCreateForm, UserEditForm
 from apps.accounts.models import ApiKey, Role, User
 
 
@@ -182,3 +184,64 @@ def api_key_revoke(request: HttpRequest, pk: int) -> HttpResponse:
         form = ApiKeyCreateForm(allowed_scopes=services.ROLE_SCOPES[request.user.role])
         return render(request, "accounts/_api_keys.html", _key_list_context(request, form))
     return redirect("accounts:api_keys")
+
+
+# --- usage limits on the inference API (admins) ------------------------------
+
+
+@role_required(Role.ADMIN)
+def limit_list(request: HttpRequest) -> HttpResponse:
+    return render(
+        request, "accounts/limit_list.html", {"overview": selectors.usage_limit_overview()}
+    )
+
+
+def _limit_edit(request: HttpRequest, subject: dict[str, Any]) -> HttpResponse:
+    """The limits page of one subject: the form, and what applies to it in effect."""
+    limits = selectors.usage_limit_subject(**subject)
+    form = LimitForm(request.POST or None, initial=limits.values)
+    clearing = "clear" in request.POST
+    if request.method == "POST" and (clearing or form.is_valid()):
+        try:
+            if clearing:
+                services.limit_clear(actor=request.user, **subject)
+            else:
+                services.limit_set(actor=request.user, **subject, **form.cleaned_data)
+        except ValidationError as exc:
+            form.add_error(None, exc)
+        else:
+            done = "removed" if clearing else "saved"
+            messages.success(request, f"Limits of {limits.label} {done}.")
+            # Back to the page (htmx follows it and asks for the fragment) with the new
+            # values and what they now mean in effect.
+            return redirect(request.path)
+    template = "accounts/_limit_form.html" if request.htmx else "accounts/limit_edit.html"
+    return render(request, template, {"form": form, "limits": limits})
+
+
+@role_required(Role.ADMIN)
+@require_http_methods(["GET", "POST"])
+def limit_api_key(request: HttpRequest, pk: int) -> HttpResponse:
+    try:
+        api_key = selectors.api_key_get(user=request.user, pk=pk)
+    except ApiKey.DoesNotExist as exc:
+        raise Http404("No such API key.") from exc
+    return _limit_edit(request, {"api_key": api_key})
+
+
+@role_required(Role.ADMIN)
+@require_http_methods(["GET", "POST"])
+def limit_user(request: HttpRequest, pk: int) -> HttpResponse:
+    try:
+        user = selectors.user_get(pk=pk)
+    except User.DoesNotExist as exc:
+        raise Http404("No such user.") from exc
+    return _limit_edit(request, {"user": user})
+
+
+@role_required(Role.ADMIN)
+@require_http_methods(["GET", "POST"])
+def limit_role(request: HttpRequest, role: str) -> HttpResponse:
+    if role not in Role.values:
+        raise Http404("No such role.")
+    return _limit_edit(request, {"role": role})

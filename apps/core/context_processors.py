@@ -14,6 +14,7 @@ NAVIGATION: tuple[tuple[str, str, tuple[Role, ...]], ...] = (
     ("Deployments", "deployments:list", ()),
     ("Setups", "setups:list", ()),
     ("Playground", "deployments:playground", (Role.ADMIN, Role.DATA_SCIENTIST, Role.APP_DEVELOPER)),
+    ("Usage", "inference:usage", ()),
     ("API keys", "accounts:api_keys", ()),
     ("Users", "accounts:user_list", (Role.ADMIN,)),
     ("Audit log", "audit:list", (Role.ADMIN, Role.COMPLIANCE_OFFICER)),

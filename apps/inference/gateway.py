@@ -85,6 +85,7 @@ class Route:
     worker: str
     sha256: str
     embeddings: bool
+    context_length: int = 0
     adapter_sha256: str = ""
     # The deployment's revision that serves the request (its setup at the time).
     revision: int = 0
@@ -152,6 +153,7 @@ _ROUTE_FIELDS = (
     "parallel_slots",
     "preset",
     "embeddings",
+    "context_length",
     "running",
     "state",
     "state_reason",
@@ -228,6 +230,7 @@ def route(caller: Caller, name: str) -> Route:
         worker=replica.worker,
         sha256=deployment["model_version__artifact"],
         embeddings=deployment["embeddings"],
+        context_length=deployment["context_length"],
         adapter_sha256=deployment["adapter__artifact"] or "",
         revision=deployment["revision__number"] or 0,
     )

@@ -50,6 +50,8 @@ class UsageRecord(models.Model):
     endpoint = models.CharField(max_length=16, choices=Endpoint.choices)
     stream = models.BooleanField(default=False)
     prompt_tokens = models.PositiveIntegerField(default=0)
+    # Of the prompt tokens, those found in the replica's prompt cache (not read again).
+    cached_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     queue_ms = models.FloatField(null=True)
     time_to_first_token_ms = models.FloatField(null=True)

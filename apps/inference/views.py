@@ -22,9 +22,11 @@ from redis.exceptions import RedisError
 
 from apps.accounts.services import ApiKeyRejected, api_key_authenticate
 from apps.deployments.models import Deployment, State
+from apps.deployments.selectors import sync_redis
 from apps.deployments.tasks import inference_submit, send_to_worker
-from apps.inference import gateway, openai_api, services
+from apps.inference import gateway, openai_api, services, tools
 from apps.inference.gateway import Call, Caller
+from apps.inference.limits import Admission, Limits, limits_admit, limits_for, limits_release
 from apps.inference.models import Outcome
 from apps.inference.openai_api import ApiError
 from workers.inference import protocol
@@ -125,6 +127,7 @@ class Exchange:
         self.parsed = parsed
         self.stream = parsed.stream
         self.prompt_tokens = 0
+        self.cached_tokens = 0
         self.completion_tokens = 0
         self.queue_ms: float | None = None
         self.ttft_ms: float | None = None
@@ -133,7 +136,11 @@ class Exchange:
         self.outcome = ""
         self.prompt_log = parsed.logged_input
         self.output: list[str] = []
+        self.logprobs: list[dict[str, Any]] = []
         self.refused: ApiError | None = None  # admission said no: answer and record that
+        # The caller's limits, and their admission (None: not admitted, nothing to release).
+        self.limits: Limits | None = None
+        self.admission: Admission | None = None
         self._finishing: asyncio.Future | None = None
 
     async def start(self) -> AsyncIterator[dict[str, Any]]:
@@ -145,6 +152,7 @@ class Exchange:
         if first["type"] == protocol.ERROR:
             raise _worker_error(first, self.call.kind)
         self.prompt_tokens = first.get("prompt_tokens", 0)
+        self.cached_tokens = first.get("cached_tokens", 0)
         self.queue_ms = first.get("queue_ms")
         return events
 
@@ -152,6 +160,7 @@ class Exchange:
         if self.ttft_ms is None:
             self.ttft_ms = (time.perf_counter() - self.call.started) * 1000
         self.output.append(event["text"])
+        self.logprobs += event.get("logprobs", ())
         # Tokens delivered so far: what the record says if the end event never comes.
         self.completion_tokens = event.get("tokens", self.completion_tokens)
 
@@ -175,8 +184,20 @@ class Exchange:
             self._finishing.add_done_callback(_unfinished.discard)
         return self._finishing
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """Rate-limit headers for the response (OpenAI's ``x-ratelimit-*``)."""
+        return self.admission.headers if self.admission is not None else {}
+
     async def _finish(self, cancelled: bool) -> None:
         await self.call.close()
+        if self.admission is not None:
+            await limits_release(
+                redis=gateway.redis_client(),
+                limits=self.limits,
+                request_id=self.call.request_id,
+                tokens=self.prompt_tokens + self.completion_tokens,
+            )
         outcome = Outcome.CANCELLED if cancelled else _outcome(self.status)
         await sync_to_async(_write_usage_record, thread_sensitive=False)(
             caller=self.caller,
@@ -185,6 +206,7 @@ class Exchange:
             endpoint=self.call.kind,
             stream=self.stream,
             prompt_tokens=self.prompt_tokens,
+            cached_tokens=self.cached_tokens,
             completion_tokens=self.completion_tokens,
             queue_ms=self.queue_ms,
             ttft_ms=self.ttft_ms,
@@ -205,13 +227,29 @@ def _parse(
     if kind == "embedding":
         parsed = openai_api.parse_embedding(data)
         return parsed, {"inputs": parsed.inputs}
-    parsed = openai_api.parse_chat(data) if kind == "chat" else openai_api.parse_completion(data)
+    if kind == "chat":
+        parsed = openai_api.parse_chat(data)
+        parsed.tools = tools.parse_tools(data)
+        parsed.messages = tools.convert_messages(parsed.raw_messages, parsed.tools)
+        call_schema = tools.call_schema(parsed.tools) if parsed.tools else None
+        if call_schema is not None:
+            if parsed.json_schema is not None:
+                raise openai_api.bad_request(
+                    "A required tool call and a 'response_format' schema cannot both hold "
+                    "the answer; drop one.",
+                    param="response_format",
+                )
+            parsed.json_schema = openai_api.checked_schema(call_schema, "tools")
+    else:
+        parsed = openai_api.parse_completion(data)
     fields = {
         "messages": parsed.messages,
         "prompt": parsed.prompt,
         "max_tokens": parsed.max_tokens,
         "seed": parsed.seed,
         "stop": parsed.stop,
+        "json_schema": parsed.json_schema,
+        "top_logprobs": parsed.top_logprobs,
         **parsed.sampling,
     }
     return parsed, fields
@@ -236,9 +274,16 @@ def _open(authorize: Authorize, kind: str, body: bytes) -> Exchange:
                 f"The model '{parsed.model}' does not serve embeddings.", param="model"
             )
     else:
+        openai_api.check_size(parsed, context_length=route.context_length)
         fields = {**route.sampling, **fields}
     exchange = Exchange(caller, route, parsed)
     try:
+        # The caller's own limits first, then the deployment's queue: a key over its rate
+        # must not take a place in the queue. Both are released when the exchange ends.
+        exchange.limits = limits_for(user=caller.user, api_key=caller.api_key)
+        exchange.admission = limits_admit(
+            redis=sync_redis(), limits=exchange.limits, request_id=exchange.call.request_id
+        )
         exchange.call.admit()
         send_to_worker(inference_submit, route.worker, exchange.call.spec(**fields).as_dict())
     except ApiError as exc:
@@ -287,6 +332,8 @@ async def _generate(request: HttpRequest, authorize: Authorize, kind: str) -> Ht
         )
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"
+        for name, value in exchange.headers.items():
+            response[name] = value
         return response
     cancelled = False
     try:
@@ -299,7 +346,10 @@ async def _generate(request: HttpRequest, authorize: Authorize, kind: str) -> Ht
         raise
     finally:
         await exchange.finish(cancelled=cancelled)
-    return JsonResponse(shape.whole(exchange, finish_reason))
+    response = JsonResponse(shape.whole(exchange, finish_reason))
+    for name, value in exchange.headers.items():
+        response[name] = value
+    return response
 
 
 async def _drain(exchange: Exchange, events: AsyncIterator[dict[str, Any]]) -> str:
@@ -321,16 +371,29 @@ async def _stream(
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
     cancelled = False
+    # With tools, content is streamed through a filter that takes the calls out of it.
+    calls = tools.ToolStream(exchange.parsed.tools) if exchange.parsed.tools else None
     try:
         if exchange.call.kind == "chat":
             yield openai_api.sse(shape.chunk(role=True))
         async for event in events:
             if event["type"] == protocol.DELTA:
                 exchange.on_delta(event)
-                yield openai_api.sse(shape.chunk(text=event["text"]))
+                text = calls.feed(event["text"]) if calls else event["text"]
+                logprobs = event.get("logprobs")
+                if text or logprobs:
+                    yield openai_api.sse(shape.chunk(text=text, logprobs=logprobs))
             elif event["type"] == protocol.END:
                 exchange.completion_tokens = event["completion_tokens"]
-                yield openai_api.sse(shape.chunk(finish_reason=event["finish_reason"]))
+                finish_reason = event["finish_reason"]
+                if calls:
+                    text, found = calls.finish()
+                    if text:
+                        yield openai_api.sse(shape.chunk(text=text))
+                    if found:
+                        yield openai_api.sse(shape.chunk(tool_calls=tools.stream_deltas(found)))
+                        finish_reason = "tool_calls"
+                yield openai_api.sse(shape.chunk(finish_reason=finish_reason))
                 if include_usage:
                     yield openai_api.sse(shape.usage_chunk(exchange))
             elif event["type"] == protocol.ERROR:
@@ -362,6 +425,8 @@ class _Shape:
         self.created = int(time.time())
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         self.id = f"{prefix}-{request_id}"
+        # Where the next token starts in the completion's text (completions' logprobs).
+        self._text_offset = 0
 
     def _base(self, chunk: bool) -> dict[str, Any]:
         if self.kind == "chat":
@@ -377,25 +442,64 @@ class _Shape:
         }
 
     def chunk(
-        self, *, text: str = "", role: bool = False, finish_reason: str | None = None
+        self,
+        *,
+        text: str = "",
+        role: bool = False,
+        finish_reason: str | None = None,
+        logprobs: list[dict[str, Any]] | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         if self.kind == "chat":
             delta: dict[str, Any] = {}
             if role:
                 delta = {"role": "assistant", "content": ""}
+            elif tool_calls:
+                delta = {"tool_calls": tool_calls}
             elif text:
                 delta = {"content": text}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {
+                "index": 0,
+                "delta": delta,
+                "logprobs": self._logprobs(logprobs),
+                "finish_reason": finish_reason,
+            }
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            choice = {
+                "index": 0,
+                "text": text,
+                "logprobs": self._logprobs(logprobs),
+                "finish_reason": finish_reason,
+            }
         return {**self._base(True), "choices": [choice]}
 
+    def _logprobs(self, entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+        """Log-probabilities in the endpoint's shape: chat's list of token entries, or the
+        legacy completions object of parallel lists."""
+        if entries is None:
+            return None
+        if self.kind == "chat":
+            return {"content": entries, "refusal": None}
+        offsets = []
+        for entry in entries:
+            offsets.append(self._text_offset)
+            self._text_offset += len(entry["token"])
+        return {
+            "tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [
+                {t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries
+            ],
+            "text_offset": offsets,
+        }
+
     @staticmethod
-    def _usage(exchange: Exchange) -> dict[str, int]:
+    def _usage(exchange: Exchange) -> dict[str, Any]:
         return {
             "prompt_tokens": exchange.prompt_tokens,
             "completion_tokens": exchange.completion_tokens,
             "total_tokens": exchange.prompt_tokens + exchange.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": exchange.cached_tokens},
         }
 
     def usage_chunk(self, exchange: Exchange) -> dict[str, Any]:
@@ -403,15 +507,29 @@ class _Shape:
 
     def whole(self, exchange: Exchange, finish_reason: str) -> dict[str, Any]:
         text = "".join(exchange.output)
+        asked = exchange.parsed.top_logprobs is not None
+        logprobs = self._logprobs(exchange.logprobs if asked else None)
         if self.kind == "chat":
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if exchange.parsed.tools:
+                content, calls = tools.parse_output(text, exchange.parsed.tools)
+                message = {"role": "assistant", "content": content}
+                if calls:
+                    message["tool_calls"] = calls
+                    finish_reason = "tool_calls"
             choice = {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
+                "message": message,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            choice = {
+                "index": 0,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+            }
         return {**self._base(False), "choices": [choice], "usage": self._usage(exchange)}
 
 

@@ -60,6 +60,12 @@ MATRIX = {
         "/users/{victim}/",
         {ADMIN: 302, DS: 403, DEV: 403, CO: 403},
     ),
+    "limits_set": (
+        "See and set inference usage limits of keys, users and roles",
+        "post",
+        "/limits/roles/app_developer/",
+        {ADMIN: 302, DS: 403, DEV: 403, CO: 403},
+    ),
     "audit_list": (
         "View the audit log",
         "get",
@@ -88,6 +94,13 @@ MATRIX = {
         "API: list users (`GET /api/v1/users/`)",
         "get",
         "/api/v1/users/",
+        {ADMIN: 200, DS: 403, DEV: 403, CO: 403},
+    ),
+    "api_limits": (
+        "API: read and set inference usage limits (`/api/v1/limits/`, `.../limits` of a key, "
+        "user or role)",
+        "put",
+        "/api/v1/roles/app_developer/limits",
         {ADMIN: 200, DS: 403, DEV: 403, CO: 403},
     ),
     "registry_browse": (
@@ -219,6 +232,26 @@ MATRIX = {
         "/deployments/playground/",
         {ADMIN: 200, DS: 200, DEV: 200, CO: 403},
     ),
+    "usage_page": (
+        "See own inference usage: totals, tokens per day, failures, requests (admins and "
+        "compliance officers: everyone's, by key, user, deployment and day)",
+        "get",
+        "/usage/",
+        dict.fromkeys(ROLES, 200),
+    ),
+    "usage_export": (
+        "Export usage as CSV (the same filtered view)",
+        "get",
+        "/usage/export.csv",
+        dict.fromkeys(ROLES, 200),
+    ),
+    "api_usage": (
+        "API: read usage (`GET /api/v1/usage/`, `/api/v1/usage/daily/`; admins and "
+        "compliance officers: everyone's)",
+        "get",
+        "/api/v1/usage/",
+        dict.fromkeys(ROLES, 200),
+    ),
     "api_audit": (
         "API: read audit events (`GET /api/v1/audit/events/`)",
         "get",
@@ -243,6 +276,8 @@ POST_DATA = {
     "datasets_import_hf": {"repo_id": "acme/data", "filename": "train.jsonl"},
     "user_create": {"username": "newbie", "role": DEV, "password": "long enough password"},
     "user_edit": {"role": DEV, "is_active": "on"},
+    "limits_set": {"requests_per_minute": "60"},
+    "api_limits": {"requests_per_minute": 60},
 }
 ROLE_COLUMNS = {
     "Admin": ADMIN,

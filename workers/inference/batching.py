@@ -31,6 +31,27 @@ make it so (docs/serving.md has the measurements):
 Prompts are read in chunks of ``PROMPT_CHUNK`` tokens at fixed offsets, so how a prompt
 is cut never depends on the traffic either.
 
+Prompt caching: a slot's KV stream keeps the cells of its last request's prompt when the
+request ends. A new request goes to the free slot whose cells begin with the longest run
+of its own prompt's tokens (a chat resending its history finds its previous turn there),
+keeps those cells and reads only the rest. Only whole chunks are kept and reused: llama.cpp
+computes a batch of a few rows with other kernels than a batch of many (measured: cells
+read 1-4 at a time differ from the same cells read in a chunk of 64, while 22 or more
+agree), so cells of a short last chunk, or of generated tokens (decoded a row at a time),
+are not what a fresh read computes. Whole chunks at fixed offsets are, bit for bit, and
+the rest of the prompt is then cut where a fresh read cuts it, so a greedy answer is the
+same with or without a hit. The cache costs no memory of its own: each slot's stream is
+allocated for a whole context at start.
+
+Structured output: a request with a grammar (a JSON schema, converted by
+``grammar.py``) samples as llama.cpp's own server does: the usual chain picks a token,
+the grammar checks that one token, and only if it is refused are the candidates
+filtered through the grammar and the chain run again. Filtering all 262,144 of Gemma's
+tokens costs about 50 ms, so the second run looks first at the ``GRAMMAR_CANDIDATES``
+most likely tokens: when at least as many of them pass as the chain picks among (one
+for greedy, top-k otherwise), the chain's choice is the one it would make over the
+whole vocabulary, and only otherwise is the whole vocabulary filtered.
+
 This module is only llama.cpp and plain Python; ``engine.Replica`` feeds it requests
 from its queue and turns what it yields into events.
 """
@@ -40,9 +61,11 @@ from __future__ import annotations
 import codecs
 import ctypes
 import itertools
+import math
 from dataclasses import dataclass, field, fields
 
 import llama_cpp
+import numpy as np
 from llama_cpp import _internals
 
 # llama.cpp's "pick a random seed" value.
@@ -56,6 +79,10 @@ PROMPT_CHUNK = 64
 # A lone row at a position below this attends over fewer than 257 cells, which llama.cpp
 # never splits over threads (module docstring); from it on, the row gets a neighbour.
 LONE_ROW_POSITIONS = 248
+# OpenAI's cap on top_logprobs.
+MAX_TOP_LOGPROBS = 20
+# How many of the likeliest tokens a refused grammar sample is first retried among.
+GRAMMAR_CANDIDATES = 512
 
 
 def model_params(gpu_layers: int) -> llama_cpp.llama_model_params:
@@ -114,6 +141,19 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+
+    @property
+    def penalised(self) -> bool:
+        """Whether repetition penalties change the logits (they depend on past tokens)."""
+        return bool(self.repeat_penalty != 1 or self.presence_penalty or self.frequency_penalty)
+
+    @property
+    def candidates_needed(self) -> int | None:
+        """How many allowed tokens the chain picks among (greedy: 1, else top-k; None:
+        all of them, as with top-k off)."""
+        if self.temperature == 0:
+            return 1
+        return self.top_k if self.top_k > 0 else None
 
     @classmethod
     def of(cls, settings: object) -> Sampling:
@@ -199,19 +239,36 @@ class Sequence:
     max_tokens: int
     sampling: Sampling
     stop: list[str] = field(default_factory=list)
+    # A GBNF grammar the output must follow ("" for none).
+    grammar: str = ""
+    # Log-probabilities of the chosen tokens, with this many alternatives (None: none).
+    top_logprobs: int | None = None
     slot: int = -1
     fed: int = 0  # prompt tokens already in the KV cache
-    produced: int = 0  # completion tokens sampled
-    last_token: int = -1
+    cached: int = 0  # of those, found in the slot's cache at admission (not read again)
+    generated: list[int] = field(default_factory=list)  # completion tokens sampled
     finish_reason: str = ""
+    # A step this sequence was in failed: its cells are not trusted for the cache.
+    tainted: bool = False
     admitted: int = 0  # admission order: earlier prompts are fed first
     _sampler: int | None = None
+    _grammar: int | None = None
     _text: TextStream | None = None
     _output: int = -1  # this step's batch index whose logits belong to this sequence
 
     @property
     def prefilling(self) -> bool:
         return self.fed < len(self.prompt)
+
+    @property
+    def produced(self) -> int:
+        return len(self.generated)
+
+    @property
+    def reusable(self) -> list[int]:
+        """The prompt tokens whose cells a later request may reuse: whole chunks only
+        (module docstring)."""
+        return self.prompt[: self.fed // PROMPT_CHUNK * PROMPT_CHUNK]
 
 
 @dataclass(frozen=True)
@@ -221,6 +278,12 @@ class Output:
     sequence: Sequence
     text: str
     finished: bool
+    # The chosen token's log-probability entry in OpenAI's shape, when asked for.
+    logprob: dict | None = None
+
+
+class GrammarError(Exception):
+    """A request's grammar cannot be used (it does not parse, or it admits no token)."""
 
 
 class BatchError(Exception):
@@ -241,6 +304,8 @@ class Scheduler:
         ctx: _internals.LlamaContext,
         context_length: int,
         prompt_budget: int = PROMPT_CHUNK,
+        *,
+        prompt_cache: bool = True,
     ) -> None:
         self.model = model
         self.ctx = ctx
@@ -250,12 +315,18 @@ class Scheduler:
         # Context per request; each slot's stream holds one.
         self.n_ctx_seq = context_length
         self.n_vocab = model.n_vocab()
+        self.prompt_cache = prompt_cache
         self._memory = llama_cpp.llama_get_memory(ctx.ctx)
         self._batch = llama_cpp.llama_batch_init(max(PROMPT_CHUNK, self.n_slots), 0, 1)
         self._pad_token = max(0, model.token_bos())
         self._slots: list[Sequence | None] = [None] * self.n_slots
+        # The tokens whose cells each idle slot's stream still holds, and when it was last
+        # used (the least recently used slot is the one a request without a hit takes).
+        self._cached: list[list[int]] = [[] for _ in range(self.n_slots)]
+        self._last_used = [0] * self.n_slots
         self._piece = ctypes.create_string_buffer(256)
-        self._admissions = itertools.count()
+        self._admissions = itertools.count(1)
+        self._candidates: _Candidates | None = None
 
     # -- slots -----------------------------------------------------------------
 
@@ -268,28 +339,66 @@ class Scheduler:
         return self._slots.count(None)
 
     def admit(self, sequence: Sequence) -> None:
-        """Give a sequence the lowest free slot, with an empty KV stream; it prefills next step.
+        """Give a sequence a free slot; it prefills from the first token not cached there.
 
-        The lowest, so running slots stay together and steps need few pad rows.
+        The slot whose cache shares the longest prefix with the prompt; without a hit,
+        the lowest empty slot (running slots stay together, so steps need few pad rows),
+        else the least recently used. Raises ``GrammarError`` for a grammar that does not
+        parse (the sequence is not admitted).
         """
-        slot = self._slots.index(None)
-        llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
+        grammar = self._grammar_sampler(sequence.grammar) if sequence.grammar else None
+        free = [i for i, s in enumerate(self._slots) if s is None]
+        shared = {i: self._shared(i, sequence.prompt) for i in free}
+        slot = max(free, key=lambda i: (shared[i], not self._cached[i], -self._last_used[i]))
+        reuse = shared[slot]
+        if not reuse or not llama_cpp.llama_memory_seq_rm(self._memory, slot, reuse, -1):
+            llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
+            reuse = 0
+        self._cached[slot] = []
         sequence.slot = slot
+        sequence.fed = sequence.cached = reuse
         sequence.admitted = next(self._admissions)
         sequence._sampler = sampler_chain(sequence.sampling, self.n_vocab, sequence.prompt)
+        sequence._grammar = grammar
         sequence._text = TextStream(sequence.stop)
         self._slots[slot] = sequence
+        self._last_used[slot] = sequence.admitted
+
+    def _shared(self, slot: int, prompt: list[int]) -> int:
+        """How many of the prompt's first tokens to take from the slot's cache: the tokens
+        they share, in whole chunks, leaving at least the last token to read (its logits
+        are needed)."""
+        if not self.prompt_cache:
+            return 0
+        cached = self._cached[slot]
+        n = min(len(cached), len(prompt) - 1)
+        if n <= 0 or cached[0] != prompt[0]:
+            return 0
+        if cached[:n] != prompt[:n]:
+            n = next(i for i in range(n) if cached[i] != prompt[i])
+        return n // PROMPT_CHUNK * PROMPT_CHUNK
 
     def release(self, sequence: Sequence) -> None:
-        """Free a sequence's slot and KV cache (it ended, failed or was cancelled)."""
+        """Free a sequence's slot (it ended, failed or was cancelled); its cells stay for
+        the next request that begins the same way."""
         if sequence.slot < 0 or self._slots[sequence.slot] is not sequence:
             return
-        llama_cpp.llama_memory_seq_rm(self._memory, sequence.slot, -1, -1)
-        if sequence._sampler is not None:
-            llama_cpp.llama_sampler_free(sequence._sampler)
-            sequence._sampler = None
+        kept = sequence.reusable if self.prompt_cache and not sequence.tainted else []
+        self._cached[sequence.slot] = kept
+        llama_cpp.llama_memory_seq_rm(self._memory, sequence.slot, len(kept) if kept else -1, -1)
+        for sampler in (sequence._sampler, sequence._grammar):
+            if sampler is not None:
+                llama_cpp.llama_sampler_free(sampler)
+        sequence._sampler = sequence._grammar = None
         self._slots[sequence.slot] = None
         sequence.slot = -1
+
+    def forget(self) -> None:
+        """Drop every idle slot's cache (after a failed step, its cells are not trusted)."""
+        for slot, sequence in enumerate(self._slots):
+            if sequence is None:
+                llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
+                self._cached[slot] = []
 
     def close(self) -> None:
         for sequence in self.active:
@@ -336,11 +445,11 @@ class Scheduler:
             sequence = self._slots[slot]
             if sequence is not None and not sequence.prefilling:
                 pos = len(sequence.prompt) + sequence.produced - 1
-                sequence._output = self._add(sequence.last_token, pos, slot, True)
+                sequence._output = self._add(sequence.generated[-1], pos, slot, True)
             else:
-                # Next position of a prefilling slot, or 0 of an idle one: its cache
-                # stays as it was once the pad is erased.
-                pos = sequence.fed if sequence is not None else 0
+                # The next position of a prefilling slot, or past an idle slot's cache:
+                # its cells stay as they were once the pad is erased.
+                pos = sequence.fed if sequence is not None else len(self._cached[slot])
                 self._add(self._pad_token, pos, slot, False)
                 pads.append((slot, pos))
         self._decode(pads)
@@ -364,6 +473,9 @@ class Scheduler:
         for slot, pos in pads:
             llama_cpp.llama_memory_seq_rm(self._memory, slot, pos, -1)
         if rc != 0:
+            for sequence in self.active:
+                sequence.tainted = True
+            self.forget()
             raise BatchError(f"llama_decode returned {rc}")
 
     def _add(self, token: int, pos: int, seq: int, logits: bool) -> int:
@@ -378,26 +490,152 @@ class Scheduler:
         return i
 
     def _sample(self, sequence: Sequence) -> Output:
-        token = llama_cpp.llama_sampler_sample(sequence._sampler, self.ctx.ctx, sequence._output)
+        try:
+            token = self._choose(sequence)
+        except GrammarError:
+            return self._finish(sequence, "stop", sequence._text.flush())
         if llama_cpp.llama_vocab_is_eog(self.model.vocab, token):
             return self._finish(sequence, "stop", sequence._text.flush())
-        sequence.produced += 1
-        sequence.last_token = token
+        logprob = self._logprob(sequence, token) if sequence.top_logprobs is not None else None
+        sequence.generated.append(token)
         text, stopped = sequence._text.feed(self._token_bytes(token))
         if stopped:
-            return self._finish(sequence, "stop", text)
+            return self._finish(sequence, "stop", text, logprob)
         position = len(sequence.prompt) + sequence.produced
         if sequence.produced >= sequence.max_tokens or position >= self.n_ctx_seq:
-            return self._finish(sequence, "length", text + sequence._text.flush())
-        return Output(sequence, text, False)
+            return self._finish(sequence, "length", text + sequence._text.flush(), logprob)
+        return Output(sequence, text, False, logprob)
 
-    def _finish(self, sequence: Sequence, reason: str, text: str = "") -> Output:
+    def _choose(self, sequence: Sequence) -> int:
+        """The next token: the sampler chain's choice, within the grammar if there is one."""
+        chain, grammar = sequence._sampler, sequence._grammar
+        if grammar is None:
+            return llama_cpp.llama_sampler_sample(chain, self.ctx.ctx, sequence._output)
+        if self._candidates is None:
+            self._candidates = _Candidates(self.n_vocab)
+        candidates = self._candidates
+        logits = self._logits(sequence)
+        sampling = sequence.sampling
+        if sampling.penalised:
+            # Penalties remember accepted tokens: pick without accepting, accept the final
+            # choice once, over the whole vocabulary (penalties may reorder it).
+            token = candidates.sample(logits, [chain])
+            if not candidates.allows(grammar, token):
+                token = candidates.sample(logits, [grammar, chain])
+        else:
+            # Without penalties accepting changes nothing, so llama.cpp's own sample (and
+            # accept) is the first try, as fast as unconstrained decoding.
+            token = llama_cpp.llama_sampler_sample(chain, self.ctx.ctx, sequence._output)
+            if candidates.allows(grammar, token):
+                self._accept(grammar, token)
+                return token
+            token = candidates.resample(logits, grammar, chain, sampling.candidates_needed)
+        if not candidates.allows(grammar, token):
+            # Nothing the grammar allows is left: end here rather than break it.
+            raise GrammarError("no token satisfies the grammar")
+        self._accept(grammar, token)
+        llama_cpp.llama_sampler_accept(chain, token)
+        return token
+
+    def _accept(self, grammar: int, token: int) -> None:
+        # The end of generation is allowed only where the grammar is complete, and ends it.
+        if not llama_cpp.llama_vocab_is_eog(self.model.vocab, token):
+            llama_cpp.llama_sampler_accept(grammar, token)
+
+    def _grammar_sampler(self, grammar: str) -> int:
+        sampler = llama_cpp.llama_sampler_init_grammar(
+            self.model.vocab, grammar.encode("utf-8"), b"root"
+        )
+        if not sampler:
+            raise GrammarError("llama.cpp could not parse the grammar")
+        return sampler
+
+    def _logits(self, sequence: Sequence) -> np.ndarray:
+        pointer = llama_cpp.llama_get_logits_ith(self.ctx.ctx, sequence._output)
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+
+    def _logprob(self, sequence: Sequence, token: int) -> dict:
+        """The chosen token's log-probability under the model (before sampling settings),
+        with the ``top_logprobs`` most likely tokens, in OpenAI's shape."""
+        logits = self._logits(sequence).astype(np.float64)
+        peak = logits.max()
+        log_total = peak + math.log(np.exp(logits - peak).sum())
+        entry = self._logprob_entry(token, logits[token] - log_total)
+        n = min(sequence.top_logprobs, MAX_TOP_LOGPROBS)
+        top: list[dict] = []
+        if n:
+            best = np.argpartition(-logits, n)[:n]
+            best = best[np.argsort(-logits[best], kind="stable")]
+            top = [self._logprob_entry(int(t), logits[t] - log_total) for t in best]
+        entry["top_logprobs"] = top
+        return entry
+
+    def _logprob_entry(self, token: int, logprob: float) -> dict:
+        piece = self._token_bytes(token)
+        return {
+            "token": piece.decode("utf-8", errors="replace"),
+            "logprob": float(logprob),
+            "bytes": list(piece),
+        }
+
+    def _finish(
+        self, sequence: Sequence, reason: str, text: str = "", logprob: dict | None = None
+    ) -> Output:
         sequence.finish_reason = reason
         self.release(sequence)
-        return Output(sequence, text, True)
+        return Output(sequence, text, True, logprob)
 
     def _token_bytes(self, token: int) -> bytes:
         return token_bytes(self.model.vocab, token, special=False, buffer=self._piece)
+
+
+class _Candidates:
+    """A reusable candidate array over the whole vocabulary, for grammar sampling."""
+
+    def __init__(self, n_vocab: int) -> None:
+        self.n_vocab = n_vocab
+        self.data = (llama_cpp.llama_token_data * n_vocab)()
+        self.view = np.ctypeslib.as_array(self.data)
+        self.ids = np.arange(n_vocab, dtype=np.int32)
+        self._one = (llama_cpp.llama_token_data * 1)()
+
+    def sample(self, logits: np.ndarray, samplers: list[int]) -> int:
+        """Run the samplers over every token's logit, in order; return the token chosen."""
+        array = self._fill(self.ids, logits)
+        for sampler in samplers:
+            llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
+        return self._selected(array)
+
+    def resample(self, logits: np.ndarray, grammar: int, chain: int, needed: int | None) -> int:
+        """The chain's choice among the tokens the grammar allows (module docstring)."""
+        if needed is not None and needed * 4 <= GRAMMAR_CANDIDATES:
+            likeliest = np.argpartition(-logits, GRAMMAR_CANDIDATES)[:GRAMMAR_CANDIDATES]
+            array = self._fill(likeliest.astype(np.int32), logits[likeliest])
+            llama_cpp.llama_sampler_apply(grammar, ctypes.byref(array))
+            allowed = np.isfinite(self.view["logit"][: array.size]).sum()
+            if allowed >= needed:
+                llama_cpp.llama_sampler_apply(chain, ctypes.byref(array))
+                return self._selected(array)
+        return self.sample(logits, [grammar, chain])
+
+    def _fill(self, ids: np.ndarray, logits: np.ndarray) -> llama_cpp.llama_token_data_array:
+        n = len(ids)
+        self.view["id"][:n] = ids
+        self.view["logit"][:n] = logits
+        self.view["p"][:n] = 0.0
+        return llama_cpp.llama_token_data_array(data=self.data, size=n, selected=-1, sorted=False)
+
+    def _selected(self, array: llama_cpp.llama_token_data_array) -> int:
+        if array.selected < 0:
+            raise GrammarError("the sampler chose no token")
+        return int(self.data[array.selected].id)
+
+    def allows(self, grammar: int, token: int) -> bool:
+        """Whether the grammar accepts ``token`` next (it sets a refused token's logit to -inf)."""
+        self._one[0].id, self._one[0].logit, self._one[0].p = token, 0.0, 0.0
+        array = llama_cpp.llama_token_data_array(data=self._one, size=1, selected=-1, sorted=False)
+        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(array))
+        return math.isfinite(self._one[0].logit)
 
 
 def token_bytes(vocab, token: int, *, special: bool, buffer: ctypes.Array | None = None) -> bytes:

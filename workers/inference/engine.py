@@ -25,8 +25,15 @@ from typing import Any, Protocol
 import llama_cpp
 from llama_cpp import _internals
 
-from workers.inference import batching, protocol, templates
-from workers.inference.batching import BatchError, Output, Sampling, Scheduler, Sequence
+from workers.inference import batching, grammar, protocol, templates
+from workers.inference.batching import (
+    BatchError,
+    GrammarError,
+    Output,
+    Sampling,
+    Scheduler,
+    Sequence,
+)
 from workers.inference.protocol import ReplicaSpec, RequestSpec
 
 log = logging.getLogger(__name__)
@@ -68,6 +75,17 @@ def default_threads(cores: int) -> int:
 
 
 @dataclass
+class _Prepared:
+    """A request made ready off the serving thread: its prompt's tokens, its stop strings
+    and its grammar. Tokenising a long prompt takes seconds; on the serving thread it
+    would stall every stream beside it."""
+
+    tokens: list[int]
+    stop: list[str]
+    grammar: str = ""
+
+
+@dataclass
 class _Running:
     """What the replica remembers about a request while its sequence is in a slot."""
 
@@ -76,6 +94,8 @@ class _Running:
     started: float
     # Text generated since the last delta was sent, and when the next one may go.
     unsent: list[str] = field(default_factory=list)
+    # Log-probability entries of the tokens in ``unsent`` (when the request asked).
+    logprobs: list[dict] = field(default_factory=list)
     send_after: float = 0.0
 
 
@@ -94,8 +114,9 @@ class Replica:
         self.sink = sink
         self._model_path = model_path
         self._threads = spec.threads or default_threads(cpu_cores)
-        # Requests with the time they arrived (monotonic); None wakes an idle thread.
-        self._queue: queue.Queue[tuple[RequestSpec, float] | None] = queue.Queue(
+        # Requests, prepared, with the time they arrived (monotonic); None wakes an idle
+        # thread.
+        self._queue: queue.Queue[tuple[RequestSpec, _Prepared | None, float] | None] = queue.Queue(
             maxsize=spec.queue_size
         )
         self._stopping = threading.Event()
@@ -173,7 +194,13 @@ class Replica:
             self._embed_ctx = _internals.LlamaContext(
                 model=self.model, params=params, verbose=False
             )
-        self.scheduler = Scheduler(self.model, self._ctx, spec.context_length, spec.batch_size)
+        self.scheduler = Scheduler(
+            self.model,
+            self._ctx,
+            spec.context_length,
+            spec.batch_size,
+            prompt_cache=spec.prompt_cache,
+        )
 
     def _close_native(self) -> None:
         if self.scheduler is not None:
@@ -204,11 +231,21 @@ class Replica:
     # -- requests --------------------------------------------------------------
 
     def submit(self, request: RequestSpec) -> None:
+        """Prepare a request (in the caller's thread, not the serving one) and queue it."""
         if self._stopping.is_set():
             self._fail(request, protocol.REPLICA_UNAVAILABLE, "The deployment is stopping.")
             return
+        if self._queue.full():
+            self._fail(request, protocol.QUEUE_FULL, "The deployment's queue is full.")
+            return
+        arrived = time.monotonic()
         try:
-            self._queue.put_nowait((request, time.monotonic()))
+            prepared = None if request.kind == "embedding" else self._prepare(request)
+        except RequestError as exc:
+            self._fail(request, exc.code, str(exc))
+            return
+        try:
+            self._queue.put_nowait((request, prepared, arrived))
         except queue.Full:
             self._fail(request, protocol.QUEUE_FULL, "The deployment's queue is full.")
 
@@ -264,6 +301,7 @@ class Replica:
             except BatchError as exc:
                 log.error("replica %s: %s", self.spec.replica_id, exc)
                 self._end_all(protocol.INTERNAL, f"Inference failed: {exc}")
+                scheduler.forget()
                 continue
             for output in outputs:
                 self._emit(output)
@@ -282,7 +320,7 @@ class Replica:
                 return
             if queued is None:
                 continue
-            request, arrived = queued
+            request, prepared, arrived = queued
             if time.time() > request.deadline:
                 self._fail(
                     request,
@@ -299,16 +337,17 @@ class Replica:
                     self._embed(request)  # short, and done before the next step
                     self._counters.served += 1
                 else:
-                    self._start(request, scheduler)
+                    self._start(request, prepared, scheduler)
             except RequestError as exc:
                 self._fail(request, exc.code, str(exc))
             except Exception as exc:
                 log.exception("request %s failed", request.request_id)
                 self._fail(request, protocol.INTERNAL, f"Inference failed: {exc}")
 
-    def _start(self, request: RequestSpec, scheduler: Scheduler) -> None:
+    def _prepare(self, request: RequestSpec) -> _Prepared:
+        """The request's tokens, stop strings and grammar, checked against the context."""
         tokens, stop = self._prompt_tokens(request)
-        n_ctx = scheduler.n_ctx_seq
+        n_ctx = self.spec.context_length
         if len(tokens) >= n_ctx:
             what = "messages" if request.kind == "chat" else "prompt"
             raise RequestError(
@@ -317,29 +356,51 @@ class Replica:
                 f"{what} resulted in {len(tokens)} tokens. Please reduce the length of the "
                 f"{what}.",
             )
-        room = n_ctx - len(tokens)
+        gbnf = ""
+        if request.json_schema is not None:
+            try:
+                gbnf = grammar.grammar(request.json_schema)
+            except (ValueError, AssertionError, KeyError, TypeError, RecursionError) as exc:
+                raise RequestError(
+                    protocol.INVALID_REQUEST,
+                    f"The JSON schema cannot be turned into a grammar: {exc}",
+                ) from exc
+        return _Prepared(tokens, stop, gbnf)
+
+    def _start(self, request: RequestSpec, prepared: _Prepared, scheduler: Scheduler) -> None:
+        tokens = prepared.tokens
+        room = scheduler.n_ctx_seq - len(tokens)
         sequence = Sequence(
             key=request.request_id,
             prompt=tokens,
             max_tokens=max(1, min(request.max_tokens or room, room)),
             sampling=Sampling.of(request),
-            stop=stop,
+            stop=prepared.stop,
+            grammar=prepared.grammar,
+            top_logprobs=request.top_logprobs,
         )
+        try:
+            scheduler.admit(sequence)
+        except GrammarError as exc:
+            raise RequestError(
+                protocol.INVALID_REQUEST, f"The JSON schema's grammar is not usable: {exc}"
+            ) from exc
         started = time.time()
         cancelled = self.sink.send(
             request.request_id,
             {
                 "type": protocol.START,
                 "prompt_tokens": len(tokens),
+                "cached_tokens": sequence.cached,
                 "queue_ms": round(max(0.0, started - request.sent_at) * 1000, 1),
                 "sha256": self.spec.sha256,
                 "chat_template": self.template.source if self.template else "",
             },
         )
         if cancelled:
+            scheduler.release(sequence)
             self._counters.cancelled += 1
             return
-        scheduler.admit(sequence)
         self._running[request.request_id] = _Running(request, sequence, started)
 
     def _emit(self, output: Output) -> None:
@@ -349,7 +410,9 @@ class Replica:
             return
         if output.text:
             running.unsent.append(output.text)
-        if running.unsent and self._send_text(running, output.finished):
+        if output.logprob is not None:
+            running.logprobs.append(output.logprob)
+        if (running.unsent or running.logprobs) and self._send_text(running, output.finished):
             # The client went away: free the slot for the next request now.
             self.scheduler.release(sequence)
             del self._running[sequence.key]
@@ -366,6 +429,7 @@ class Replica:
                 "type": protocol.END,
                 "finish_reason": sequence.finish_reason,
                 "prompt_tokens": len(sequence.prompt),
+                "cached_tokens": sequence.cached,
                 "completion_tokens": sequence.produced,
                 "generation_ms": round((time.time() - running.started) * 1000, 1),
             },
@@ -388,6 +452,9 @@ class Replica:
         # "tokens": generated so far, all of them in text sent by now, so a stream cut
         # off before its end event is still billed for what it delivered.
         delta = {"type": protocol.DELTA, "text": text, "tokens": running.sequence.produced}
+        if running.logprobs:
+            delta["logprobs"] = running.logprobs
+            running.logprobs = []
         return self.sink.send(running.sequence.key, delta)
 
     def _end_all(self, code: str, message: str) -> None:

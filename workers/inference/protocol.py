@@ -69,6 +69,8 @@ class ReplicaSpec:
     adapter_sha256: str = ""
     adapter_source_path: str = ""
     adapter_scale: float = 1.0
+    # Reuse a slot's cached prompt cells for a request that begins the same way.
+    prompt_cache: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,6 +99,10 @@ class RequestSpec:
     frequency_penalty: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # Structured output: the JSON schema the answer must follow (None: free text).
+    json_schema: dict[str, Any] | None = None
+    # Log-probabilities of the chosen tokens with this many alternatives (None: none).
+    top_logprobs: int | None = None
     # Wall-clock time (epoch seconds) after which a request still queued is dropped.
     deadline: float = 0.0
     # Dispatch time, so the worker can report how long the request queued.
@@ -111,8 +117,9 @@ class RequestSpec:
 
 
 # Event types on a request's stream, in order: one "start" (or one "error"), then
-# "delta"s (generation; each carries "text" and "tokens", the count generated so far) or
-# one "embedding" result, then one "end" (or "error").
+# "delta"s (generation; each carries "text" and "tokens", the count generated so far, and
+# "logprobs" when asked) or one "embedding" result, then one "end" (or "error"). "start"
+# and "end" carry "cached_tokens": prompt tokens found in the replica's prompt cache.
 START, DELTA, EMBEDDING, END, ERROR = "start", "delta", "embedding", "end", "error"
 
 # Error codes a worker sends; the endpoint maps them to HTTP statuses.
