@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
+import math
 import os
 
+import jsonschema
 import llama_cpp
 import pytest
 from llama_cpp import _internals
 
-from workers.inference import batching
+from workers.inference import batching, grammar
 from workers.inference.engine import default_threads
 
 LONG = "The history of the printing press begins in Germany, where Gutenberg " * 28
@@ -118,3 +121,161 @@ def test_every_request_gives_the_same_text_alone_and_in_a_batch(scheduler):
     for key, *_ in REQUESTS:
         assert together[key] == alone[key], key
         assert scheduler.logits[key] == alone_logits[key], key
+
+
+# -- prompt caching ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def uncached(scheduler):
+    """A second context on the same weights, with prompt caching off: fresh reads only."""
+    threads = default_threads(os.cpu_count() or 1)
+    ctx = _internals.LlamaContext(
+        model=scheduler.model, params=batching.context_params(2, 1024, threads), verbose=False
+    )
+    fresh = RecordingScheduler(scheduler.model, ctx, context_length=1024, prompt_cache=False)
+    yield fresh
+    fresh.close()
+    ctx.close()
+
+
+def test_a_prompt_that_continues_a_cached_one_is_read_from_its_chunks_with_equal_logits(
+    scheduler, uncached
+):
+    history = LONG
+    for turn, follow_up in enumerate(
+        (" In the next century,", " Later still, the press", " Today")
+    ):
+        cached, fresh = (
+            _sequence(s, f"turn-{turn}", history, 16, temperature=0) for s in (scheduler, uncached)
+        )
+        texts, _ = _run(scheduler, {0: [cached]})
+        fresh_texts, _ = _run(uncached, {0: [fresh]})
+        if turn:
+            # Everything before the last whole chunk of the previous turn's prompt is reused.
+            assert cached.cached >= 64 and cached.cached % batching.PROMPT_CHUNK == 0
+            assert cached.cached > len(cached.prompt) - 2 * batching.PROMPT_CHUNK - 30
+        assert fresh.cached == 0
+        assert texts == fresh_texts
+        assert scheduler.logits[f"turn-{turn}"] == uncached.logits[f"turn-{turn}"]
+        history += texts[f"turn-{turn}"] + follow_up
+
+
+def test_a_prompt_that_differs_early_reuses_nothing(scheduler):
+    first = _sequence(scheduler, "first", LONG, 4, temperature=0)
+    _run(scheduler, {0: [first]})
+    other = _sequence(scheduler, "other", "Once upon a time " + LONG, 4, temperature=0)
+    _run(scheduler, {0: [other]})
+    assert other.cached == 0
+
+
+# -- structured output ---------------------------------------------------------
+
+SCHEMAS = [
+    {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 24},
+            "age": {"type": "integer", "minimum": 18, "maximum": 99},
+        },
+        "required": ["name", "age"],
+    },
+    {
+        "type": "object",
+        "properties": {
+            "colour": {"enum": ["red", "green", "blue"]},
+            "score": {"type": "number", "minimum": 0, "maximum": 1},
+            "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 3},
+        },
+        "required": ["colour", "score", "tags"],
+    },
+    {
+        "type": "array",
+        "items": {"type": "integer", "minimum": -5, "maximum": 5},
+        "minItems": 2,
+        "maxItems": 4,
+    },
+]
+
+
+def _chat_prompt(scheduler, ask: str) -> list[int]:
+    text = f"<start_of_turn>user\n{ask}<end_of_turn>\n<start_of_turn>model\n"
+    return list(scheduler.model.tokenize(text.encode(), add_bos=True, special=True))
+
+
+def _structured(scheduler, key: str, schema: dict, **sampling) -> batching.Sequence:
+    return batching.Sequence(
+        key=key,
+        prompt=_chat_prompt(scheduler, "Answer with a JSON value that describes a person."),
+        max_tokens=120,
+        sampling=batching.Sampling(**sampling),
+        grammar=grammar.grammar(schema),
+    )
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        {"temperature": 0},
+        {"temperature": 0.9, "seed": 3},
+        {"temperature": 0.7, "top_k": 40, "repeat_penalty": 1.1, "seed": 5},
+    ],
+    ids=["greedy", "seeded", "penalised"],
+)
+def test_structured_output_follows_its_schema(scheduler, sampling):
+    for i, schema in enumerate(SCHEMAS):
+        sequence = _structured(scheduler, f"schema-{i}", schema, **sampling)
+        texts, _ = _run(scheduler, {0: [sequence]})
+        assert sequence.finish_reason == "stop", texts
+        jsonschema.validate(json.loads(texts[f"schema-{i}"]), schema)
+
+
+def test_the_shortlist_chooses_what_the_whole_vocabulary_would(scheduler, monkeypatch):
+    """The grammar's shortlist of likely tokens is an optimisation, never a change: with
+    it off (every refusal filters all 262,144 tokens) the text and logits are the same."""
+    settings = [{"temperature": 0}, {"temperature": 0.8, "repeat_penalty": 1.1, "seed": 9}]
+    runs = []
+    for shortlist in (batching.GRAMMAR_CANDIDATES, 0):
+        monkeypatch.setattr(batching, "GRAMMAR_CANDIDATES", shortlist)
+        scheduler.logits = {}
+        texts = {}
+        for i, sampling in enumerate(settings):
+            texts |= _run(
+                scheduler, {0: [_structured(scheduler, f"s{i}", SCHEMAS[1], **sampling)]}
+            )[0]
+        runs.append((texts, scheduler.logits))
+    assert runs[0] == runs[1]
+
+
+def test_a_grammar_that_does_not_parse_is_refused_at_admission(scheduler):
+    sequence = batching.Sequence(
+        key="bad", prompt=[2, 3], max_tokens=4, sampling=batching.Sampling(), grammar="root ::= ("
+    )
+    with pytest.raises(batching.GrammarError):
+        scheduler.admit(sequence)
+    assert scheduler.free_slots == scheduler.n_slots
+
+
+# -- log-probabilities ---------------------------------------------------------
+
+
+def test_logprobs_are_the_models_and_name_the_chosen_token(scheduler):
+    sequence = _sequence(scheduler, "lp", "The capital of France is", 8, temperature=0)
+    sequence.top_logprobs = 3
+    entries, text = [], ""
+    scheduler.admit(sequence)
+    while scheduler.active:
+        for output in scheduler.step():
+            text += output.text
+            if output.logprob:
+                entries.append(output.logprob)
+    assert len(entries) == sequence.produced
+    assert "".join(e["token"] for e in entries).startswith(text)
+    for entry in entries:
+        top = entry["top_logprobs"]
+        assert len(top) == 3
+        # Greedy: the chosen token is the likeliest, with the same log-probability.
+        assert top[0]["token"] == entry["token"] and top[0]["logprob"] == entry["logprob"]
+        assert entry["logprob"] <= 0 and top[0]["logprob"] >= top[1]["logprob"] >= top[2]["logprob"]
+        assert sum(math.exp(t["logprob"]) for t in top) <= 1.0 + 1e-6
+        assert bytes(entry["bytes"]).decode("utf-8", errors="replace") == entry["token"]

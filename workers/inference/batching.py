@@ -516,12 +516,15 @@ class Scheduler:
         candidates = self._candidates
         logits = self._logits(sequence)
         sampling = sequence.sampling
+        needed = sampling.candidates_needed
         if sampling.penalised:
-            # Penalties remember accepted tokens: pick without accepting, accept the final
-            # choice once, over the whole vocabulary (penalties may reorder it).
-            token = candidates.sample(logits, [chain])
+            # Penalties remember accepted tokens: choose without accepting, and accept the
+            # final choice once. They lower the logits of recent tokens, so those do not
+            # count towards the candidates that make a shortlist's choice exact.
+            recent = set((sequence.prompt + sequence.generated)[-PENALTY_LAST_N:])
+            token = candidates.choose(logits, chain, needed, recent)
             if not candidates.allows(grammar, token):
-                token = candidates.sample(logits, [grammar, chain])
+                token = candidates.choose(logits, chain, needed, recent, grammar)
         else:
             # Without penalties accepting changes nothing, so llama.cpp's own sample (and
             # accept) is the first try, as fast as unconstrained decoding.
@@ -529,7 +532,7 @@ class Scheduler:
             if candidates.allows(grammar, token):
                 self._accept(grammar, token)
                 return token
-            token = candidates.resample(logits, grammar, chain, sampling.candidates_needed)
+            token = candidates.choose(logits, chain, needed, grammar=grammar)
         if not candidates.allows(grammar, token):
             # Nothing the grammar allows is left: end here rather than break it.
             raise GrammarError("no token satisfies the grammar")
@@ -599,24 +602,37 @@ class _Candidates:
         self.ids = np.arange(n_vocab, dtype=np.int32)
         self._one = (llama_cpp.llama_token_data * 1)()
 
-    def sample(self, logits: np.ndarray, samplers: list[int]) -> int:
-        """Run the samplers over every token's logit, in order; return the token chosen."""
+    def choose(
+        self,
+        logits: np.ndarray,
+        chain: int,
+        needed: int | None,
+        recent: set[int] | frozenset[int] = frozenset(),
+        grammar: int | None = None,
+    ) -> int:
+        """The chain's choice (among the tokens the grammar allows, if given).
+
+        First among the ``GRAMMAR_CANDIDATES`` likeliest tokens: if at least ``needed``
+        of them are allowed and not ``recent`` (penalties only lower those), the chain's
+        top-k over the whole vocabulary lies within them, so its choice is the same.
+        Otherwise over the whole vocabulary.
+        """
+        samplers = [chain] if grammar is None else [grammar, chain]
+        if needed is not None and needed * 4 <= GRAMMAR_CANDIDATES:
+            likeliest = np.argpartition(-logits, GRAMMAR_CANDIDATES)[:GRAMMAR_CANDIDATES]
+            array = self._fill(likeliest.astype(np.int32), logits[likeliest])
+            if grammar is not None:
+                llama_cpp.llama_sampler_apply(grammar, ctypes.byref(array))
+            usable = np.isfinite(self.view["logit"][: array.size])
+            if recent:
+                usable &= ~np.isin(likeliest, list(recent))
+            if usable.sum() >= needed:
+                llama_cpp.llama_sampler_apply(chain, ctypes.byref(array))
+                return self._selected(array)
         array = self._fill(self.ids, logits)
         for sampler in samplers:
             llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
         return self._selected(array)
-
-    def resample(self, logits: np.ndarray, grammar: int, chain: int, needed: int | None) -> int:
-        """The chain's choice among the tokens the grammar allows (module docstring)."""
-        if needed is not None and needed * 4 <= GRAMMAR_CANDIDATES:
-            likeliest = np.argpartition(-logits, GRAMMAR_CANDIDATES)[:GRAMMAR_CANDIDATES]
-            array = self._fill(likeliest.astype(np.int32), logits[likeliest])
-            llama_cpp.llama_sampler_apply(grammar, ctypes.byref(array))
-            allowed = np.isfinite(self.view["logit"][: array.size]).sum()
-            if allowed >= needed:
-                llama_cpp.llama_sampler_apply(chain, ctypes.byref(array))
-                return self._selected(array)
-        return self.sample(logits, [grammar, chain])
 
     def _fill(self, ids: np.ndarray, logits: np.ndarray) -> llama_cpp.llama_token_data_array:
         n = len(ids)

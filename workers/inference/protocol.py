@@ -39,6 +39,11 @@ def admission_key(deployment_id: int) -> str:
     return f"{KEY_PREFIX}:deployment:{deployment_id}:admitted"
 
 
+def last_request_key(deployment_id: int) -> str:
+    """When the deployment last admitted a request (Unix time): its idle timer."""
+    return f"{KEY_PREFIX}:deployment:{deployment_id}:last_request"
+
+
 @dataclass(frozen=True)
 class ReplicaSpec:
     replica_id: int

@@ -184,12 +184,15 @@ class Runtime:
         generation: int,
         quiet_seconds: float = RETIRE_QUIET_SECONDS,
         timeout: float = RETIRE_TIMEOUT_SECONDS,
+        reason: str = "The deployment switched to another setup.",
     ) -> bool:
-        """Unload a replica another one has replaced, once it has finished its work.
+        """Unload a replica that no longer takes requests (another one replaced it, or it
+        sat idle), once it has finished its work.
 
         It keeps serving what reaches it until it has been idle for ``quiet_seconds``:
-        requests routed to it just before the switch may still be on their way. After
-        ``timeout`` it unloads whatever it holds (a stream that long is cut).
+        requests routed to it just before it was taken out may still be on their way.
+        After ``timeout`` it unloads whatever it holds (a stream that long is cut, with
+        ``reason``).
         """
         with self._lock:
             replica = self._replicas.get(replica_id)
@@ -203,9 +206,7 @@ class Runtime:
             elif time.monotonic() - quiet_since >= quiet_seconds:
                 break
             time.sleep(RETIRE_POLL_SECONDS)
-        return self.unload(
-            replica_id, generation=generation, reason="The deployment switched to another setup."
-        )
+        return self.unload(replica_id, generation=generation, reason=reason)
 
     def _changed(self) -> None:
         try:
