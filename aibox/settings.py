@@ -481,6 +481,8 @@ CELERY_BEAT_SCHEDULE = {
     "trial-reap": {"task": "setups.trial_reap", "schedule": 300.0},
     # Quantise, export and evaluation jobs whose worker went silent (apps/optimise/tasks.py).
     "optimise-reap": {"task": "optimise.reap", "schedule": 60.0},
+    # Deployments with load on demand unload after their idle period (apps/deployments).
+    "deployment-idle-unload": {"task": "deployments.idle_unload", "schedule": 30.0},
 }
 # Beat's record of when each entry last ran: under var/, never in the repository.
 CELERY_BEAT_SCHEDULE_FILENAME = str(BASE_DIR / "var" / "celerybeat-schedule")

@@ -28,6 +28,7 @@ api_v1 = [
     path("audit/events/", audit_api.AuditEventListView.as_view(), name="audit_events"),
     path("usage/", inference_api.UsageListView.as_view(), name="usage"),
     path("usage/daily/", inference_api.UsageDailyView.as_view(), name="usage_daily"),
+    path("usage/limits/", inference_api.UsageLimitsView.as_view(), name="usage_limits"),
     path("registry/repos/", registry_api.RepoListView.as_view(), name="repos"),
     path("registry/repos/<str:name>/", registry_api.RepoDetailView.as_view(), name="repo"),
     path(
@@ -119,6 +120,11 @@ api_v1 = [
         "deployments/<str:name>/rollback",
         deployments_api.DeploymentRollbackView.as_view(),
         name="deployment_rollback",
+    ),
+    path(
+        "deployments/<str:name>/load-on-demand",
+        deployments_api.DeploymentLoadOnDemandView.as_view(),
+        name="deployment_load_on_demand",
     ),
     path("workers/", deployments_api.WorkerListView.as_view(), name="workers"),
     path("registry/versions/<int:pk>/", registry_api.VersionDetailView.as_view(), name="version"),

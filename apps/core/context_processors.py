@@ -17,6 +17,7 @@ NAVIGATION: tuple[tuple[str, str, tuple[Role, ...]], ...] = (
     ("Usage", "inference:usage", ()),
     ("API keys", "accounts:api_keys", ()),
     ("Users", "accounts:user_list", (Role.ADMIN,)),
+    ("Limits", "accounts:limit_list", (Role.ADMIN,)),
     ("Audit log", "audit:list", (Role.ADMIN, Role.COMPLIANCE_OFFICER)),
 )
 

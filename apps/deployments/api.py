@@ -63,13 +63,21 @@ class DeploymentSerializer(serializers.ModelSerializer):
             "running",
             "state",
             "state_reason",
+            "idle_unloaded_at",
             "replica_states",
             "revision",
             "revisions",
             "created_at",
             "updated_at",
         ]
-        read_only_fields = ["running", "state", "state_reason", "created_at", "updated_at"]
+        read_only_fields = [
+            "running",
+            "state",
+            "state_reason",
+            "idle_unloaded_at",
+            "created_at",
+            "updated_at",
+        ]
         # Uniqueness is the service's check, with its own message.
         extra_kwargs = {"name": {"validators": []}}
 
@@ -137,6 +145,33 @@ class DeploymentActionView(APIView):
             deployment = service(actor=request.user, deployment=deployment)
         deployment = _deployment(request, name)
         return Response(DeploymentSerializer(deployment).data)
+
+
+class LoadOnDemandSerializer(serializers.Serializer):
+    # Left out: unchanged. The ranges are the service's check, named by field.
+    idle_unload_seconds = serializers.IntegerField(required=False, allow_null=True)
+    load_timeout_seconds = serializers.IntegerField(required=False)
+
+
+class DeploymentLoadOnDemandView(APIView):
+    """Unload after ``idle_unload_seconds`` without requests (null: never) and load again
+    for the next request, which waits up to ``load_timeout_seconds``."""
+
+    permission_classes = [MANAGERS]
+
+    @extend_schema(request=LoadOnDemandSerializer, responses=DeploymentSerializer)
+    def post(self, request: Request, name: str) -> Response:
+        deployment = _deployment(request, name)
+        serializer = LoadOnDemandSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        services.deployment_load_on_demand_set(
+            actor=request.user,
+            deployment=deployment,
+            idle_unload_seconds=data.get("idle_unload_seconds", deployment.idle_unload_seconds),
+            load_timeout_seconds=data.get("load_timeout_seconds", deployment.load_timeout_seconds),
+        )
+        return Response(DeploymentSerializer(_deployment(request, name)).data)
 
 
 class SwitchSerializer(serializers.Serializer):

@@ -5,6 +5,8 @@ from django import forms
 from apps.deployments.models import Deployment, KvCacheType
 from apps.registry.models import Format, ModelVersion, State
 
+LOAD_TIMEOUT_DEFAULT = Deployment._meta.get_field("load_timeout_seconds").default
+
 
 class DeploymentForm(forms.ModelForm):
     model_version = forms.ModelChoiceField(
@@ -45,6 +47,8 @@ class DeploymentForm(forms.ModelForm):
             "logging_level",
             "queue_size",
             "queue_timeout_seconds",
+            "idle_unload_seconds",
+            "load_timeout_seconds",
             "placement_worker",
             "placement_gpu",
             "chat_template",
@@ -55,11 +59,17 @@ class DeploymentForm(forms.ModelForm):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["context_length"].initial = 2048
+        # Scripts that post the form from before load on demand keep the default.
+        self.fields["load_timeout_seconds"].required = False
         # Scripts that post the form from before KV cache types keep getting f16.
         self.fields["kv_cache_type"].required = False
 
     def clean_kv_cache_type(self) -> str:
         return self.cleaned_data.get("kv_cache_type") or KvCacheType.F16
+
+    def clean_load_timeout_seconds(self) -> int:
+        value = self.cleaned_data.get("load_timeout_seconds")
+        return LOAD_TIMEOUT_DEFAULT if value is None else value
 
     def validate_unique(self) -> None:
         # Uniqueness is the service's check, with its own message.
@@ -68,3 +78,12 @@ class DeploymentForm(forms.ModelForm):
 
 class ScaleForm(forms.Form):
     replicas = forms.IntegerField(min_value=1, max_value=16)
+
+
+class LoadOnDemandForm(forms.ModelForm):
+    """When a deployment unloads for want of requests, and how long a request waits for
+    it to load again (the deployment page's admin form)."""
+
+    class Meta:
+        model = Deployment
+        fields = ["idle_unload_seconds", "load_timeout_seconds"]

@@ -24,6 +24,8 @@ class State(models.TextChoices):
     STOPPING = "stopping", "Stopping"
     STOPPED = "stopped", "Stopped"
     FAILED = "failed", "Failed"
+    # Running, but unloaded after a while without requests: the next request loads it.
+    IDLE = "idle", "Unloaded while idle"
 
 
 class Preset(models.TextChoices):
@@ -170,7 +172,26 @@ class Deployment(RuntimeSettings):
         validators=[MinValueValidator(1), MaxValueValidator(3600)],
         help_text="A request still queued after this long fails with a timeout.",
     )
+    # Load on demand: unloaded after this long without requests (freeing its memory for
+    # other deployments) and loaded again by the next request, which waits for it.
+    idle_unload_seconds = models.PositiveIntegerField(
+        "Unload when idle for (s)",
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(60), MaxValueValidator(30 * 86400)],
+        help_text="Unload the model after this many seconds without a request; the next "
+        "request loads it again. Empty: it stays loaded.",
+    )
+    load_timeout_seconds = models.PositiveIntegerField(
+        "Load timeout (s)",
+        default=120,
+        validators=[MinValueValidator(1), MaxValueValidator(3600)],
+        help_text="How long a request for an unloaded deployment waits for it to load.",
+    )
     running = models.BooleanField(default=True, help_text="Whether an admin wants it served.")
+    # When the idle timer unloaded it (None while loaded, or wanted loaded). The request
+    # that clears it (a conditional UPDATE) is the one that starts loading it again.
+    idle_unloaded_at = models.DateTimeField(null=True, blank=True)
     # The revision whose settings the fields above hold and whose replicas take requests.
     revision = models.ForeignKey(
         "deployments.Revision", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"

@@ -138,3 +138,38 @@ def replica_live_states(deployment: Deployment, workers: list[WorkerStatus]) -> 
         else:
             states[replica.pk] = replica.state
     return states
+
+
+@dataclass(frozen=True)
+class Activity:
+    """A deployment's traffic as its idle timer sees it."""
+
+    # When it last admitted a request (Unix time); None if Redis has no record of one.
+    last_request: float | None
+    # Requests admitted and not yet finished (the admission bound's live entries).
+    in_flight: int
+
+
+def deployment_activity(*, deployment_ids: Iterable[int]) -> dict[int, Activity]:
+    """Each deployment's last request and requests in flight, in one Redis round trip.
+
+    The admission script stamps the time with every request it admits (gateway
+    ``Call.admit``), so this costs the request path nothing; the bound's entries are
+    removed when a request ends and expire after their queue timeout.
+    """
+    ids = list(deployment_ids)
+    if not ids:
+        return {}
+    now = time.time()
+    pipe = sync_redis().pipeline(transaction=False)
+    for pk in ids:
+        pipe.get(protocol.last_request_key(pk))
+        pipe.zcount(protocol.admission_key(pk), f"({now}", "+inf")
+    results = pipe.execute()
+    return {
+        pk: Activity(
+            last_request=float(results[2 * i]) if results[2 * i] is not None else None,
+            in_flight=int(results[2 * i + 1]),
+        )
+        for i, pk in enumerate(ids)
+    }

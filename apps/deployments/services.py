@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,9 @@ HEADROOM_BYTES = 256 * MIB
 # how many replicas run, logging and queueing are the deployment's own, whatever
 # revision it runs.
 REVISION_FIELDS = RUNTIME_FIELDS
+# Load on demand: when a deployment unloads for want of requests, and how long a request
+# waits for it to load again.
+LOAD_ON_DEMAND_FIELDS = ("idle_unload_seconds", "load_timeout_seconds")
 SETTINGS_FIELDS = (
     "adapter",
     *REVISION_FIELDS,
@@ -56,6 +60,7 @@ SETTINGS_FIELDS = (
     "logging_level",
     "queue_size",
     "queue_timeout_seconds",
+    *LOAD_ON_DEMAND_FIELDS,
 )
 # Loading reads the file at about this rate on a small box (bench/setups.py's trials):
 # the interruption a stop-then-start switch announces.
@@ -304,6 +309,8 @@ def _refresh_state(deployment: Deployment) -> None:
         state = State.READY
     elif State.LOADING in states:
         state = State.LOADING
+    elif deployment.idle_unloaded_at is not None:
+        state = State.IDLE
     elif states and all(s == State.FAILED for s in states):
         state = State.FAILED
     else:
@@ -311,6 +318,11 @@ def _refresh_state(deployment: Deployment) -> None:
     reason = reasons[0] if state in (State.FAILED, State.PENDING) and reasons else ""
     if state == State.PENDING and not states:
         reason = deployment.state_reason
+    if state == State.IDLE:
+        reason = (
+            f"Unloaded after {deployment.idle_unload_seconds} s without requests; the next "
+            f"request loads it again (waiting up to {deployment.load_timeout_seconds} s)."
+        )
     Deployment.objects.filter(pk=deployment.pk).update(
         state=state, state_reason=reason, updated_at=timezone.now()
     )
@@ -444,6 +456,9 @@ def _revision_values(deployment: Deployment) -> dict[str, Any]:
 
 
 def _place_or_wait(deployment: Deployment) -> None:
+    if deployment.idle_unloaded_at is not None:  # an admin's start or restart loads it now
+        deployment.idle_unloaded_at = None
+        deployment.save(update_fields=["idle_unloaded_at"])
     try:
         _place_replicas(deployment)
     except NoWorkerOnline:
@@ -471,7 +486,8 @@ def deployment_stop(*, actor: User, deployment: Deployment, reason: str = "") ->
     with transaction.atomic():
         deployment = Deployment.objects.select_for_update().get(pk=deployment.pk)
         deployment.running = False
-        deployment.save(update_fields=["running"])
+        deployment.idle_unloaded_at = None
+        deployment.save(update_fields=["running", "idle_unloaded_at"])
         _abandon_pending(deployment, "The deployment was stopped during the switch.")
         _stop_replicas(deployment, deployment.replica_set.select_for_update())
         _refresh_state(deployment)
@@ -526,7 +542,7 @@ def deployment_scale(*, actor: User, deployment: Deployment, replicas: int) -> D
         extra = deployment.revision.replicas.select_for_update().filter(index__gte=replicas)
         _stop_replicas(deployment, extra)
         extra.delete()
-        if deployment.running:
+        if deployment.running and deployment.idle_unloaded_at is None:
             _place_or_wait(deployment)
         else:
             _refresh_state(deployment)
@@ -636,8 +652,9 @@ def deployment_switch(
             "changes": changes,
             "stop_then_start": stop_then_start,
         }
-        if not deployment.running:
-            # Nothing is served: the new settings simply apply to the next start.
+        if not deployment.running or deployment.idle_unloaded_at is not None:
+            # Nothing is loaded: the new settings simply apply to the next start (or, for
+            # a deployment unloaded while idle, to the load its next request starts).
             _activate(deployment, revision)
         elif stop_then_start:
             old = deployment.revision
@@ -696,9 +713,13 @@ def _activate(deployment: Deployment, revision: Revision) -> Revision | None:
     return old
 
 
-def _retire_replicas(revision: Revision | None, *, drain: bool) -> None:
-    """Take a replaced revision's replicas out of service: each finishes what it holds
-    (``drain``) or stops at once, then unloads; rows go when their worker says so."""
+SWITCHED = "The deployment switched to another setup."
+
+
+def _retire_replicas(revision: Revision | None, *, drain: bool, reason: str = SWITCHED) -> None:
+    """Take a revision's replicas out of service: each finishes what it holds (``drain``)
+    or stops at once, then unloads; rows of a replaced revision go when their worker says
+    so."""
     if revision is None:
         return
     online = {w.hostname for w in selectors.worker_list() if w.online}
@@ -710,15 +731,15 @@ def _retire_replicas(revision: Revision | None, *, drain: bool) -> None:
         replica.updated_at = timezone.now()
         replica.save(update_fields=["state", "updated_at"])
         if drain:
-            _send_retire(replica)
+            _send_retire(replica, reason)
         else:
-            _send_unload(replica, "The deployment switched to another setup.")
+            _send_unload(replica, reason)
 
 
-def _send_retire(replica: Replica) -> None:
+def _send_retire(replica: Replica, reason: str = SWITCHED) -> None:
     from apps.deployments import tasks
 
-    args = {"replica_id": replica.pk, "generation": replica.generation}
+    args = {"replica_id": replica.pk, "generation": replica.generation, "reason": reason}
     worker = replica.worker
     transaction.on_commit(lambda: tasks.send_to_worker(tasks.replica_retire, worker, args))
 
@@ -854,6 +875,7 @@ def worker_online(*, hostname: str) -> int:
             Replica.objects.select_for_update()
             .select_related("deployment__model_version")
             .filter(worker=hostname, deployment__running=True)
+            .filter(deployment__idle_unloaded_at__isnull=True)
             .exclude(state=State.STOPPED)
         )
         for replica in replicas:
@@ -873,3 +895,155 @@ def worker_online(*, hostname: str) -> int:
                 deployment.state_reason = exc.message
             _refresh_state(deployment)
     return sent
+
+
+# -- load on demand: unloaded when idle, loaded again by the next request ---------------
+
+IDLE_UNLOADED = "The deployment was unloaded after a while without requests."
+
+
+def deployment_load_on_demand_set(
+    *,
+    actor: User,
+    deployment: Deployment,
+    idle_unload_seconds: int | None,
+    load_timeout_seconds: int,
+) -> Deployment:
+    """Set how long a deployment may go without requests before it unloads (None: it
+    stays loaded) and how long a request waits for it to load again.
+
+    Turning idle unloading off on a deployment that is unloaded loads it now.
+    """
+    require_role(actor, MANAGER_ROLES, "change deployments")
+    with transaction.atomic():
+        deployment = Deployment.objects.select_for_update().get(pk=deployment.pk)
+        before = {f: getattr(deployment, f) for f in LOAD_ON_DEMAND_FIELDS}
+        deployment.idle_unload_seconds = idle_unload_seconds
+        deployment.load_timeout_seconds = load_timeout_seconds
+        others = [
+            f.name for f in Deployment._meta.concrete_fields if f.name not in LOAD_ON_DEMAND_FIELDS
+        ]
+        deployment.clean_fields(exclude=others)
+        deployment.updated_at = timezone.now()
+        deployment.save(update_fields=[*LOAD_ON_DEMAND_FIELDS, "updated_at"])
+        if deployment.idle_unloaded_at is not None:
+            if idle_unload_seconds is None and deployment.running:
+                _place_or_wait(deployment)
+            else:
+                _refresh_state(deployment)  # its reason names the timings
+        audit_record(
+            actor=actor,
+            action="deployment.load_on_demand_set",
+            target=deployment,
+            details={"from": before, "to": {f: getattr(deployment, f) for f in before}},
+        )
+    return deployment
+
+
+def deployments_idle_unload(*, now: float | None = None) -> list[str]:
+    """Unload every running deployment that has gone its ``idle_unload_seconds`` without
+    a request (Celery beat runs this every 30 s); returns their names.
+
+    Idle means no request in flight, and neither the last request nor the replicas'
+    loading more recent than that. Each replica finishes anything that still reaches it,
+    then frees its memory; the deployment stays running, in the state "unloaded while
+    idle", and its next request loads it. ``now`` (Unix time) lets a test skip the wait.
+    """
+    now = time.time() if now is None else now
+    candidates = dict(
+        Deployment.objects.filter(
+            running=True,
+            state=State.READY,
+            idle_unload_seconds__isnull=False,
+            idle_unloaded_at__isnull=True,
+        ).values_list("pk", "idle_unload_seconds")
+    )
+    activity = selectors.deployment_activity(deployment_ids=candidates)
+    unloaded = []
+    for pk, seen in activity.items():
+        # A cheap look first: a busy deployment is not locked every 30 s.
+        if seen.in_flight or (seen.last_request or 0.0) > now - candidates[pk]:
+            continue
+        name = _idle_unload(pk, now)
+        if name is not None:
+            unloaded.append(name)
+    return unloaded
+
+
+def _idle_unload(deployment_id: int, now: float) -> str | None:
+    with transaction.atomic():
+        deployment = (
+            Deployment.objects.select_for_update(of=("self",))
+            .select_related("revision", "model_version")
+            .filter(
+                pk=deployment_id,
+                running=True,
+                idle_unload_seconds__isnull=False,
+                idle_unloaded_at__isnull=True,
+            )
+            .first()
+        )
+        if deployment is None or deployment.revision is None or _pending(deployment):
+            return None  # changed meanwhile, or a switch is loading beside it
+        replicas = list(deployment.revision.replicas.select_for_update())
+        if not replicas or any(r.state in (State.PENDING, State.LOADING) for r in replicas):
+            return None
+        seen = selectors.deployment_activity(deployment_ids=[deployment.pk])[deployment.pk]
+        loaded_at = max(r.updated_at.timestamp() for r in replicas)
+        idle_since = max(loaded_at, seen.last_request or 0.0)
+        if seen.in_flight or now - idle_since < deployment.idle_unload_seconds:
+            return None
+        deployment.idle_unloaded_at = timezone.now()
+        deployment.save(update_fields=["idle_unloaded_at"])
+        held = [r.worker for r in replicas if r.state == State.READY]
+        _retire_replicas(deployment.revision, drain=True, reason=IDLE_UNLOADED)
+        _refresh_state(deployment)
+        audit_record(
+            actor=system_user(),
+            action="deployment.idle_unload",
+            target=deployment,
+            details={
+                "idle_seconds": round(now - idle_since),
+                "idle_unload_seconds": deployment.idle_unload_seconds,
+                "revision": deployment.revision.number,
+                "sha256": deployment.model_version.sha256,
+                "workers": held,
+            },
+        )
+    return deployment.name
+
+
+def deployment_load_on_demand(*, deployment_id: int, requested_by: str) -> bool:
+    """Start loading a deployment that was unloaded while idle, for a request that wants
+    it; the request then waits for a ready replica (``gateway.route``).
+
+    Concurrent requests all call this: the one whose conditional UPDATE clears the idle
+    mark places the replicas and gets True; the others get False and wait for the same
+    load. Raises PlacementError (the mark kept, so a later request tries again) when no
+    worker can hold it now.
+    """
+    with transaction.atomic():
+        claimed = Deployment.objects.filter(
+            pk=deployment_id, running=True, idle_unloaded_at__isnull=False
+        ).update(idle_unloaded_at=None, updated_at=timezone.now())
+        if not claimed:
+            return False
+        deployment = (
+            Deployment.objects.select_for_update(of=("self",))
+            .select_related("revision", "model_version", "adapter")
+            .get(pk=deployment_id)
+        )
+        placed = _place_replicas(deployment)
+        _refresh_state(deployment)
+        audit_record(
+            actor=system_user(),
+            action="deployment.load_on_request",
+            target=deployment,
+            details={
+                "requested_by": requested_by,
+                "revision": deployment.revision.number,
+                "sha256": deployment.model_version.sha256,
+                "placed_on": [r.worker for r in placed],
+            },
+        )
+    return True

@@ -71,7 +71,8 @@ def replica_unload(args: dict[str, Any]) -> None:
 @shared_task(name="deployments.replica_retire", acks_late=False)
 def replica_retire(args: dict[str, Any]) -> None:
     # Blocks one of the worker's task threads while the replica finishes its requests.
-    runtime().retire(args["replica_id"], generation=args["generation"])
+    kwargs = {"reason": args["reason"]} if "reason" in args else {}  # older senders: none
+    runtime().retire(args["replica_id"], generation=args["generation"], **kwargs)
     replica_report.delay(
         replica_id=args["replica_id"],
         generation=args["generation"],
@@ -90,6 +91,14 @@ def replica_report(
     replica_state_apply(
         replica_id=replica_id, generation=generation, state=state, reason=reason, details=details
     )
+
+
+@shared_task(name="deployments.idle_unload")
+def idle_unload() -> None:
+    """Unload deployments that had no request for their idle period (beat, every 30 s)."""
+    from apps.deployments import services
+
+    services.deployments_idle_unload()
 
 
 @shared_task(name="deployments.worker_online")

@@ -8,7 +8,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from apps.accounts.access import login_required, role_required
 from apps.deployments import selectors, services
-from apps.deployments.forms import DeploymentForm, ScaleForm
+from apps.deployments.forms import DeploymentForm, LoadOnDemandForm, ScaleForm
 from apps.deployments.models import (
     INFERENCE_ROLES,
     MANAGER_ROLES,
@@ -18,7 +18,7 @@ from apps.deployments.models import (
 )
 from apps.inference.models import UsageRecord
 
-SETTLED = {State.READY, State.STOPPED, State.FAILED}
+SETTLED = {State.READY, State.STOPPED, State.FAILED, State.IDLE}
 
 
 def _deployment_or_404(request: HttpRequest, name: str) -> Deployment:
@@ -94,6 +94,7 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
         "can_use": request.user.has_role(*INFERENCE_ROLES),
         "usage": UsageRecord.objects.filter(deployment=deployment)[:20],
         "scale_form": ScaleForm(initial={"replicas": deployment.replicas}),
+        "on_demand_form": LoadOnDemandForm(instance=deployment),
         "revisions": revisions,
         # Polled while it loads, and while a switch loads or drains beside it.
         "settling": deployment.state not in SETTLED
@@ -118,6 +119,19 @@ def deployment_action(request: HttpRequest, name: str, action: str) -> HttpRespo
             services.deployment_rollback(
                 actor=request.user, deployment=deployment, number=int(number)
             )
+        elif action == "load-on-demand":
+            form = LoadOnDemandForm(request.POST, instance=deployment)
+            if not form.is_valid():
+                raise ValidationError(
+                    [
+                        f"{form.fields[f].label}: {m}" if f in form.fields else m
+                        for f, errors in form.errors.items()
+                        for m in errors
+                    ]
+                )
+            services.deployment_load_on_demand_set(
+                actor=request.user, deployment=deployment, **form.cleaned_data
+            )
         elif action == "scale":
             form = ScaleForm(request.POST)
             if not form.is_valid():
@@ -137,7 +151,8 @@ def deployment_action(request: HttpRequest, name: str, action: str) -> HttpRespo
     except ValidationError as exc:
         messages.error(request, " ".join(exc.messages))
     else:
-        messages.success(request, f"{deployment.name}: {action} requested.")
+        done = "load on demand saved" if action == "load-on-demand" else f"{action} requested"
+        messages.success(request, f"{deployment.name}: {done}.")
     return redirect("deployments:detail", name=deployment.name)
 
 

@@ -13,10 +13,12 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from apps.accounts.models import Role, Scope
+from apps.accounts.models import ApiKey, Role, Scope
 from apps.accounts.permissions import role_and_scope
+from apps.deployments.selectors import sync_redis
+from apps.inference.limits import limits_of_keys
 from apps.inference.models import UsageRecord
-from apps.inference.pages import filter_form
+from apps.inference.pages import filter_form, limited_keys
 from apps.inference.selectors import (
     DEFAULT_DAYS,
     MAX_DAYS,
@@ -128,3 +130,34 @@ class UsageDailyView(APIView):
         daily = usage_daily(user=request.user, filters=filters, days=count, today=today)
         body = {"start": start, "end": end, "totals": usage_totals(daily), "days": daily}
         return Response(UsageDailySerializer(body).data)
+
+
+class KeyLimitsSerializer(serializers.Serializer):
+    prefix = serializers.CharField()
+    name = serializers.CharField()
+    limits = serializers.DictField()
+
+
+class UsageLimitsView(APIView):
+    """The limits in effect on the caller's API keys and what is left of them (the key
+    it is called with, when called with one). Admins and compliance officers may name
+    any key with ``?key=<prefix>``."""
+
+    permission_classes = [READERS]
+
+    @extend_schema(
+        parameters=[OpenApiParameter("key", str, description="An API key's prefix")],
+        responses=KeyLimitsSerializer(many=True),
+    )
+    def get(self, request: Request) -> Response:
+        prefix = request.query_params.get("key", "").strip()[:32]
+        calling = request.auth if isinstance(request.auth, ApiKey) else None
+        if calling is not None and not prefix:
+            keys = [calling]
+        else:
+            keys = limited_keys(user=request.user, key_prefix=prefix)
+        rows = [
+            {"prefix": key.prefix, "name": key.name, "limits": status}
+            for key, status in limits_of_keys(redis=sync_redis(), keys=keys)
+        ]
+        return Response(KeyLimitsSerializer(rows, many=True).data)

@@ -1,7 +1,9 @@
 """The path of one inference request from the HTTP endpoint to a worker and back.
 
 1. ``route``: the deployment the client named, checked against the caller's key, and a
-   ready replica on a worker whose heartbeat is fresh (else 404 / 503 at once).
+   ready replica on a worker whose heartbeat is fresh (else 404 / 503 at once). A
+   deployment unloaded while idle is loaded again first, the request waiting for it up
+   to the deployment's load timeout.
 2. ``admit``: a per-deployment bound on requests in flight, kept in Redis so every
    web process shares it (else 429 with Retry-After).
 3. ``dispatch``: a Celery task on the worker's own queue; the worker hands it to the
@@ -30,6 +32,7 @@ from redis.exceptions import RedisError
 
 from apps.accounts.models import ApiKey, Scope, User
 from apps.deployments import selectors as deployment_selectors
+from apps.deployments import services as deployment_services
 from apps.deployments.models import INFERENCE_ROLES, PRESET_SAMPLING, Deployment, Replica, State
 from apps.inference.openai_api import ApiError
 from workers.inference import protocol
@@ -42,12 +45,17 @@ ADMISSION_GRACE_SECONDS = 900
 # How long to wait for a worker's first word beyond the deployment's queue timeout.
 START_GRACE_SECONDS = 5.0
 LIVENESS_CHECK_SECONDS = 1.0
+# A request waiting for its deployment to load looks at the database this often.
+LOAD_POLL_SECONDS = 0.25
+# Retry-After when a load did not finish in time (it goes on) or could not start.
+LOAD_RETRY_AFTER_SECONDS = 10
 
 _ADMIT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
 redis.call('ZADD', KEYS[1], ARGV[4], ARGV[3])
 redis.call('EXPIRE', KEYS[1], 86400)
+redis.call('SET', KEYS[2], ARGV[1], 'EX', 2592000)
 return 1
 """
 
@@ -89,6 +97,8 @@ class Route:
     adapter_sha256: str = ""
     # The deployment's revision that serves the request (its setup at the time).
     revision: int = 0
+    # How long the request waited for the deployment to load (None: it was loaded).
+    load_ms: float | None = None
 
 
 def check_inference_access(caller: Caller) -> None:
@@ -129,6 +139,21 @@ def unavailable(message: str) -> ApiError:
     return ApiError(503, message, type="server_error", code="model_unavailable")
 
 
+class LoadFailed(ApiError):
+    """The request waited for its deployment to load, and it did not (in time): a 503
+    whose usage record still shows the wait (``route`` carries it)."""
+
+    def __init__(self, message: str, *, code: str, route: Route) -> None:
+        super().__init__(
+            503,
+            message,
+            type="server_error",
+            code=code,
+            headers={"Retry-After": str(LOAD_RETRY_AFTER_SECONDS)},
+        )
+        self.route = route
+
+
 def broker_unavailable() -> ApiError:
     """Redis, which carries requests and their tokens between web and workers, is gone."""
     return ApiError(
@@ -157,6 +182,9 @@ _ROUTE_FIELDS = (
     "running",
     "state",
     "state_reason",
+    "idle_unload_seconds",
+    "load_timeout_seconds",
+    "idle_unloaded_at",
     "model_version__artifact",  # an artifact's key is its sha256
     "adapter__artifact",
     "revision",
@@ -170,17 +198,9 @@ _ROUTE_FIELDS = (
 )
 
 
-def route(caller: Caller, name: str) -> Route:
-    """Resolve the deployment and pick a live replica (sync: runs the ORM)."""
-    check_inference_access(caller)
-    deployments = Deployment.objects.visible_to(caller.user).filter(name=name).order_by()
-    rows = list(deployments.values(*_ROUTE_FIELDS))
-    if not rows or not may_use(caller, name):
-        raise not_found(name)
+def _served_replicas(rows: list[dict[str, Any]]) -> list[Replica]:
     deployment = rows[0]
-    if not deployment["running"]:
-        raise unavailable(f"The model '{name}' is stopped.")
-    replicas = [
+    return [
         Replica(
             id=row["replica_set__id"],
             deployment_id=deployment["id"],
@@ -195,6 +215,112 @@ def route(caller: Caller, name: str) -> Route:
         if row["replica_set__id"] is not None
         and row["replica_set__revision"] in (deployment["revision"], None)
     ]
+
+
+def _loads_on_demand(deployment: dict[str, Any]) -> bool:
+    """Whether a request should wait for this deployment (running, nothing ready) to
+    load: it was unloaded while idle, or it may be and is loading now."""
+    if deployment["idle_unloaded_at"] is not None:
+        return True
+    return deployment["idle_unload_seconds"] is not None and deployment["state"] in (
+        State.PENDING,
+        State.LOADING,
+    )
+
+
+def _wait_for_load(
+    caller: Caller, name: str, deployments, rows: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], float]:
+    """Load the deployment if it is unloaded (one request of many starts it), then wait
+    for a ready replica on a live worker, up to its load timeout. Returns the routing
+    rows (``deployments``' values) once one is ready, and how long that took (ms)."""
+    started = time.monotonic()
+    deadline = started + rows[0]["load_timeout_seconds"]
+
+    def failed(message: str, code: str) -> LoadFailed:
+        waited = (time.monotonic() - started) * 1000
+        return LoadFailed(message, code=code, route=_unrouted(rows[0], name, load_ms=waited))
+
+    while True:
+        deployment = rows[0]
+        if not deployment["running"]:
+            raise failed(f"The model '{name}' was stopped while it loaded.", "model_unavailable")
+        if deployment["idle_unloaded_at"] is not None:
+            try:
+                deployment_services.deployment_load_on_demand(
+                    deployment_id=deployment["id"], requested_by=caller.user.username
+                )
+            except deployment_services.PlacementError as exc:
+                raise failed(
+                    f"The model '{name}' was unloaded while idle and cannot be loaded now: "
+                    f"{exc.message} Retry later.",
+                    "model_load_failed",
+                ) from exc
+        replicas = _served_replicas(rows)
+        if any(r.state == State.READY for r in replicas):
+            try:
+                if deployment_selectors.replicas_serving(replicas):
+                    return rows, (time.monotonic() - started) * 1000
+            except RedisError as exc:
+                raise broker_unavailable() from exc
+        elif deployment["state"] == State.FAILED:
+            reason = deployment["state_reason"] or "its replicas failed to load"
+            raise failed(f"The model '{name}' failed to load: {reason}", "model_load_failed")
+        if time.monotonic() >= deadline:
+            reason = deployment["state_reason"]
+            raise failed(
+                f"The model '{name}' was not ready within its load timeout "
+                f"({deployment['load_timeout_seconds']} s)"
+                + (f": {reason}" if reason else "; it goes on loading.")
+                + " Retry in a few seconds.",
+                "model_load_timeout",
+            )
+        time.sleep(LOAD_POLL_SECONDS)
+        rows = list(deployments.values(*_ROUTE_FIELDS))
+
+
+def _unrouted(deployment: dict[str, Any], name: str, *, load_ms: float) -> Route:
+    """What a usage record needs of a request that waited for a load that did not come."""
+    return Route(
+        deployment_id=deployment["id"],
+        deployment_name=name,
+        logging_level=deployment["logging_level"],
+        queue_timeout=float(deployment["queue_timeout_seconds"]),
+        admission_limit=0,
+        sampling={},
+        replica_id=0,
+        generation=0,
+        worker="",
+        sha256=deployment["model_version__artifact"],
+        embeddings=deployment["embeddings"],
+        context_length=deployment["context_length"],
+        adapter_sha256=deployment["adapter__artifact"] or "",
+        revision=deployment["revision__number"] or 0,
+        load_ms=load_ms,
+    )
+
+
+def route(caller: Caller, name: str) -> Route:
+    """Resolve the deployment and pick a live replica (sync: runs the ORM).
+
+    A deployment that loads on demand and has no ready replica is loaded (if it was
+    unloaded while idle) and waited for: this thread polls the database up to the
+    deployment's load timeout, then raises LoadFailed.
+    """
+    check_inference_access(caller)
+    deployments = Deployment.objects.visible_to(caller.user).filter(name=name).order_by()
+    rows = list(deployments.values(*_ROUTE_FIELDS))
+    if not rows or not may_use(caller, name):
+        raise not_found(name)
+    deployment = rows[0]
+    if not deployment["running"]:
+        raise unavailable(f"The model '{name}' is stopped.")
+    replicas = _served_replicas(rows)
+    load_ms = None
+    if not any(r.state == State.READY for r in replicas) and _loads_on_demand(deployment):
+        rows, load_ms = _wait_for_load(caller, name, deployments, rows)
+        deployment = rows[0]
+        replicas = _served_replicas(rows)
     if not any(r.state == State.READY for r in replicas):
         reason = deployment["state_reason"]
         detail = f" ({reason})" if reason else ""
@@ -233,6 +359,7 @@ def route(caller: Caller, name: str) -> Route:
         context_length=deployment["context_length"],
         adapter_sha256=deployment["adapter__artifact"] or "",
         revision=deployment["revision__number"] or 0,
+        load_ms=load_ms,
     )
 
 
@@ -247,14 +374,22 @@ class Call:
     admitted: bool = False
     finished: bool = False
 
+    def __post_init__(self) -> None:
+        # A request that waited for its deployment to load has waited since before the
+        # call: its latency and time to first token count from when it asked.
+        if self.route.load_ms:
+            self.started -= self.route.load_ms / 1000
+
     def admit(self) -> None:
         """Take a place in the deployment's bound (sync: dispatched with the routing)."""
         now = time.time()
         expires = now + self.route.queue_timeout + ADMISSION_GRACE_SECONDS
         ok = deployment_selectors.sync_redis().eval(
             _ADMIT,
-            1,
+            2,
             protocol.admission_key(self.route.deployment_id),
+            # The deployment's idle timer (services.deployments_idle_unload) reads this.
+            protocol.last_request_key(self.route.deployment_id),
             now,
             self.route.admission_limit,
             self.request_id,

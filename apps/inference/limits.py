@@ -403,3 +403,16 @@ def limits_status(*, redis: Redis, limits: Limits, now: float | None = None) -> 
         resets = datetime.fromtimestamp(now, UTC) + timedelta(seconds=period_left)
         status["budget"]["resets_at"] = resets.isoformat()
     return status
+
+
+# How many keys a usage page shows the limits of.
+MAX_KEYS_SHOWN = 20
+
+
+def limits_of_keys(*, redis: Redis, keys: list[ApiKey]) -> list[tuple[ApiKey, dict]]:
+    """Each key's limits in effect and what is left of them, for its owner's usage page
+    and API (a key without limits reads as such, at no Redis cost)."""
+    return [
+        (key, limits_status(redis=redis, limits=limits_for(user=key.user, api_key=key)))
+        for key in keys[:MAX_KEYS_SHOWN]
+    ]

@@ -54,6 +54,9 @@ class UsageRecord(models.Model):
     cached_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     queue_ms = models.FloatField(null=True)
+    # How long the request waited for its deployment to load (load on demand): None when
+    # it was loaded already. Latency and time to first token include the wait.
+    load_ms = models.FloatField(null=True, blank=True)
     time_to_first_token_ms = models.FloatField(null=True)
     latency_ms = models.FloatField()
     outcome = models.CharField(max_length=16, choices=Outcome.choices)

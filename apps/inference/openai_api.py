@@ -171,21 +171,6 @@ def _content(message: dict[str, Any], index: int) -> str:
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
-def _messages(data: dict[str, Any]) -> list[dict[str, str]]:
-    messages = data.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("'messages' must be a non-empty list.", param="messages")
-    parsed = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise bad_request(
-                f"messages[{i}] must have a role: one of {', '.join(ROLES)}.",
-                param=f"messages[{i}].role",
-            )
-        parsed.append({"role": ROLES[message["role"]], "content": _content(message, i)})
-    return parsed
-
-
 # The fields each endpoint honours; any other is refused by name.
 COMMON_FIELDS = {
     "model",

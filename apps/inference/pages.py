@@ -17,9 +17,11 @@ from django.shortcuts import render
 from django.utils import timezone
 
 from apps.accounts.access import login_required
-from apps.accounts.models import User
+from apps.accounts.models import ApiKey, User
 from apps.audit.exports import streamed_download
 from apps.audit.signed import csv_escape
+from apps.deployments.selectors import sync_redis
+from apps.inference.limits import limits_of_keys
 from apps.inference.models import UsageRecord
 from apps.inference.selectors import (
     USAGE_COLUMNS,
@@ -130,8 +132,21 @@ def usage(request: HttpRequest) -> HttpResponse:
         if request.htmx and request.htmx.target == "usage-table":
             return render(request, "inference/_usage_table.html", context)
         context["overview"] = usage_overview(user=request.user, filters=filters)
+        context["key_limits"] = limits_of_keys(
+            redis=sync_redis(), keys=limited_keys(user=request.user, key_prefix=filters.key)
+        )
     template = "inference/_usage_results.html" if request.htmx else "inference/usage.html"
     return render(request, template, context)
+
+
+def limited_keys(*, user: User, key_prefix: str = "") -> list[ApiKey]:
+    """The keys whose limits a usage view shows: the caller's own usable keys, or, for
+    those who see everyone's usage, the key they filtered by."""
+    keys = ApiKey.objects.usable().select_related("user").order_by("-created_at")
+    if key_prefix and usage_can_view_all(user=user):
+        return list(keys.filter(prefix=key_prefix))
+    keys = keys.filter(user=user)
+    return list(keys.filter(prefix=key_prefix) if key_prefix else keys)
 
 
 @login_required

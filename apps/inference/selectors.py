@@ -31,6 +31,7 @@ USAGE_COLUMNS = (
     "completion_tokens",
     "latency_ms",
     "time_to_first_token_ms",
+    "load_ms",
     "outcome",
     "status_code",
     "error",

@@ -63,6 +63,7 @@ def usage_record(
         cached_tokens=cached_tokens,
         completion_tokens=completion_tokens,
         queue_ms=queue_ms,
+        load_ms=route.load_ms,
         time_to_first_token_ms=ttft_ms,
         latency_ms=latency_ms,
         outcome=outcome,

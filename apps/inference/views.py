@@ -267,7 +267,13 @@ def _open(authorize: Authorize, kind: str, body: bytes) -> Exchange:
     """
     caller = authorize()
     parsed, fields = _parse(kind, body)
-    route = gateway.route(caller, parsed.model)
+    try:
+        route = gateway.route(caller, parsed.model)
+    except gateway.LoadFailed as exc:
+        # It waited for its deployment to load: recorded with the wait, like a refusal.
+        exchange = Exchange(caller, exc.route, parsed)
+        exchange.refused = exc
+        return exchange
     if kind == "embedding":
         if not route.embeddings:
             raise openai_api.bad_request(

@@ -200,6 +200,12 @@ MATRIX = {
         "/api/v1/deployments/{deployment}/stop",
         {ADMIN: 200, DS: 403, DEV: 403, CO: 403},
     ),
+    "deployment_load_on_demand": (
+        "Set a deployment's load on demand (unload when idle, load timeout)",
+        "post",
+        "/api/v1/deployments/{deployment}/load-on-demand",
+        {ADMIN: 200, DS: 403, DEV: 403, CO: 403},
+    ),
     "setups_view": (
         "View setups, trials and recipes; ask the setup advisor",
         "get",
@@ -246,8 +252,8 @@ MATRIX = {
         dict.fromkeys(ROLES, 200),
     ),
     "api_usage": (
-        "API: read usage (`GET /api/v1/usage/`, `/api/v1/usage/daily/`; admins and "
-        "compliance officers: everyone's)",
+        "API: read usage (`GET /api/v1/usage/`, `/api/v1/usage/daily/`, "
+        "`/api/v1/usage/limits/`; admins and compliance officers: everyone's)",
         "get",
         "/api/v1/usage/",
         dict.fromkeys(ROLES, 200),
@@ -278,6 +284,7 @@ POST_DATA = {
     "user_edit": {"role": DEV, "is_active": "on"},
     "limits_set": {"requests_per_minute": "60"},
     "api_limits": {"requests_per_minute": 60},
+    "deployment_load_on_demand": {"idle_unload_seconds": 300},
 }
 ROLE_COLUMNS = {
     "Admin": ADMIN,

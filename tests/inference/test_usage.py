@@ -16,11 +16,14 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from apps.accounts.models import Role, User
-from apps.accounts.services import api_key_create
+from apps.accounts.services import api_key_create, limit_set
+from apps.deployments.selectors import sync_redis
+from apps.inference.limits import limits_admit, limits_for
 from apps.inference.models import Outcome, UsageRecord
 from apps.inference.selectors import USAGE_COLUMNS
 from tests.conftest import client_for, make_user
 from tests.inference.factories import make_usage
+from tests.inference.test_limits import release
 
 pytestmark = pytest.mark.django_db
 
@@ -250,6 +253,7 @@ def test_the_csv_lists_the_filtered_records_and_no_prompt_or_output(users, world
         "completion_tokens": "20",
         "latency_ms": "100.0",
         "time_to_first_token_ms": "12.5",
+        "load_ms": "",  # it did not wait for a load
         "outcome": "error",
         "status_code": "500",
         # Escaped, so a spreadsheet shows the text instead of running it.
@@ -404,3 +408,33 @@ def test_records_of_a_deleted_user_stay_with_their_name(users):
     gone.delete()
     admin = client_for(users[Role.ADMIN])
     assert listed(admin.get("/usage/?user=gone")) == ids(kept)
+
+
+def test_a_key_owner_sees_what_is_left_of_their_budget(users):
+    developer = users[Role.APP_DEVELOPER]
+    key = key_for(developer)
+    sync_redis().delete(*(sync_redis().keys(f"aibox:limits:key:{key.api_key.pk}:*") or ["-"]))
+    limit_set(actor=users[Role.ADMIN], api_key=key.api_key, token_budget=1000, budget_period="day")
+    limits = limits_for(user=developer, api_key=key.api_key)
+    limits_admit(redis=sync_redis(), limits=limits, request_id="r1")
+    release(limits, "r1", tokens=250)
+
+    page = client_for(developer).get("/usage/")
+    panel = re.search(r'id="usage-limits">(.*?)</div>', page.content.decode(), re.S).group(1)
+    assert key.api_key.prefix in panel
+    assert "750 of 1000 left" in panel
+
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {key.secret}")
+    body = api.get("/api/v1/usage/limits/").json()
+    assert [row["prefix"] for row in body] == [key.api_key.prefix]
+    assert body[0]["limits"]["budget"] | {"resets_at": None} == {
+        "limit": 1000,
+        "period": "day",
+        "used": 250,
+        "remaining": 750,
+        "resets_at": None,
+    }
+    # Someone else's key, named by prefix, shows nothing to a developer.
+    other = key_for(users[Role.DATA_SCIENTIST])
+    assert api.get(f"/api/v1/usage/limits/?key={other.api_key.prefix}").json() == []
