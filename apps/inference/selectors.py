@@ -28,6 +28,7 @@ USAGE_COLUMNS = (
     "endpoint",
     "stream",
     "prompt_tokens",
+    "cached_tokens",
     "completion_tokens",
     "latency_ms",
     "time_to_first_token_ms",

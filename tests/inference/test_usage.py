@@ -250,6 +250,7 @@ def test_the_csv_lists_the_filtered_records_and_no_prompt_or_output(users, world
         "endpoint": "chat",
         "stream": "true",
         "prompt_tokens": "10",
+        "cached_tokens": "0",
         "completion_tokens": "20",
         "latency_ms": "100.0",
         "time_to_first_token_ms": "12.5",
