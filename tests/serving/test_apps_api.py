@@ -18,6 +18,7 @@ import pytest
 
 from apps.accounts.models import Role, Scope
 from apps.accounts.services import api_key_create, limit_set
+from apps.deployments.selectors import sync_redis
 from apps.inference.models import UsageRecord
 from tests.conftest import make_user
 
@@ -526,6 +527,11 @@ def limited(apps):
     """A fresh app developer key, and a way to put limits on it."""
     owner = make_user(Role.APP_DEVELOPER, username=f"lim-{uuid.uuid4().hex[:6]}")
     created = api_key_create(actor=owner, owner=owner, name="limited", scopes=[Scope.INFERENCE])
+    # Key ids start again after the test database is flushed; Redis keeps counts by id.
+    redis = sync_redis()
+    stale = redis.keys(f"aibox:limits:key:{created.api_key.pk}:*")
+    if stale:
+        redis.delete(*stale)
 
     def limit(**values):
         limit_set(actor=apps.admin, api_key=created.api_key, **values)
