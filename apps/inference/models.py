@@ -70,7 +70,11 @@ class UsageRecord(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
-        indexes = [models.Index(fields=["deployment", "-created_at"])]
+        indexes = [
+            models.Index(fields=["deployment", "-created_at"]),
+            # Each user's own usage page and API, newest first.
+            models.Index(fields=["user", "-created_at"]),
+        ]
 
     def __str__(self) -> str:
         return f"{self.deployment_name} {self.request_id}"
