@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -279,8 +280,9 @@ def _wait_for_load(
         rows = list(deployments.values(*_ROUTE_FIELDS))
 
 
-def _unrouted(deployment: dict[str, Any], name: str, *, load_ms: float) -> Route:
-    """What a usage record needs of a request that waited for a load that did not come."""
+def _unrouted(deployment: dict[str, Any], name: str, *, load_ms: float | None) -> Route:
+    """The deployment's part of a route, without a replica: all a usage record needs of a
+    request that waited for a load that did not come."""
     return Route(
         deployment_id=deployment["id"],
         deployment_name=name,
@@ -344,22 +346,13 @@ def route(caller: Caller, name: str) -> Route:
             f"The model '{name}' is unavailable: the worker holding it is offline or restarting."
         )
     _, _, replica = min(live)
-    return Route(
-        deployment_id=deployment["id"],
-        deployment_name=name,
-        logging_level=deployment["logging_level"],
-        queue_timeout=float(deployment["queue_timeout_seconds"]),
+    return dataclasses.replace(
+        _unrouted(deployment, name, load_ms=load_ms),
         admission_limit=(deployment["queue_size"] + deployment["parallel_slots"]) * len(live),
         sampling=dict(PRESET_SAMPLING[deployment["preset"]]),
         replica_id=replica.pk,
         generation=replica.generation,
         worker=replica.worker,
-        sha256=deployment["model_version__artifact"],
-        embeddings=deployment["embeddings"],
-        context_length=deployment["context_length"],
-        adapter_sha256=deployment["adapter__artifact"] or "",
-        revision=deployment["revision__number"] or 0,
-        load_ms=load_ms,
     )
 
 
