@@ -207,7 +207,7 @@ def _structured(scheduler, key: str, schema: dict, **sampling) -> batching.Seque
     return batching.Sequence(
         key=key,
         prompt=_chat_prompt(scheduler, "Answer with a JSON value that describes a person."),
-        max_tokens=120,
+        max_tokens=80,
         sampling=batching.Sampling(**sampling),
         grammar=grammar.grammar(schema),
     )
