@@ -121,7 +121,10 @@ class SlowPaths:
     """Counts the scheduler's grammar retries, by the candidate arrays it fills: a
     shortlist of the likeliest tokens after the grammar refused the chain's first pick,
     or the whole vocabulary (``batching`` module docstring). Only the replica's thread
-    samples, and the bench reads the counts between requests."""
+    samples, and the bench reads the counts between requests.
+
+    It wraps a private method: the scheduler has no counter of its own, and these counts
+    are what explains a constrained rate, so a rename there should break the bench."""
 
     def __init__(self, n_vocab: int) -> None:
         self.shortlists = self.whole_vocabulary = 0
@@ -146,7 +149,7 @@ class SlowPaths:
 class Figures:
     """One schema and sampling's runs."""
 
-    # Per run: when each token count was reached (the deltas' "tokens"), and the rate.
+    # Per run of each kind: when each count of tokens was reached (the deltas' "tokens").
     steps: dict[bool, list[dict[int, float]]] = field(default_factory=lambda: {True: [], False: []})
     lengths: list[int] = field(default_factory=list)
     shortlists: int = 0
@@ -179,6 +182,8 @@ def token_times(events: list[tuple[float, dict[str, Any]]]) -> dict[int, float]:
 
 def run_rate(times: dict[int, float]) -> float:
     """One run's tokens/s from its first token's delta to its last one's."""
+    if len(times) < 2:
+        return float("nan")
     (first, start), (last, end) = min(times.items()), max(times.items())
     return (last - first) / (end - start) if end > start else float("nan")
 
