@@ -232,17 +232,22 @@ def test_structured_output_follows_its_schema(scheduler, sampling):
 
 def test_the_shortlist_chooses_what_the_whole_vocabulary_would(scheduler, monkeypatch):
     """The grammar's shortlist of likely tokens is an optimisation, never a change: with
-    it off (every refusal filters all 262,144 tokens) the text and logits are the same."""
-    settings = [{"temperature": 0}, {"temperature": 0.8, "repeat_penalty": 1.1, "seed": 9}]
+    it off (every refusal filters all 262,144 tokens) the texts and logits are the same,
+    greedy and sampled, with and without penalties, on objects, enums, digits."""
+    settings = [
+        {"temperature": 0},
+        {"temperature": 0.8, "seed": 4},
+        {"temperature": 0.8, "repeat_penalty": 1.1, "seed": 9},
+    ]
     runs = []
     for shortlist in (batching.GRAMMAR_CANDIDATES, 0):
         monkeypatch.setattr(batching, "GRAMMAR_CANDIDATES", shortlist)
         scheduler.logits = {}
         texts = {}
         for i, sampling in enumerate(settings):
-            texts |= _run(
-                scheduler, {0: [_structured(scheduler, f"s{i}", SCHEMAS[1], **sampling)]}
-            )[0]
+            for j, schema in enumerate(SCHEMAS):
+                key = f"s{i}-{j}"
+                texts |= _run(scheduler, {0: [_structured(scheduler, key, schema, **sampling)]})[0]
         runs.append((texts, scheduler.logits))
     assert runs[0] == runs[1]
 

@@ -62,6 +62,7 @@ import codecs
 import ctypes
 import itertools
 import math
+from collections import Counter
 from dataclasses import dataclass, field, fields
 
 import llama_cpp
@@ -150,10 +151,22 @@ class Sampling:
     @property
     def candidates_needed(self) -> int | None:
         """How many allowed tokens the chain picks among (greedy: 1, else top-k; None:
-        all of them, as with top-k off)."""
+        all of them, as with top-k off, or penalties that may raise a logit)."""
+        if self.repeat_penalty < 1 or self.presence_penalty < 0 or self.frequency_penalty < 0:
+            return None
         if self.temperature == 0:
             return 1
         return self.top_k if self.top_k > 0 else None
+
+    def penalise(self, logits: np.ndarray, ids: np.ndarray, counts: Counter[int]) -> None:
+        """Apply the repetition penalties to ``logits`` (of tokens ``ids``) in place, as
+        llama.cpp's penalties sampler does, given how often each token was recent."""
+        for i, token in enumerate(ids.tolist()):
+            count = counts.get(token, 0)
+            if count and np.isfinite(logits[i]):
+                value = float(logits[i])
+                value = value * self.repeat_penalty if value <= 0 else value / self.repeat_penalty
+                logits[i] = value - count * self.frequency_penalty - self.presence_penalty
 
     @classmethod
     def of(cls, settings: object) -> Sampling:
@@ -516,15 +529,13 @@ class Scheduler:
         candidates = self._candidates
         logits = self._logits(sequence)
         sampling = sequence.sampling
-        needed = sampling.candidates_needed
         if sampling.penalised:
             # Penalties remember accepted tokens: choose without accepting, and accept the
-            # final choice once. They lower the logits of recent tokens, so those do not
-            # count towards the candidates that make a shortlist's choice exact.
-            recent = set((sequence.prompt + sequence.generated)[-PENALTY_LAST_N:])
-            token = candidates.choose(logits, chain, needed, recent)
+            # final choice once.
+            recent = Counter((sequence.prompt + sequence.generated)[-PENALTY_LAST_N:])
+            token = candidates.choose(logits, chain, sampling, recent)
             if not candidates.allows(grammar, token):
-                token = candidates.choose(logits, chain, needed, recent, grammar)
+                token = candidates.choose(logits, chain, sampling, recent, grammar)
         else:
             # Without penalties accepting changes nothing, so llama.cpp's own sample (and
             # accept) is the first try, as fast as unconstrained decoding.
@@ -532,7 +543,7 @@ class Scheduler:
             if candidates.allows(grammar, token):
                 self._accept(grammar, token)
                 return token
-            token = candidates.choose(logits, chain, needed, grammar=grammar)
+            token = candidates.choose(logits, chain, sampling, Counter(), grammar)
         if not candidates.allows(grammar, token):
             # Nothing the grammar allows is left: end here rather than break it.
             raise GrammarError("no token satisfies the grammar")
@@ -592,6 +603,47 @@ class Scheduler:
         return token_bytes(self.model.vocab, token, special=False, buffer=self._piece)
 
 
+def _shortlist_is_exact(shortlisted: np.ndarray, floor: float, sampling: Sampling) -> bool:
+    """Whether the chain picks the same token from the shortlist as from the whole
+    vocabulary, given the shortlisted tokens' logits after the grammar (-inf: refused)
+    and the penalties, and ``floor``: no token outside the shortlist has a logit above it
+    (penalties only lower logits; ``Sampling.candidates_needed`` is None otherwise).
+
+    The chain is top-k, top-p, min-p, temperature, then a draw. Tokens at or above the
+    floor ("high") outrank every token outside. With top-k of them or more, top-k keeps
+    the same tokens either way. With fewer, top-k also keeps lower tokens, different
+    ones from the shortlist than from the whole vocabulary; but if the floor is under
+    min-p's cut (the best logit plus ln 0.05), min-p drops all of those, and they only
+    change top-p's sum by at most ``(k - high) * e^(floor - best)``: if top-p's cut keeps
+    the same high tokens that pass min-p whatever that sum, the draw is among the same
+    tokens with the same logits, so it is the same token.
+    """
+    allowed = np.sort(shortlisted[np.isfinite(shortlisted)])[::-1]
+    if allowed.size == 0:
+        return False
+    if sampling.temperature == 0:
+        return bool(allowed[0] >= floor)
+    high = allowed[allowed >= floor]
+    k = sampling.top_k
+    if high.size >= k:
+        return True
+    best = allowed[0]
+    if high.size == 0 or floor >= best + math.log(MIN_P):
+        return False
+    if sampling.top_p >= 1:
+        return True  # top-p keeps everything; min-p drops all but high tokens
+    weights = np.exp(high - best)
+    total = weights.sum()
+    spare = (k - high.size) * math.exp(floor - best)
+    # Where top-p cuts among the high tokens with the least and the most mass outside.
+    cumulative = np.cumsum(weights)
+    first = int(np.searchsorted(cumulative, sampling.top_p * total))
+    last = int(np.searchsorted(cumulative, sampling.top_p * (total + spare)))
+    # The high tokens between the two cuts must all fall to min-p.
+    between = high[first + 1 : last + 1]
+    return bool(np.all(between < best + math.log(MIN_P)))
+
+
 class _Candidates:
     """A reusable candidate array over the whole vocabulary, for grammar sampling."""
 
@@ -606,27 +658,29 @@ class _Candidates:
         self,
         logits: np.ndarray,
         chain: int,
-        needed: int | None,
-        recent: set[int] | frozenset[int] = frozenset(),
+        sampling: Sampling,
+        recent: Counter[int],
         grammar: int | None = None,
     ) -> int:
         """The chain's choice (among the tokens the grammar allows, if given).
 
-        First among the ``GRAMMAR_CANDIDATES`` likeliest tokens: if at least ``needed``
-        of them are allowed and not ``recent`` (penalties only lower those), the chain's
-        top-k over the whole vocabulary lies within them, so its choice is the same.
-        Otherwise over the whole vocabulary.
+        First among the ``GRAMMAR_CANDIDATES`` likeliest tokens, when that gives the
+        choice the chain makes over the whole vocabulary (``_shortlist_is_exact``);
+        otherwise over the whole vocabulary. ``recent`` counts the tokens the penalties
+        look at.
         """
         samplers = [chain] if grammar is None else [grammar, chain]
+        needed = sampling.candidates_needed
         if needed is not None and needed * 4 <= GRAMMAR_CANDIDATES:
             likeliest = np.argpartition(-logits, GRAMMAR_CANDIDATES)[:GRAMMAR_CANDIDATES]
+            floor = float(logits[likeliest].min())
             array = self._fill(likeliest.astype(np.int32), logits[likeliest])
             if grammar is not None:
                 llama_cpp.llama_sampler_apply(grammar, ctypes.byref(array))
-            usable = np.isfinite(self.view["logit"][: array.size])
-            if recent:
-                usable &= ~np.isin(likeliest, list(recent))
-            if usable.sum() >= needed:
+            shortlisted = self.view["logit"][: array.size].astype(np.float64)
+            if sampling.penalised:
+                sampling.penalise(shortlisted, likeliest, recent)
+            if _shortlist_is_exact(shortlisted, floor, sampling):
                 llama_cpp.llama_sampler_apply(chain, ctypes.byref(array))
                 return self._selected(array)
         array = self._fill(self.ids, logits)
