@@ -23,7 +23,6 @@ import argparse
 import itertools
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from workers.inference import protocol  # noqa: E402
 from workers.inference.engine import Replica, default_threads  # noqa: E402
 from workers.inference.protocol import ReplicaSpec, RequestSpec  # noqa: E402
+from workers.setups.trial import EventLog  # noqa: E402
 
 # A request that has not ended by then has hung: the bench stops rather than wait.
 REQUEST_TIMEOUT_SECONDS = 600.0
@@ -71,44 +71,6 @@ USER_MESSAGES = [
     "until spring?",
     "Thank you. Can you sum up the whole plan for next year in a short list, month by month?",
 ]
-
-
-class EventLog:
-    """An in-memory ``EventSink``: each request's events with the time they were sent."""
-
-    def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self._events: dict[str, list[tuple[float, dict[str, Any]]]] = {}
-
-    def send(self, request_id: str, event: dict[str, Any]) -> bool:
-        # Timed before the lock, so a reader waiting on it never delays a timestamp.
-        now = time.perf_counter()
-        with self._changed:
-            self._events.setdefault(request_id, []).append((now, event))
-            if event["type"] in (protocol.END, protocol.ERROR):
-                self._changed.notify_all()
-        return False
-
-    def cancelled(self, request_id: str) -> bool:
-        return False
-
-    def wait(self, request_id: str) -> list[tuple[float, dict[str, Any]]]:
-        """The request's events once it has ended; RuntimeError if it failed or hung."""
-        with self._changed:
-            ended = self._changed.wait_for(
-                lambda: self._last_type(request_id) in (protocol.END, protocol.ERROR),
-                REQUEST_TIMEOUT_SECONDS,
-            )
-            events = list(self._events.get(request_id, []))
-        if not ended:
-            raise RuntimeError(f"request {request_id} did not end in {REQUEST_TIMEOUT_SECONDS} s")
-        if events[-1][1]["type"] == protocol.ERROR:
-            raise RuntimeError(f"request {request_id} failed: {events[-1][1]['message']}")
-        return events
-
-    def _last_type(self, request_id: str) -> str:
-        events = self._events.get(request_id)
-        return events[-1][1]["type"] if events else ""
 
 
 def model_path(model: str | None) -> Path:
@@ -167,7 +129,7 @@ class Client:
         )
         submitted = time.perf_counter()
         self.replica.submit(request)
-        return submitted, self.sink.wait(request_id)
+        return submitted, self.sink.wait(request_id, REQUEST_TIMEOUT_SECONDS)
 
 
 def answer(events: list[tuple[float, dict[str, Any]]]) -> str:

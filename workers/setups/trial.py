@@ -163,7 +163,7 @@ def run_trial(
         if setup.adapter_sha256:
             adapter_path = cache.fetch(setup.adapter_sha256, Path(setup.adapter_source_path))
         progress(10, "loading")
-        sink = _EventLog()
+        sink = EventLog()
         replica = Replica(setup, model_path, sink, cpu_cores, adapter_path=adapter_path)
         replica.load()
         load_seconds = time.perf_counter() - started
@@ -279,7 +279,7 @@ def run_trial(
 # -- requests and their events -------------------------------------------------
 
 
-class _EventLog:
+class EventLog:
     """An in-memory ``EventSink``: each request's events with the time they were sent."""
 
     def __init__(self) -> None:
@@ -347,7 +347,7 @@ class _Run:
 class _Bench:
     """Sends completion requests to a loaded replica, as the HTTP endpoint would."""
 
-    def __init__(self, replica: Replica, sink: _EventLog, prefix: str) -> None:
+    def __init__(self, replica: Replica, sink: EventLog, prefix: str) -> None:
         self.replica = replica
         self.sink = sink
         self._prefix = prefix
