@@ -29,6 +29,8 @@ ENVIRONMENT_VARIABLES = (
     "AIBOX_TRUST_X_FORWARDED_FOR",
     "AIBOX_TRUSTED_PROXY_COUNT",
     "DATABASE_URL",
+    "AIBOX_DATABASE_APP_ROLE",
+    "AIBOX_DATABASE_APP_PASSWORD",
     "REDIS_URL",
     "AIBOX_ARTIFACT_ROOT",
     "AIBOX_API_KEY_HMAC_KEY",
@@ -122,6 +124,11 @@ if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
         "DATABASE_URL must point at PostgreSQL (postgres://...): the audit log relies on "
         "PostgreSQL triggers and advisory locks."
     )
+
+# The role the running app connects as, which `manage.py db_app_role` (run as the tables'
+# owner after migrate) creates and grants rows but not the schema; apps/core/database.py.
+DATABASE_APP_ROLE = env.str("AIBOX_DATABASE_APP_ROLE", default="aibox_app")
+DATABASE_APP_PASSWORD = env.str("AIBOX_DATABASE_APP_PASSWORD", default="")
 
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
 

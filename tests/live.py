@@ -7,7 +7,9 @@ tests (``django_db(transaction=True)``) or unblock the database themselves.
 
 from __future__ import annotations
 
+import functools
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -18,24 +20,49 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from django.conf import settings
 from django.db import connection
+
+from apps.core.database import app_role_privileges_set
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def process_env(**extra: str) -> dict[str, str]:
-    """The environment of a child process that talks to the test database."""
-    db = connection.settings_dict
+    """The environment of a child process that talks to the test database.
+
+    It connects as the app's own role, with only the privileges ``bin/aibox run`` gives
+    the running app (apps/core/database.py), so the live tests show that is enough.
+    """
     return {
         **os.environ,
-        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:"
-        f"{db['PORT'] or 5432}/{db['NAME']}",
+        "DATABASE_URL": app_database_url(),
         "AIBOX_SECRET_KEY": settings.SECRET_KEY,
         "AIBOX_LOG_LEVEL": "INFO",
         **extra,
     }
+
+
+@functools.cache
+def app_database_url() -> str:
+    """The test database as the app's role, granted once per session on a connection of
+    its own (committed whatever the calling test's transaction does, and unaudited).
+    One role per test database, so concurrent runs on other databases keep theirs."""
+    db = connection.settings_dict
+    role = f"{db['NAME']}_app"
+    params = {
+        "host": db["HOST"] or "127.0.0.1",
+        "port": db["PORT"] or 5432,
+        "user": db["USER"],
+        "password": db["PASSWORD"] or None,
+        "dbname": db["NAME"],
+    }
+    password = secrets.token_hex(16)
+    with psycopg.connect(**params, autocommit=True) as owner, owner.cursor() as cursor:
+        app_role_privileges_set(cursor, role=role, password=password, database=db["NAME"])
+    return f"postgres://{role}:{password}@{params['host']}:{params['port']}/{db['NAME']}"
 
 
 def start_web_server(*, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:

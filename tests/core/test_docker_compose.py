@@ -30,8 +30,10 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 # The virtual environment the tests run in is the project's.
 VENV_BIN = Path(sys.executable).parent
 
-SERVICES = ("postgres", "redis", "web", "worker", "worker-gpu", "beat")
-AIBOX_SERVICES = ("web", "worker", "worker-gpu", "beat")
+SERVICES = ("postgres", "redis", "migrate", "web", "worker", "worker-gpu", "beat")
+AIBOX_SERVICES = ("migrate", "web", "worker", "worker-gpu", "beat")
+# Services that run the app, as the app's database role (apps/core/database.py).
+APP_SERVICES = ("web", "worker", "worker-train", "worker-gpu", "beat")
 # Services that read or write artifacts; beat only enqueues.
 ARTIFACT_SERVICES = ("web", "worker", "worker-gpu")
 REQUIRED_ENV = ("AIBOX_SECRET_KEY", "DATABASE_URL", "REDIS_URL", "AIBOX_ARTIFACT_ROOT")
@@ -137,7 +139,7 @@ def all_steps(services: dict[str, dict[str, Any]]) -> dict[str, list[list[str]]]
     return {name: steps(name, services[name]) for name in AIBOX_SERVICES}
 
 
-def test_the_six_services_exist(services):
+def test_the_services_exist(services):
     missing = sorted(set(SERVICES) - set(services))
     assert not missing, f"docker-compose.yml lacks the services {missing}"
 
@@ -285,6 +287,28 @@ def test_aibox_services_wait_for_healthy_database_and_redis(services, name):
             f"{name}: should wait for {dependency} to be healthy"
         )
         assert services[dependency].get("healthcheck"), f"{dependency}: no healthcheck"
+
+
+def test_only_the_migrate_service_connects_as_the_tables_owner(services):
+    """The app runs as the role ``db_app_role`` grants (rows, not the schema), which the
+    migrate service creates after the migrations, before any app service starts."""
+    migrate = environment(services["migrate"])
+    owner = urlsplit(without_interpolation(migrate["DATABASE_URL"])).username
+    assert owner == services["postgres"]["environment"]["POSTGRES_USER"]
+    assert [step[:3] for step in steps("migrate", services["migrate"])] == [
+        ["python", "manage.py", "migrate"],
+        ["python", "manage.py", "db_app_role"],
+    ]
+    assert services["migrate"].get("restart") == "no", "migrate runs once per `up`"
+    for name in APP_SERVICES:
+        env = environment(services[name])
+        user = urlsplit(without_interpolation(env["DATABASE_URL"])).username
+        assert user == settings.DATABASE_APP_ROLE != owner, f"{name} connects as {user}"
+        assert "POSTGRES_PASSWORD" not in str(services[name]), f"{name} holds the owner's password"
+        depends = services[name].get("depends_on") or {}
+        assert depends.get("migrate", {}).get("condition") == "service_completed_successfully", (
+            f"{name}: does not wait for the migrate service to succeed"
+        )
 
 
 def test_gpu_worker_reserves_an_nvidia_gpu(services):
