@@ -429,7 +429,8 @@ REST_FRAMEWORK = {
 SPECTACULAR_SETTINGS = {
     "TITLE": "AIBox API",
     "DESCRIPTION": "The AIBox control plane: registry, datasets, fine-tunes, deployments, "
-    "audit. See docs/api.md; the OpenAI-compatible endpoint under /v1/ is not listed here.",
+    "audit, under /api/v1/; and the OpenAI-compatible inference endpoint under /v1/, whose "
+    "errors take OpenAI's shape. See docs/api.md.",
     "VERSION": "1",
     "SCHEMA_PATH_PREFIX": "/api/v1",
     "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
@@ -439,6 +440,13 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "PREPROCESSING_HOOKS": ["apps.registry.openapi.only_api_v1"],
+    # Every REST operation's error responses (aibox/api.py), then the OpenAI-compatible
+    # /v1/ endpoint, which is plain Django views (apps/inference/openapi.py).
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "aibox.api.error_responses",
+        "apps.inference.openapi.openai_paths",
+    ],
     # Several models have a "state"; each choice set gets its own name.
     "ENUM_NAME_OVERRIDES": {
         "ModelVersionStateEnum": "apps.registry.models.State",

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from django import forms
 from django.core.exceptions import ObjectDoesNotExist
@@ -46,6 +46,12 @@ class AuditFilterForm(forms.Form):
     text = forms.CharField(required=False, max_length=200, label="Details contain")
     before = forms.IntegerField(required=False, min_value=1, widget=forms.HiddenInput)
 
+    def clean_since(self) -> datetime | None:
+        return _in_utc(self.cleaned_data["since"])
+
+    def clean_until(self) -> datetime | None:
+        return _in_utc(self.cleaned_data["until"])
+
     def clean(self):
         data = super().clean()
         since, until = data.get("since"), data.get("until")
@@ -68,6 +74,16 @@ class AuditFilterForm(forms.Form):
             since=since,
             until=until,
         )
+
+
+def _in_utc(value: datetime | None) -> datetime | None:
+    """``value`` in UTC: PostgreSQL refuses a UTC offset over 15:59, which Python allows."""
+    if value is None:
+        return None
+    try:
+        return value.astimezone(UTC)
+    except OverflowError as exc:  # a UTC time before year 1 or after 9999
+        raise forms.ValidationError("Enter a time between the years 1 and 9999.") from exc
 
 
 def filter_form(params) -> tuple[AuditFilterForm, AuditFilters | None]:

@@ -6,7 +6,7 @@ import tempfile
 from django.core.exceptions import ValidationError
 from django.http import FileResponse, Http404
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -22,9 +22,10 @@ from apps.datasets.models import (
     DatasetImport,
     DatasetTransform,
     DatasetVersion,
+    Shape,
 )
 from apps.datasets.uploads import ingest_upload
-from apps.registry.api import UPLOAD_REQUEST, HubImportSerializer, ImportRequestSerializer
+from apps.registry.api import DISK_FULL, HubImportSerializer, ImportRequestSerializer
 from apps.registry.models import ModelVersion
 from apps.registry.uploads import (
     StreamedUploadMixin,
@@ -34,6 +35,23 @@ from apps.registry.uploads import (
 READERS = role_and_scope(*WRITER_ROLES, *SEE_ALL_ROLES, scopes=(Scope.DATASETS,))
 WRITERS = role_and_scope(*WRITER_ROLES, scopes=(Scope.DATASETS,))
 PAGE_MAX = 100
+# The upload's form fields (``_upload_settings`` reads all but the file).
+UPLOAD_REQUEST = {
+    "multipart/form-data": {
+        "type": "object",
+        "properties": {
+            "file": {"type": "string", "format": "binary"},
+            "shape": {"type": "string", "enum": Shape.values},
+            "column_mapping": {
+                "type": "string",
+                "description": 'A JSON object, e.g. {"prompt": "question"}',
+            },
+            "tokenizer": {"type": "integer", "description": "A GGUF model version's id"},
+            "max_tokens": {"type": "integer", "minimum": 1},
+        },
+        "required": ["file"],
+    }
+}
 
 
 class DatasetSerializer(serializers.ModelSerializer):
@@ -125,6 +143,18 @@ class DatasetImportSerializer(HubImportSerializer):
         ]
 
 
+class DatasetImportRequestSerializer(ImportRequestSerializer):
+    """The import request as the schema shows it: the upload's optional settings travel
+    with it (``_upload_settings`` reads them; the view validates the rest)."""
+
+    shape = serializers.ChoiceField(choices=Shape.choices, required=False)
+    column_mapping = serializers.JSONField(
+        required=False, help_text='An object, or one as a JSON string: {"prompt": "question"}'
+    )
+    tokenizer = serializers.IntegerField(required=False, help_text="A GGUF model version's id")
+    max_tokens = serializers.IntegerField(required=False, min_value=1)
+
+
 def _dataset(request: Request, name: str) -> Dataset:
     try:
         return selectors.dataset_get(user=request.user, name=name)
@@ -203,7 +233,9 @@ class VersionUploadView(StreamedUploadMixin, APIView):
 
     permission_classes = [WRITERS]
 
-    @extend_schema(request=UPLOAD_REQUEST, responses={201: DatasetVersionSerializer})
+    @extend_schema(
+        request=UPLOAD_REQUEST, responses={201: DatasetVersionSerializer, 507: DISK_FULL}
+    )
     def post(self, request: Request, name: str) -> Response:
         dataset = _dataset(request, name)
         upload, message, code = received_file(request, self.upload_handler)
@@ -226,7 +258,7 @@ class ImportHfView(APIView):
 
     permission_classes = [WRITERS]
 
-    @extend_schema(request=ImportRequestSerializer, responses={202: DatasetImportSerializer})
+    @extend_schema(request=DatasetImportRequestSerializer, responses={202: DatasetImportSerializer})
     def post(self, request: Request, name: str) -> Response:
         dataset = _dataset(request, name)
         serializer = ImportRequestSerializer(data=request.data)
@@ -322,7 +354,12 @@ class VersionDeriveView(APIView):
 class VersionExportView(APIView):
     permission_classes = [READERS, NotFromAnotherSite]
 
-    @extend_schema(responses={(200, "text/csv"): OpenApiTypes.STR})
+    @extend_schema(
+        responses={
+            (200, "text/csv"): OpenApiTypes.STR,
+            400: OpenApiResponse(description="The version did not validate: nothing to export."),
+        }
+    )
     def get(self, request: Request, pk: int) -> FileResponse | Response:
         version = _version(request, pk)
         return export_response(request.user, version)

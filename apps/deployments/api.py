@@ -236,14 +236,31 @@ class DeploymentRollbackView(APIView):
         return Response(RevisionSerializer(revision).data, status=status.HTTP_202_ACCEPTED)
 
 
+class WorkerSerializer(serializers.Serializer):
+    """A worker as its last heartbeat describes it (``selectors.WorkerStatus``)."""
+
+    hostname = serializers.CharField()
+    online = serializers.BooleanField()
+    last_seen = serializers.FloatField(help_text="Epoch seconds")
+    seconds_since_seen = serializers.FloatField()
+    serving = serializers.BooleanField()
+    pool = serializers.CharField()
+    cpu_cores = serializers.IntegerField()
+    cpu_model = serializers.CharField()
+    ram_total_mib = serializers.IntegerField()
+    ram_available_mib = serializers.IntegerField()
+    gpus = serializers.ListField(child=serializers.DictField())
+    replicas = serializers.ListField(child=serializers.DictField())
+    probe = serializers.DictField(child=serializers.FloatField())
+
+
 class WorkerListView(APIView):
     permission_classes = [READERS]
 
-    @extend_schema(responses=OpenApiTypes.OBJECT)
+    @extend_schema(responses=WorkerSerializer(many=True))
     def get(self, request: Request) -> Response:
-        return Response(
-            [
-                {**asdict(w), "seconds_since_seen": round(w.seconds_since_seen, 1)}
-                for w in selectors.worker_list()
-            ]
-        )
+        workers = [
+            {**asdict(w), "seconds_since_seen": round(w.seconds_since_seen, 1)}
+            for w in selectors.worker_list()
+        ]
+        return Response(WorkerSerializer(workers, many=True).data)

@@ -3,10 +3,10 @@ admins and compliance officers), as records and per day, with the usage page's f
 
 from __future__ import annotations
 
+from django.core.exceptions import ValidationError
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers
-from rest_framework.exceptions import ValidationError
 from rest_framework.generics import ListAPIView
 from rest_framework.pagination import CursorPagination
 from rest_framework.request import Request
@@ -39,15 +39,19 @@ FILTER_PARAMETERS = [
     OpenApiParameter("key", str, description="An API key's prefix"),
     OpenApiParameter("user", str, description="A username (any case)"),
     OpenApiParameter("deployment", str, description="A deployment's name"),
-    OpenApiParameter("since", OpenApiTypes.DATE, description="First UTC day, included"),
-    OpenApiParameter("until", OpenApiTypes.DATE, description="Last UTC day, included"),
+    OpenApiParameter(
+        "since", OpenApiTypes.DATE, description="First UTC day, included (1970-01-01 or later)"
+    ),
+    OpenApiParameter(
+        "until", OpenApiTypes.DATE, description="Last UTC day, included (1970-01-01 or later)"
+    ),
 ]
 
 
 def _filters(request: Request) -> UsageFilters:
     form, filters = filter_form(request.query_params, user=request.user)
     if filters is None:
-        raise ValidationError(form.errors.get_json_data())
+        raise ValidationError(form.errors)
     return filters
 
 
@@ -114,8 +118,8 @@ class UsageDailyView(APIView):
             *FILTER_PARAMETERS,
             OpenApiParameter(
                 "days",
-                int,
-                description=f"Days up to today when 'since' is not given (1–{MAX_DAYS})",
+                {"type": "integer", "minimum": 1, "maximum": MAX_DAYS, "default": DEFAULT_DAYS},
+                description="Days up to today when 'since' is not given",
             ),
         ],
         responses=UsageDailySerializer,

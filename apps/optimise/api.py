@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from django.http import Http404
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -139,7 +139,7 @@ class ModelJobListView(APIView):
         data = serializer.validated_data
         if data["operation"] == Operation.QUANTIZE:
             if not data.get("quant_type"):
-                raise serializers.ValidationError({"quant_type": "Name the quantisation type."})
+                raise serializers.ValidationError({"quant_type": ["Name the quantisation type."]})
             job = services.quantize_request(
                 actor=request.user,
                 source=data["source"],
@@ -176,13 +176,22 @@ class EvaluationListView(APIView):
     def get_permissions(self):
         return [(EVALUATORS if self.request.method == "POST" else READERS)()]
 
-    @extend_schema(responses=EvaluationSerializer(many=True))
+    @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "model_version",
+                {"type": "integer", "minimum": 0},
+                description="A model version's id",
+            )
+        ],
+        responses=EvaluationSerializer(many=True),
+    )
     def get(self, request: Request) -> Response:
         evaluations = selectors.evaluation_list(user=request.user)
         version = request.query_params.get("model_version")
         if version:
             if not version.isdigit():
-                raise serializers.ValidationError({"model_version": "A version id."})
+                raise serializers.ValidationError({"model_version": ["A version id."]})
             evaluations = evaluations.filter(model_version_id=int(version))
         return Response(EvaluationSerializer(evaluations[:500], many=True).data)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.http import Http404
 from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -38,6 +38,8 @@ UPLOAD_REQUEST = {
         "required": ["file"],
     }
 }
+# An upload that filled the disk (apps/registry/uploads.py): nothing was kept.
+DISK_FULL = OpenApiResponse(description="The server's disk filled: nothing was kept.")
 
 
 class ModelVersionSerializer(serializers.ModelSerializer):
@@ -214,7 +216,8 @@ class VersionUploadView(StreamedUploadMixin, APIView):
     permission_classes = [role_and_scope(*WRITER_ROLES, scopes=(Scope.ADMIN,))]
 
     @extend_schema(
-        request=UPLOAD_REQUEST, responses={201: ModelVersionSerializer, 200: ModelVersionSerializer}
+        request=UPLOAD_REQUEST,
+        responses={201: ModelVersionSerializer, 200: ModelVersionSerializer, 507: DISK_FULL},
     )
     def post(self, request: Request, name: str) -> Response:
         repo = _repo(request, name)

@@ -22,6 +22,7 @@ class ApiKeyScheme(OpenApiAuthenticationExtension):
 
 
 def only_api_v1(endpoints, **kwargs):
-    """The schema covers the REST API under /api/v1/ (not /metrics, not the OpenAI-style
-    /v1/ endpoint, which OpenAI's own specification describes)."""
+    """The views drf-spectacular describes: the REST API under /api/v1/ (not /metrics).
+    The OpenAI-compatible /v1/ views are plain Django views, described by hand
+    (apps/inference/openapi.py) and added by a postprocessing hook."""
     return [e for e in endpoints if e[0].startswith("/api/v1/")]

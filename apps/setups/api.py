@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.core.exceptions import ValidationError
 from django.http import Http404, HttpResponse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.parsers import MultiPartParser
 from rest_framework.request import Request
@@ -256,7 +256,10 @@ class TrialListView(APIView):
 
     permission_classes = [READERS]
 
-    @extend_schema(responses=TrialSerializer(many=True))
+    @extend_schema(
+        parameters=[OpenApiParameter("setup", str, description="A setup's name")],
+        responses=TrialSerializer(many=True),
+    )
     def get(self, request: Request) -> Response:
         trials = selectors.trial_list(user=request.user)
         setup = request.query_params.get("setup")
@@ -299,7 +302,28 @@ class RecipeImportView(APIView):
     permission_classes = [MANAGERS]
     parser_classes = [MultiPartParser]
 
-    @extend_schema(request=OpenApiTypes.OBJECT, responses={201: OpenApiTypes.OBJECT})
+    @extend_schema(
+        request={
+            "multipart/form-data": {
+                "type": "object",
+                "properties": {
+                    "file": {"type": "string", "format": "binary"},
+                    "name": {
+                        "type": "string",
+                        "description": "The setup's name, if not the recipe's",
+                    },
+                },
+                "required": ["file"],
+            }
+        },
+        responses={
+            201: OpenApiTypes.OBJECT,
+            409: OpenApiResponse(
+                OpenApiTypes.OBJECT,
+                description="The recipe is sound but the box lacks its model: where to get it.",
+            ),
+        },
+    )
     def post(self, request: Request) -> Response:
         upload = request.FILES.get("file")
         if upload is None:
@@ -322,6 +346,6 @@ class RecipeImportView(APIView):
 class RecipeBookView(APIView):
     permission_classes = [READERS]
 
-    @extend_schema(responses=OpenApiTypes.OBJECT)
+    @extend_schema(responses={200: {"type": "array", "items": {"type": "object"}}})
     def get(self, request: Request) -> Response:
         return Response([r.document for r in recipes.builtin_recipes()])
