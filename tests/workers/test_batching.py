@@ -223,9 +223,13 @@ def _structured(scheduler, key: str, schema: dict, **sampling) -> batching.Seque
     ids=["greedy", "seeded", "penalised"],
 )
 def test_structured_output_follows_its_schema(scheduler, sampling):
-    for i, schema in enumerate(SCHEMAS):
-        sequence = _structured(scheduler, f"schema-{i}", schema, **sampling)
-        texts, _ = _run(scheduler, {0: [sequence]})
+    # All schemas in one batch, each sequence with its own grammar.
+    sequences = [
+        _structured(scheduler, f"schema-{i}", schema, **sampling)
+        for i, schema in enumerate(SCHEMAS)
+    ]
+    texts, _ = _run(scheduler, {0: sequences})
+    for i, (sequence, schema) in enumerate(zip(sequences, SCHEMAS, strict=True)):
         assert sequence.finish_reason == "stop", texts
         jsonschema.validate(json.loads(texts[f"schema-{i}"]), schema)
 
@@ -243,11 +247,13 @@ def test_the_shortlist_chooses_what_the_whole_vocabulary_would(scheduler, monkey
     for shortlist in (batching.GRAMMAR_CANDIDATES, 0):
         monkeypatch.setattr(batching, "GRAMMAR_CANDIDATES", shortlist)
         scheduler.logits = {}
-        texts = {}
-        for i, sampling in enumerate(settings):
-            for j, schema in enumerate(SCHEMAS):
-                key = f"s{i}-{j}"
-                texts |= _run(scheduler, {0: [_structured(scheduler, key, schema, **sampling)]})[0]
+        # One batch of every setting x schema: the same arrivals in both runs.
+        sequences = [
+            _structured(scheduler, f"s{i}-{j}", schema, **sampling)
+            for i, sampling in enumerate(settings)
+            for j, schema in enumerate(SCHEMAS)
+        ]
+        texts, _ = _run(scheduler, {0: sequences})
         runs.append((texts, scheduler.logits))
     assert runs[0] == runs[1]
 
