@@ -114,6 +114,9 @@ DATABASES = {
 # A pool per process (web and workers), shared by all threads; Django checks a
 # connection out for each request or task and returns it at the end.
 DATABASES["default"]["CONN_MAX_AGE"] = 0
+# The pool checks each connection before handing it out: one the server ended (a
+# restart, a failover, pg_terminate_backend) is replaced instead of failing a request.
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
     "min_size": 2,
     "max_size": 20,
@@ -471,6 +474,9 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 25 * 60 * 60}
 CELERY_TASK_SOFT_TIME_LIMIT = 60 * 60
 CELERY_TASK_TIME_LIMIT = 60 * 60 + 60
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# A lost broker connection does not cancel running tasks (a fine-tune trains on through a
+# Redis restart; tests/finetune/test_faults.py). Celery 6 would default to cancelling.
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 # Each worker also consumes its own queue: loads, unloads and requests for the
 # replicas it holds go there.
 CELERY_WORKER_DIRECT = True

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import redis
 from django.db.models import QuerySet
 
 from apps.accounts.models import User
@@ -79,5 +80,25 @@ def loss_chart(history: list[dict]) -> dict:
 
 def finetune_job_silent(job: FineTuneJob) -> bool:
     """A running job whose worker's heartbeat has expired: the next reap (every 30 s)
-    marks it failed. Pages say so meanwhile; reading never writes."""
-    return job.state == JobState.RUNNING and not progress.alive(job.pk)
+    marks it failed. Pages say so meanwhile; reading never writes. While Redis is
+    unreachable nothing is known either way, and the page shows what PostgreSQL holds."""
+    if job.state != JobState.RUNNING:
+        return False
+    try:
+        return progress.silent(job.pk)
+    except redis.RedisError:
+        return False
+
+
+def finetune_job_stream_position(*, job_id: int) -> str:
+    """The id of the last progress stream entry the control plane applied to the job."""
+    return FineTuneJob.objects.values_list("stream_pos", flat=True).get(pk=job_id)
+
+
+def finetune_job_cancel_requested(*, job_id: int) -> bool:
+    """The runner's question every step: the flag in Redis, or while Redis is away, the
+    job's row."""
+    try:
+        return progress.cancel_requested(job_id)
+    except redis.RedisError:
+        return FineTuneJob.objects.filter(pk=job_id, cancel_requested=True).exists()

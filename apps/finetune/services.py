@@ -329,11 +329,18 @@ def finetune_job_fail_if_silent(*, job_id: int) -> FineTuneJob | None:
     The worker died (killed, out of memory, its machine gone) or lost Redis for longer
     than the heartbeat's time to live. What it reported before is applied first, its
     checkpoints stay on the worker's disk, and a retry resumes from the last one.
+    A job whose heartbeat Redis lost with its data (restarted empty) is given one time
+    to live from the first reap that notices, for its worker to beat again; a cancel
+    asked for, lost with the same data, is asked for again.
     Returns the failed job, or None when the job is alive or not running.
     """
-    if progress.alive(job_id):
+    job = FineTuneJob.objects.filter(pk=job_id, state=JobState.RUNNING).first()
+    if job is None:
         return None
-    if not FineTuneJob.objects.filter(pk=job_id, state=JobState.RUNNING).exists():
+    if not progress.silent(job_id):
+        lost = progress.heartbeat_lost(job_id, ttl=settings.FINETUNE_HEARTBEAT_TTL)
+        if lost and job.cancel_requested:
+            progress.request_cancel(job_id)
         return None
     finetune_progress_apply(job_id=job_id)
     with transaction.atomic():
@@ -342,11 +349,17 @@ def finetune_job_fail_if_silent(*, job_id: int) -> FineTuneJob | None:
             .filter(pk=job_id, state=JobState.RUNNING)
             .first()
         )
-        if job is None or progress.alive(job_id):
+        if job is None or not progress.silent(job_id):
             return None
         seen = progress.last_seen(job_id) or {}
-        seen_at = seen.get("at") or (job.started_at or job.created_at).timestamp()
         worker = seen.get("worker") or job.worker or "an unknown worker"
+        if "lost_at" in seen:
+            silence = (
+                f"not heard from since Redis lost its data, {_when(seen['lost_at'])}; on {worker}"
+            )
+        else:
+            seen_at = seen.get("at") or (job.started_at or job.created_at).timestamp()
+            silence = f"last seen {_when(seen_at)} on {worker}"
         resume = (
             f"Retry resumes from the checkpoint at step {job.last_checkpoint_step}."
             if job.last_checkpoint_step
@@ -354,8 +367,7 @@ def finetune_job_fail_if_silent(*, job_id: int) -> FineTuneJob | None:
         )
         job.state, job.finished_at = JobState.FAILED, timezone.now()
         job.reason = (
-            f"The training worker stopped responding (last seen {_when(seen_at)} on "
-            f"{worker}, at step {job.step}). {resume}"
+            f"The training worker stopped responding ({silence}, at step {job.step}). {resume}"
         )
         job.save(update_fields=["state", "finished_at", "reason"])
         audit_record(
@@ -366,7 +378,7 @@ def finetune_job_fail_if_silent(*, job_id: int) -> FineTuneJob | None:
             details={
                 "reason": job.reason,
                 "worker": worker,
-                "last_seen": seen_at,
+                "last_seen": seen.get("at") or seen.get("lost_at"),
                 "step": job.step,
                 "last_checkpoint_step": job.last_checkpoint_step,
             },
@@ -379,6 +391,22 @@ def finetune_jobs_reap() -> list[int]:
     """Fail every running job whose worker went silent (Celery beat runs this)."""
     running = FineTuneJob.objects.filter(state=JobState.RUNNING).values_list("pk", flat=True)
     return [pk for pk in list(running) if finetune_job_fail_if_silent(job_id=pk) is not None]
+
+
+def finetune_queue_restore() -> list[int]:
+    """Send the queued jobs to the training queue again, in order, when Redis has lost
+    its data (restarted empty): their messages went with it, and they would wait for
+    ever. A job delivered twice is claimed once (``finetune_job_claim``), so sending
+    one whose message survived does nothing. Celery beat runs this with the reap."""
+    if not progress.queue_lost():
+        return []
+    queued = FineTuneJob.objects.filter(state=JobState.QUEUED).order_by("created_at", "pk")
+    resent = list(queued.values_list("pk", flat=True))
+    for job_id in resent:
+        _enqueue(job_id)
+    if resent:
+        log.warning("Redis had lost its data (or is new): queued fine-tunes %s sent again", resent)
+    return resent
 
 
 @transaction.atomic

@@ -5,6 +5,10 @@
 stream and ``finetune.progress`` (on the control queue) applies them to the row.
 While it runs, the job's heartbeat (progress.Heartbeat) says its worker is alive;
 ``finetune.reap`` (Celery beat) fails running jobs whose heartbeat expired.
+
+A run outlives a Redis restart: reports wait in the Reporter until Redis is back, a
+request to apply them that cannot be sent is left to the next one, and the cancel flag
+is read from the job's row while Redis is away.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from pathlib import Path
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
+from kombu.exceptions import OperationalError
 
-from apps.finetune import progress, services
+from apps.finetune import progress, selectors, services
 from apps.finetune.models import FineTuneJob, JobState
 
 log = logging.getLogger(__name__)
@@ -31,7 +36,12 @@ def finetune_progress(job_id: int) -> None:
 
 
 def _send_progress(job_id: int) -> None:
-    finetune_progress.delay(job_id)
+    try:
+        finetune_progress.delay(job_id)
+    except OperationalError as exc:
+        # The broker is away: the next request (at the latest the run's end) applies
+        # these reports too, as each applies everything new in the job's stream.
+        log.warning("fine-tune %s: progress not relayed for now (%s)", job_id, exc)
 
 
 @shared_task(
@@ -53,20 +63,30 @@ def finetune_run(self, job_id: int) -> None:
 
 @shared_task(name="finetune.reap")
 def finetune_reap() -> None:
-    """Fail running jobs whose training worker went silent (Celery beat, every 30 s)."""
+    """Fail running jobs whose training worker went silent, and queue again the jobs
+    whose messages Redis lost (Celery beat, every 30 s)."""
     services.finetune_jobs_reap()
+    services.finetune_queue_restore()
 
 
 def _run(job_id: int, *, attempt: int) -> None:
     job = FineTuneJob.objects.get(pk=job_id)
-    reporter = progress.Reporter(job_id, _send_progress)
+    reporter = progress.Reporter(
+        job_id,
+        apply=_send_progress,
+        applied=lambda: selectors.finetune_job_stream_position(job_id=job_id),
+    )
     work_dir = Path(settings.FINETUNE_WORK_DIR) / f"job-{job_id}"
     try:
         from workers.finetune import FinetuneError, ParamError, train
         from workers.finetune.data import DataError
 
         spec = services.train_spec(job, work_dir=work_dir, report=reporter)
-        result = train(spec, report=reporter, should_stop=lambda: progress.cancel_requested(job_id))
+        result = train(
+            spec,
+            report=reporter,
+            should_stop=lambda: selectors.finetune_job_cancel_requested(job_id=job_id),
+        )
     except (FinetuneError, ParamError, DataError) as exc:
         reporter.flush()
         services.finetune_job_finish(

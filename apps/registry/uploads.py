@@ -2,11 +2,14 @@
 
 Django hands each received chunk to this handler: it is hashed and written to disk at
 once, so a multi-gigabyte model never sits in memory, and an upload over the limit is
-cut off as soon as it crosses it.
+cut off as soon as it crosses it. A disk that fills mid-way ends the upload the same
+way: the partial file is removed at once and the client told why (507).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 from collections.abc import Callable
@@ -33,11 +36,16 @@ class StagedUpload(UploadedFile):
         self.original_name = name  # unchecked client input: services validate it
 
 
+# A full disk or an exhausted quota: the upload cannot go on, but the next one may.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
 class ArtifactUploadHandler(FileUploadHandler):
     def __init__(self, request=None, max_bytes: int | None = None) -> None:
         super().__init__(request)
         self.max_bytes = settings.UPLOAD_MAX_BYTES if max_bytes is None else max_bytes
         self.too_large = False
+        self.no_space = False
         self._fh = None
         self._staged: Staged | None = None
 
@@ -57,13 +65,21 @@ class ArtifactUploadHandler(FileUploadHandler):
             self._discard()
             raise StopUpload(connection_reset=True)
         self._digest.update(raw_data)
-        self._fh.write(raw_data)
+        try:
+            self._fh.write(raw_data)
+        except OSError as exc:
+            self._failed(exc)
+            raise StopUpload(connection_reset=True) from exc
         return None
 
     def file_complete(self, file_size: int) -> StagedUpload | None:
         if self._staged is None or self._fh is None:
             return None
-        self._fh.close()
+        try:
+            self._fh.close()  # writes what is still buffered
+        except OSError as exc:
+            self._failed(exc)
+            return None
         self._fh = None
         self._staged.sha256 = self._digest.hexdigest()
         upload = StagedUpload(self._staged, self.file_name or "")
@@ -73,9 +89,17 @@ class ArtifactUploadHandler(FileUploadHandler):
     def upload_interrupted(self) -> None:
         self._discard()
 
+    def _failed(self, exc: OSError) -> None:
+        """A write failed: remove the partial file (freeing what it took), then say why."""
+        self._discard()
+        if exc.errno not in NO_SPACE:
+            raise exc  # any other disk error is the server's, and logged as such
+        self.no_space = True
+
     def _discard(self) -> None:
         if self._fh is not None:
-            self._fh.close()
+            with contextlib.suppress(OSError):  # its buffer cannot be written: dropped
+                self._fh.close()
             self._fh = None
         if self._staged is not None:
             self._staged.discard()
@@ -91,6 +115,12 @@ def received_file(request, handler: ArtifactUploadHandler) -> tuple[StagedUpload
     if handler.too_large:
         limit = handler.max_bytes
         return None, f"The file is larger than the upload limit of {limit:,} bytes.", 413
+    if handler.no_space:
+        message = (
+            "There is not enough free disk space on the server to store this file; nothing "
+            "was kept. Ask an administrator to free space in the artifact store, then retry."
+        )
+        return None, message, 507
     if not isinstance(upload, StagedUpload):
         return None, "", 400
     return upload, "", 0

@@ -9,9 +9,6 @@ leave a usage record, and the box must serve again once Redis is back, untouched
 from __future__ import annotations
 
 import json
-import shutil
-import signal
-import socket
 import subprocess
 import threading
 import time
@@ -19,44 +16,24 @@ import uuid
 
 import httpx
 import pytest
-import redis
 
 from apps.accounts.models import Role, Scope
 from apps.accounts.services import api_key_create
 from apps.deployments.models import Deployment, State
 from apps.inference.models import Outcome, UsageRecord
 from tests.conftest import make_user
+from tests.faults import free_port, kill_redis, start_redis
 from tests.live import start_celery_worker, start_web_server, stop_processes
 from tests.serving.conftest import wait_for_state, wait_until
 
 STREAMS = 3
 
 
-def start_redis(port: int) -> subprocess.Popen:
-    server = shutil.which("redis-server") or "/usr/bin/redis-server"
-    process = subprocess.Popen(  # noqa: S603 - the machine's redis-server, our arguments
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port, socket_connect_timeout=0.2)
-    wait_until(lambda: _pings(client), what=f"a private Redis on port {port}", timeout=10)
-    return process
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return client.ping()
-    except redis.ConnectionError:
-        return False
-
-
 @pytest.fixture
 def private_stack(stack, settings, django_db_blocker, tmp_path):
     """A web server and a worker of their own on a private Redis, sharing the serving
     stack's database rows, artifact store and bundled model."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     redis_url = f"redis://127.0.0.1:{port}/0"
     redis_server = start_redis(port)
     env = {**stack.env, "REDIS_URL": redis_url}
@@ -132,8 +109,7 @@ def test_redis_restarted_under_live_streams_loses_no_request(private_stack):
     for event in started:
         assert event.wait(60), "a stream never started"
 
-    private_stack["redis"].send_signal(signal.SIGKILL)
-    private_stack["redis"].wait(timeout=10)
+    kill_redis(private_stack["redis"])
     time.sleep(3)
     private_stack["redis"] = start_redis(private_stack["port"])
     back = time.monotonic()
