@@ -1,83 +1,40 @@
 from __future__ import annotations
 
-from datetime import datetime
-
-from django import forms
-from django.core.exceptions import ObjectDoesNotExist
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_http_methods, require_POST
 
-from apps.accounts.access import role_required
+from apps.accounts.access import login_required, role_required
 from apps.audit import exports, signing
-from apps.audit.links import target_links
-from apps.audit.models import Outcome
-from apps.audit.selectors import AUDIT_READER_ROLES, AuditFilters, audit_event_list
-from apps.audit.services import (
+from apps.audit.selectors import audit_event_list
+from apps.audit.services import audit_export_begin
+from apps.provenance.bom import bom_file_name
+from apps.provenance.forms import ReportForm, filter_form
+from apps.provenance.lineage import lineage_layout, version_lineage
+from apps.provenance.links import target_links
+from apps.provenance.reports import model_dossier as build_dossier
+from apps.provenance.selectors import AUDIT_READER_ROLES
+from apps.provenance.services import (
     audit_dossier_generate,
-    audit_export_begin,
     audit_report_generate,
+    model_version_bom,
 )
+from apps.registry.licences import version_licence
+from apps.registry.models import ModelVersion
+from apps.registry.selectors import model_version_get
 
 PAGE_SIZE = 50
 
 
-class AuditFilterForm(forms.Form):
-    since = forms.DateTimeField(
-        required=False,
-        label="From (UTC)",
-        widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
-    )
-    until = forms.DateTimeField(
-        required=False,
-        label="Until (UTC)",
-        widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
-    )
-    actor = forms.CharField(required=False, max_length=200, help_text="A username")
-    action = forms.CharField(
-        required=False, max_length=100, help_text="Prefix, e.g. 'user.' or 'apikey.create'"
-    )
-    target_type = forms.CharField(
-        required=False, max_length=100, help_text="e.g. registry.modelversion"
-    )
-    target_id = forms.CharField(required=False, max_length=100, label="Target id")
-    target = forms.CharField(required=False, max_length=300, help_text="Id or part of its name")
-    outcome = forms.ChoiceField(required=False, choices=[("", "Any"), *Outcome.choices])
-    text = forms.CharField(required=False, max_length=200, label="Details contain")
-    before = forms.IntegerField(required=False, min_value=1, widget=forms.HiddenInput)
-
-    def clean(self):
-        data = super().clean()
-        since, until = data.get("since"), data.get("until")
-        if since and until and since >= until:
-            raise forms.ValidationError("'From' must be before 'Until'.")
-        return data
-
-    def filters(self) -> AuditFilters:
-        data = self.cleaned_data
-        since: datetime | None = data.get("since")
-        until: datetime | None = data.get("until")
-        return AuditFilters(
-            action=data.get("action", "").strip(),
-            actor=data.get("actor", "").strip(),
-            target_type=data.get("target_type", "").strip(),
-            target_id=data.get("target_id", "").strip(),
-            target=data.get("target", "").strip(),
-            outcome=data.get("outcome", ""),
-            text=data.get("text", "").strip(),
-            since=since,
-            until=until,
-        )
+def version_or_404(request: HttpRequest, pk: int) -> ModelVersion:
+    """The model version ``pk`` if the caller may see it (a page's or an API call's)."""
+    try:
+        return model_version_get(user=request.user, pk=pk)
+    except ModelVersion.DoesNotExist as exc:
+        raise Http404("No such model version.") from exc
 
 
-def filter_form(params) -> tuple[AuditFilterForm, AuditFilters | None]:
-    """The filter form and its filters; ``None`` when the input is not valid."""
-    form = AuditFilterForm(params or None)
-    if not form.is_bound:
-        return form, AuditFilters()
-    if not form.is_valid():
-        return form, None
-    return form, form.filters()
+# The audit log ---------------------------------------------------------------------
 
 
 @role_required(*AUDIT_READER_ROLES)
@@ -104,7 +61,7 @@ def audit_list(request: HttpRequest) -> HttpResponse:
         "valid": filters is not None,
         "public_key": signing.public_key(),
     }
-    template = "audit/_event_table.html" if request.htmx else "audit/event_list.html"
+    template = "provenance/_event_table.html" if request.htmx else "provenance/event_list.html"
     return render(request, template, context)
 
 
@@ -139,19 +96,7 @@ def public_key_pem(request: HttpRequest) -> HttpResponse:
     return response
 
 
-class ReportForm(forms.Form):
-    start = forms.DateTimeField(
-        label="From (UTC)", widget=forms.DateTimeInput(attrs={"type": "datetime-local"})
-    )
-    end = forms.DateTimeField(
-        label="Until (UTC)", widget=forms.DateTimeInput(attrs={"type": "datetime-local"})
-    )
-
-    def clean(self):
-        data = super().clean()
-        if data.get("start") and data.get("end") and data["start"] >= data["end"]:
-            raise forms.ValidationError("'From' must be before 'Until'.")
-        return data
+# Reports and dossiers --------------------------------------------------------------
 
 
 def _download(data: bytes, *, fmt: str, name: str) -> HttpResponse:
@@ -176,19 +121,13 @@ def audit_report(request: HttpRequest) -> HttpResponse:
         name = f"aibox-compliance-report-{start:%Y%m%d}-{end:%Y%m%d}"
         return _download(data, fmt=fmt, name=name)
     status = 400 if fmt else 200
-    return render(request, "audit/report.html", {"form": form}, status=status)
+    return render(request, "provenance/report.html", {"form": form}, status=status)
 
 
 @role_required(*AUDIT_READER_ROLES)
 @require_http_methods(["GET", "POST"])
 def model_dossier(request: HttpRequest, pk: int) -> HttpResponse:
-    from apps.audit.reports import model_dossier as build
-    from apps.registry.selectors import model_version_get
-
-    try:
-        version = model_version_get(user=request.user, pk=pk)
-    except ObjectDoesNotExist as exc:
-        raise Http404("No such model version.") from exc
+    version = version_or_404(request, pk)
     if request.method == "POST":
         fmt = request.POST.get("format", "")
         if fmt not in ("pdf", "json"):
@@ -196,6 +135,39 @@ def model_dossier(request: HttpRequest, pk: int) -> HttpResponse:
         data = audit_dossier_generate(actor=request.user, version=version, fmt=fmt)
         name = f"aibox-dossier-{version.repo.name}-v{version.number}"
         return _download(data, fmt=fmt, name=name)
-    return render(
-        request, "audit/dossier.html", {"version": version, "dossier": build(version=version)}
+    context = {"version": version, "dossier": build_dossier(version=version)}
+    return render(request, "provenance/dossier.html", context)
+
+
+# Lineage and the ML-BOM ------------------------------------------------------------
+
+
+@login_required
+def version_lineage_page(request: HttpRequest, pk: int) -> HttpResponse:
+    """Ancestors and descendants of a version as a graph (inline SVG) and as lists."""
+    version = version_or_404(request, pk)
+    lineage = version_lineage(user=request.user, version=version)
+    context = {
+        "version": version,
+        "lineage": lineage,
+        "layout": lineage_layout(lineage),
+        "ancestors": lineage.of_relation("ancestor"),
+        "descendants": lineage.of_relation("descendant"),
+        "licence": version_licence(version),
+    }
+    return render(request, "provenance/lineage.html", context)
+
+
+@login_required
+@require_POST
+def version_bom(request: HttpRequest, pk: int) -> HttpResponse:
+    """Download the CycloneDX ML-BOM (the same document as the API's). A POST with a CSRF
+    token: each download is an audit event, which no other site may start."""
+    version = version_or_404(request, pk)
+    bom = model_version_bom(
+        actor=request.user, version=version, absolute=request.build_absolute_uri
     )
+    response = JsonResponse(bom, json_dumps_params={"indent": 2})
+    response["Content-Type"] = "application/vnd.cyclonedx+json; version=1.6"
+    response["Content-Disposition"] = f'attachment; filename="{bom_file_name(version)}"'
+    return response
