@@ -274,6 +274,7 @@ INSTALLED_APPS = [
     "apps.inference",
     "apps.setups",
     "apps.ops",
+    "apps.provenance",
 ]
 
 MIDDLEWARE = [
