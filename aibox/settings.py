@@ -277,6 +277,7 @@ INSTALLED_APPS = [
     "apps.inference",
     "apps.setups",
     "apps.ops",
+    "apps.provenance",
 ]
 
 MIDDLEWARE = [

@@ -2,14 +2,16 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from apps.accounts import api as accounts_api
-from apps.audit import api as audit_api
 from apps.datasets import api as datasets_api
 from apps.deployments import api as deployments_api
 from apps.finetune import api as finetune_api
 from apps.inference import api as inference_api
 from apps.inference import views as inference_views
 from apps.optimise import api as optimise_api
+from apps.provenance import api as provenance_api
+from apps.provenance import urls as provenance_urls
 from apps.registry import api as registry_api
+from apps.registry import urls as registry_urls
 from apps.setups import api as setups_api
 
 api_v1 = [
@@ -25,7 +27,7 @@ api_v1 = [
     ),
     path("users/<int:pk>/limits", accounts_api.UserLimitsView.as_view(), name="user_limits"),
     path("roles/<str:role>/limits", accounts_api.RoleLimitsView.as_view(), name="role_limits"),
-    path("audit/events/", audit_api.AuditEventListView.as_view(), name="audit_events"),
+    path("audit/events/", provenance_api.AuditEventListView.as_view(), name="audit_events"),
     path("usage/", inference_api.UsageListView.as_view(), name="usage"),
     path("usage/daily/", inference_api.UsageDailyView.as_view(), name="usage_daily"),
     path("usage/limits/", inference_api.UsageLimitsView.as_view(), name="usage_limits"),
@@ -140,12 +142,12 @@ api_v1 = [
     ),
     path(
         "registry/versions/<int:pk>/lineage",
-        registry_api.LineageView.as_view(),
+        provenance_api.LineageView.as_view(),
         name="version_lineage",
     ),
     path(
         "registry/versions/<int:pk>/bom.cdx.json",
-        registry_api.BomView.as_view(),
+        provenance_api.BomView.as_view(),
         name="version_bom",
     ),
     path(
@@ -188,8 +190,13 @@ urlpatterns = [
     path("", include("apps.core.urls")),
     path("", include("apps.accounts.urls")),
     path("", include("apps.ops.urls")),
-    path("audit/", include("apps.audit.urls")),
-    path("registry/", include("apps.registry.urls")),
+    # The audit log's pages, reports and dossiers are the provenance app's (its top layer);
+    # so are a version's lineage and ML-BOM pages, under the registry's names.
+    path("audit/", include((provenance_urls.audit_urlpatterns, "audit"))),
+    path(
+        "registry/",
+        include(([*registry_urls.urlpatterns, *provenance_urls.registry_urlpatterns], "registry")),
+    ),
     path("datasets/", include("apps.datasets.urls")),
     path("finetunes/", include("apps.finetune.urls")),
     # The playground's chat is the inference app's, on the deployments pages' path.

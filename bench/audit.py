@@ -72,7 +72,7 @@ def bench_pages(n: int, repeat: int) -> list[tuple[str, list[float], list[float]
     from django.test import Client
 
     from apps.audit.selectors import audit_event_list
-    from apps.audit.views import filter_form
+    from apps.provenance.forms import filter_form
 
     client = Client()
     client.force_login(officer())

@@ -235,7 +235,7 @@ def _text_chunks(plan: ExportPlan, checker: ChainChecker, tally: _Tally) -> Iter
 def _pdf_chunks(
     plan: ExportPlan, checker: ChainChecker, tally: _Tally, link: str
 ) -> Iterator[bytes]:
-    from apps.audit import pdf
+    from apps.audit import pdf  # here, so reportlab loads only when a PDF is made
 
     listed = []
     for event in _verified_events(plan, checker, tally):

@@ -7,18 +7,11 @@ from django.db.models import Q, QuerySet, TextField
 from django.db.models.functions import Cast, Upper
 from django.db.models.lookups import Contains
 
-from apps.accounts.models import Role, User
 from apps.audit.chain import HASHED_FIELDS, VerifyResult, format_timestamp, verify_events
 from apps.audit.models import AuditEvent
 
-AUDIT_READER_ROLES = (Role.ADMIN, Role.COMPLIANCE_OFFICER)
-
 # What a row of an export or a verification pass reads: the hashed fields and the links.
 EVENT_COLUMNS = (*HASHED_FIELDS, "prev_hash", "hash")
-
-
-def audit_can_view(*, user: User) -> bool:
-    return user.has_role(*AUDIT_READER_ROLES)
 
 
 @dataclass(frozen=True)

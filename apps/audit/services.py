@@ -1,16 +1,21 @@
+"""Writing the audit log. The log sits below every app, accounts included
+(docs/architecture.md, Layers), so an actor is any Django user; an event copies its name."""
+
 from __future__ import annotations
 
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth.models import AbstractUser
 from django.core.exceptions import ValidationError
 from django.db import connection, models, transaction
 from django.utils import timezone
 
-from apps.accounts.models import User
-from apps.audit.chain import GENESIS_HASH, compute_hash
+from apps.audit.chain import GENESIS_HASH, compute_hash, format_timestamp
 from apps.audit.context import current_source
+from apps.audit.exports import FORMATS, ExportPlan
 from apps.audit.models import AuditEvent, Outcome
+from apps.audit.selectors import AuditFilters, audit_head_seq, audit_seq_bounds
 from apps.audit.signing import PublicKey, create_key
 
 SIGNING_KEY_CREATED = "audit.signing_key.create"
@@ -34,7 +39,7 @@ def _scrub(value: Any) -> Any:
 
 def audit_record(
     *,
-    actor: User | None,
+    actor: AbstractUser | None,
     action: str,
     target: models.Model | None = None,
     target_type: str = "",
@@ -84,17 +89,13 @@ def audit_record(
         )
 
 
-def audit_export_begin(*, actor: User, filters, fmt: str):
+def audit_export_begin(*, actor: AbstractUser, filters: AuditFilters, fmt: str) -> ExportPlan:
     """Record an export of a filtered view and fix what it covers.
 
     The export lists matching events up to the head of the log as it is now; its own
     ``audit.export`` event, written here, comes after that head. Returns the
     ``ExportPlan`` that ``apps.audit.exports.stream_export`` writes out.
     """
-    from apps.audit.chain import format_timestamp
-    from apps.audit.exports import FORMATS, ExportPlan
-    from apps.audit.selectors import audit_head_seq, audit_seq_bounds
-
     if fmt not in FORMATS:
         raise ValueError(f"Unknown export format {fmt!r}; use one of {', '.join(FORMATS)}.")
     with transaction.atomic():
@@ -121,42 +122,7 @@ def audit_export_begin(*, actor: User, filters, fmt: str):
     )
 
 
-def audit_report_generate(*, actor: User, start, end, fmt: str) -> bytes:
-    """The signed compliance report for [start, end) as JSON or PDF; audited."""
-    from apps.audit.chain import format_timestamp
-    from apps.audit.reports import compliance_report, signed_json, signed_pdf
-
-    with transaction.atomic():
-        event = audit_record(
-            actor=actor,
-            action="audit.report",
-            details={"format": fmt, "start": format_timestamp(start), "end": format_timestamp(end)},
-        )
-    document = compliance_report(start=start, end=end)
-    render = signed_json if fmt == "json" else signed_pdf
-    return render(
-        "compliance-report", document, generated_by=event.actor_label, event_seq=event.seq
-    )
-
-
-def audit_dossier_generate(*, actor: User, version, fmt: str) -> bytes:
-    """The signed dossier of one model version as JSON or PDF; audited."""
-    from apps.audit.reports import model_dossier, signed_json, signed_pdf
-
-    with transaction.atomic():
-        event = audit_record(
-            actor=actor, action="audit.dossier", target=version, details={"format": fmt}
-        )
-    render = signed_json if fmt == "json" else signed_pdf
-    return render(
-        "model-dossier",
-        model_dossier(version=version),
-        generated_by=event.actor_label,
-        event_seq=event.seq,
-    )
-
-
-def audit_signing_key_create(*, actor: User, replace_lost_key: bool = False) -> PublicKey:
+def audit_signing_key_create(*, actor: AbstractUser, replace_lost_key: bool = False) -> PublicKey:
     """Create the box's audit signing key (``settings.AUDIT_SIGNING_KEY_FILE``); audited
     as ``audit.signing_key.create`` with its fingerprint.
 

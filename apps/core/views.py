@@ -7,9 +7,9 @@ from django.views.decorators.cache import never_cache
 from apps.accounts.access import login_required, role_required
 from apps.accounts.models import ApiKey, Role
 from apps.audit.models import AuditEvent
-from apps.audit.selectors import audit_can_view
 from apps.core.selectors import readiness
 from apps.ops import selectors as ops_selectors
+from apps.provenance.selectors import audit_can_view
 
 
 @login_required

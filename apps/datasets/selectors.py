@@ -4,7 +4,9 @@ from django.db.models import Count, QuerySet
 
 from apps.accounts.models import User
 from apps.datasets.models import Dataset, DatasetImport, DatasetTransform, DatasetVersion
-from apps.registry.models import Format, ModelVersion, State
+from apps.datasets.services import reading_options
+from apps.registry.models import Artifact, Format, ModelVersion, State
+from apps.registry.services import artifact_store
 from workers import datasets as data
 
 
@@ -65,9 +67,6 @@ def dataset_version_rows(
 ) -> list[data.PreviewRow]:
     """One page of rows, read from the stored file by seeking to the nearest indexed
     offset: fast on a large file, which is never loaded whole."""
-    from apps.datasets.services import reading_options
-    from apps.registry.services import artifact_store
-
     if not version.report:
         return []
     report = data.Report.from_dict(version.report)
@@ -76,3 +75,10 @@ def dataset_version_rows(
     return data.read_page(
         path, data.FileFormat(version.format), options, report.index, start, count
     )
+
+
+def artifact_users(artifact: Artifact) -> list[str]:
+    """The dataset versions whose file is ``artifact``, named as the registry's integrity
+    events list them; the registry is handed this in ``DatasetsConfig.ready``."""
+    versions = DatasetVersion.objects.filter(artifact=artifact).select_related("dataset")
+    return [f"dataset {d}" for d in versions]

@@ -16,7 +16,6 @@ from apps.deployments.models import (
     RevisionState,
     State,
 )
-from apps.inference.models import UsageRecord
 
 SETTLED = {State.READY, State.STOPPED, State.FAILED, State.IDLE}
 
@@ -92,7 +91,6 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
         "estimate": estimate,
         "can_manage": request.user.has_role(*MANAGER_ROLES),
         "can_use": request.user.has_role(*INFERENCE_ROLES),
-        "usage": UsageRecord.objects.filter(deployment=deployment)[:20],
         "scale_form": ScaleForm(initial={"replicas": deployment.replicas}),
         "on_demand_form": LoadOnDemandForm(instance=deployment),
         "revisions": revisions,

@@ -1,14 +1,14 @@
 from __future__ import annotations
 
 import redis
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 
 from apps.accounts.models import User
 from apps.datasets.models import Dataset, DatasetVersion
 from apps.datasets.models import State as DataState
 from apps.finetune import progress
 from apps.finetune.models import FineTuneJob, JobState
-from apps.registry.models import Format, ModelVersion
+from apps.registry.models import Format, ModelVersion, SourceKind
 from apps.registry.models import State as VersionState
 
 CHART_WIDTH, CHART_HEIGHT = 560, 180
@@ -26,6 +26,42 @@ def finetune_job_get(*, user: User, pk: int) -> FineTuneJob:
         .select_related("validation_version__dataset", "peft_adapter__repo")
         .get(pk=pk)
     )
+
+
+def finetune_jobs_producing(version: ModelVersion) -> QuerySet[FineTuneJob]:
+    """The fine-tunes that produced ``version`` (its adapter, or its PEFT export)."""
+    job_id = (version.source or {}).get("finetune_job")
+    query = Q(adapter=version) | Q(peft_adapter=version)
+    if isinstance(job_id, int) and version.source_kind == SourceKind.FINE_TUNE:
+        query |= Q(pk=job_id)
+    return FineTuneJob.objects.filter(query).select_related(
+        "base_model__repo", "dataset_version__dataset", "validation_version__dataset"
+    )
+
+
+def finetune_datasets_of(version: ModelVersion) -> list[DatasetVersion]:
+    """The dataset versions the fine-tune that produced ``version`` trained on."""
+    found: list[DatasetVersion] = []
+    for job in finetune_jobs_producing(version):
+        found += [d for d in (job.dataset_version, job.validation_version) if d is not None]
+    ids = [
+        d.get("id")
+        for d in (version.source or {}).get("dataset_versions", []) or []
+        if isinstance(d, dict)
+    ]
+    known = {d.pk for d in found}
+    found += list(
+        DatasetVersion.objects.filter(pk__in=[i for i in ids if isinstance(i, int)])
+        .exclude(pk__in=known)
+        .select_related("dataset")
+    )
+    return found
+
+
+def finetune_training_licences(version: ModelVersion) -> list[str]:
+    """The licences of the data ``version`` was trained on; the registry's licence rule
+    reads them through ``apps.registry.licences`` (set in ``FinetuneConfig.ready``)."""
+    return [d.dataset.licence for d in finetune_datasets_of(version)]
 
 
 def base_model_choices() -> QuerySet[ModelVersion]:

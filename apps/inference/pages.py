@@ -13,14 +13,14 @@ from typing import Any
 from django import forms
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.http import HttpRequest, HttpResponse, QueryDict, StreamingHttpResponse
-from django.shortcuts import render
+from django.shortcuts import get_object_or_404, render
 from django.utils import timezone
 
 from apps.accounts.access import login_required
 from apps.accounts.models import ApiKey, User
 from apps.audit.exports import streamed_download
 from apps.audit.signed import csv_escape
-from apps.deployments.selectors import sync_redis
+from apps.deployments.selectors import deployment_list, sync_redis
 from apps.inference.limits import limits_of_keys
 from apps.inference.models import UsageRecord
 from apps.inference.selectors import (
@@ -30,6 +30,7 @@ from apps.inference.selectors import (
     usage_cursor_parse,
     usage_list,
     usage_overview,
+    usage_recent,
     usage_records,
 )
 
@@ -136,6 +137,18 @@ def usage(request: HttpRequest) -> HttpResponse:
             redis=sync_redis(), keys=limited_keys(user=request.user, key_prefix=filters.key)
         )
     template = "inference/_usage_results.html" if request.htmx else "inference/usage.html"
+    return render(request, template, context)
+
+
+@login_required
+def deployment_usage(request: HttpRequest, name: str) -> HttpResponse:
+    """A deployment's latest requests: the table its page loads (htmx), or a page of its
+    own. The inference app sits above the deployments app, so the table is served here."""
+    deployment = get_object_or_404(deployment_list(user=request.user), name=name)
+    context = {"deployment": deployment, "usage": usage_recent(deployment=deployment)}
+    template = (
+        "inference/_deployment_usage.html" if request.htmx else "inference/deployment_usage.html"
+    )
     return render(request, template, context)
 
 

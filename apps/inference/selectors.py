@@ -13,6 +13,7 @@ from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
 
 from apps.accounts.models import Role, User
+from apps.deployments.models import Deployment
 from apps.inference.models import Outcome, UsageRecord
 
 # Who sees every user's requests; everyone else sees only their own.
@@ -105,6 +106,12 @@ def usage_list(*, user: User, filters: UsageFilters) -> QuerySet[UsageRecord]:
 
 
 # Keyset cursors: the last row's (created_at, id), as "<microseconds since 1970>.<id>".
+
+
+def usage_recent(*, deployment: Deployment, limit: int = 20) -> QuerySet[UsageRecord]:
+    """A deployment's latest requests, every caller's: whoever may see the deployment sees
+    them on its page."""
+    return UsageRecord.objects.filter(deployment=deployment)[:limit]
 
 
 def usage_cursor(record: UsageRecord) -> str:

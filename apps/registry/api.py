@@ -10,10 +10,9 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from apps.accounts.models import Role, Scope
-from apps.accounts.permissions import NotFromAnotherSite, role_and_scope
+from apps.accounts.permissions import role_and_scope
 from apps.registry import selectors, services
 from apps.registry.licences import licence_not_allowed, version_licence
-from apps.registry.lineage import version_lineage
 from apps.registry.models import (
     APPROVER_ROLES,
     WRITER_ROLES,
@@ -297,39 +296,6 @@ class ImportDetailView(APIView):
         except ModelImport.DoesNotExist as exc:
             raise Http404("No such import.") from exc
         return Response(ModelImportSerializer(job).data)
-
-
-class LineageView(APIView):
-    """GET the version's ancestors and descendants as typed nodes and edges."""
-
-    permission_classes = [READERS]
-
-    @extend_schema(responses=OpenApiTypes.OBJECT)
-    def get(self, request: Request, pk: int) -> Response:
-        lineage = version_lineage(user=request.user, version=_version(request, pk))
-        return Response(lineage.as_dict())
-
-
-class BomView(APIView):
-    """GET the version and everything it was made from as a CycloneDX 1.6 ML-BOM (JSON)."""
-
-    permission_classes = [READERS, NotFromAnotherSite]
-
-    @extend_schema(responses={(200, "application/vnd.cyclonedx+json"): OpenApiTypes.OBJECT})
-    def get(self, request: Request, pk: int) -> Response:
-        version = _version(request, pk)
-        bom = services.model_version_bom(
-            actor=request.user, version=version, absolute=request.build_absolute_uri
-        )
-        return Response(
-            bom,
-            content_type="application/vnd.cyclonedx+json; version=1.6",
-            headers={"Content-Disposition": f'attachment; filename="{bom_file_name(version)}"'},
-        )
-
-
-def bom_file_name(version: ModelVersion) -> str:
-    return f"{version.repo.name}-v{version.number}.cdx.json"
 
 
 class LicenceOverrideSerializer(serializers.ModelSerializer):

@@ -11,17 +11,30 @@ CycloneDX export writes them as ``LicenseRef-…``.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from django.conf import settings
-from django.core.exceptions import ValidationError
+from django.core.exceptions import ImproperlyConfigured, ValidationError
 from license_expression import ExpressionError, Licensing
 
 if TYPE_CHECKING:
     from apps.registry.models import ModelVersion
 
 _licensing = Licensing()
+
+# The data a version was fine-tuned on is the fine-tune app's to know, and that app sits
+# above the registry (docs/architecture.md, Layers), so it passes down how to read those
+# licences when Django starts (``FinetuneConfig.ready``).
+TrainingLicences = Callable[["ModelVersion"], list[str]]
+_training_licences: TrainingLicences | None = None
+
+
+def training_licences_source(reader: TrainingLicences) -> None:
+    """Set how ``version_licence`` reads the licences of the data a version was trained
+    on."""
+    global _training_licences
+    _training_licences = reader
 
 
 def licence_check(expression: str) -> str:
@@ -81,8 +94,12 @@ def licence_terms(expression: str) -> list[str]:
 def version_licence(version: ModelVersion) -> str:
     """The licence a version is bound by (see the module's docstring): its repo's, its
     parents' (recursively) and its fine-tune's datasets'."""
-    from apps.registry.lineage import finetune_datasets_of
-
+    training_licences = _training_licences
+    if training_licences is None:
+        raise ImproperlyConfigured(
+            "A version's licence needs its training data's: apps.finetune, which sets "
+            "apps.registry.licences.training_licences_source, is not installed."
+        )
     seen: set[int] = set()
     ordered: list[str] = []
 
@@ -93,7 +110,7 @@ def version_licence(version: ModelVersion) -> str:
         ordered.append(v.repo.licence)
         for parent in v.parents.select_related("repo"):
             visit(parent)
-        ordered.extend(d.dataset.licence for d in finetune_datasets_of(v))
+        ordered.extend(training_licences(v))
 
     visit(version)
     return licence_and(ordered)

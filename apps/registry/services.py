@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.exceptions import ImproperlyConfigured, PermissionDenied, ValidationError
 from django.db import transaction
 from django.db.models import F
 from django.urls import reverse
@@ -428,27 +428,6 @@ def model_version_deploy_check(*, version: ModelVersion) -> None:
 
 
 @transaction.atomic
-def model_version_bom(
-    *, actor: User, version: ModelVersion, absolute: Callable[[str], str]
-) -> dict[str, Any]:
-    """The CycloneDX ML-BOM of ``version`` and what it was made from, as ``actor`` may see
-    it; the export is audited. ``absolute`` makes a path an absolute URL."""
-    from apps.registry.lineage import lineage_bom, version_lineage
-
-    bom = lineage_bom(version_lineage(user=actor, version=version), absolute=absolute)
-    audit_record(
-        actor=actor,
-        action="model_version.bom_export",
-        target=version,
-        details={
-            "serial_number": bom["serialNumber"],
-            "components": [c["bom-ref"] for c in bom["components"]],
-        },
-    )
-    return bom
-
-
-@transaction.atomic
 def licence_override_create(*, actor: User, version: ModelVersion, reason: str) -> LicenceOverride:
     """Record an admin's decision that ``version`` may be deployed although its licence
     names terms not on the deployment allow-list (audited, with the reason)."""
@@ -538,12 +517,29 @@ def artifact_reverify(*, actor: User, limit: int) -> ReverifyResult:
     return ReverifyResult(checked=len(batch), failed=failed)
 
 
-def _users_of(artifact: Artifact) -> list[str]:
-    from apps.datasets.models import DatasetVersion
+# Dataset versions keep their files in the same store, but the datasets app sits above the
+# registry (docs/architecture.md, Layers): it passes down how to name the ones that use an
+# artifact when Django starts (``DatasetsConfig.ready``).
+ArtifactUsers = Callable[[Artifact], list[str]]
+_artifact_users: ArtifactUsers | None = None
 
+
+def artifact_users_source(reader: ArtifactUsers) -> None:
+    """Set how re-verification names what else, besides model versions, stores its file as
+    an artifact (for its audit events)."""
+    global _artifact_users
+    _artifact_users = reader
+
+
+def _users_of(artifact: Artifact) -> list[str]:
+    others = _artifact_users
+    if others is None:
+        raise ImproperlyConfigured(
+            "Naming an artifact's users needs apps.datasets, which sets "
+            "apps.registry.services.artifact_users_source; it is not installed."
+        )
     models = [str(v) for v in ModelVersion.objects.filter(artifact=artifact).select_related("repo")]
-    datasets = DatasetVersion.objects.filter(artifact=artifact).select_related("dataset")
-    return models + [f"dataset {d}" for d in datasets]
+    return models + others(artifact)
 
 
 def _reverify_failed(actor: User, artifact: Artifact, reason: str) -> None:

@@ -2,7 +2,8 @@ from django.urls import path
 
 from apps.registry import views
 
-app_name = "registry"
+# Mounted at /registry/ as the "registry" namespace by aibox/urls.py, which adds a
+# version's lineage and ML-BOM pages (apps.provenance) to these.
 
 urlpatterns = [
     path("", views.repo_list, name="repos"),
@@ -12,6 +13,4 @@ urlpatterns = [
     path("models/<str:name>/import-hf", views.model_import_create, name="import_hf"),
     path("imports/<int:pk>/", views.model_import_detail, name="import"),
     path("versions/<int:pk>/", views.version_detail, name="version"),
-    path("versions/<int:pk>/lineage", views.version_lineage_page, name="lineage"),
-    path("versions/<int:pk>/bom.cdx.json", views.version_bom, name="bom"),
 ]

@@ -11,10 +11,8 @@ from django.views.decorators.http import require_http_methods, require_POST
 from apps.accounts.access import login_required, role_required
 from apps.accounts.models import Role
 from apps.registry import selectors, services
-from apps.registry.api import bom_file_name
 from apps.registry.forms import HfImportForm, ImportPathForm, ModelRepoForm, ReasonForm
 from apps.registry.licences import licence_not_allowed, version_licence
-from apps.registry.lineage import lineage_layout, version_lineage
 from apps.registry.models import APPROVER_ROLES, WRITER_ROLES, ModelImport, ModelRepo, ModelVersion
 from apps.registry.uploads import (
     ArtifactUploadHandler,
@@ -227,34 +225,3 @@ def version_detail(request: HttpRequest, pk: int) -> HttpResponse:
     }
     status = 400 if (form.errors or override_form.errors) else 200
     return render(request, "registry/version_detail.html", context, status=status)
-
-
-@login_required
-def version_lineage_page(request: HttpRequest, pk: int) -> HttpResponse:
-    """Ancestors and descendants of a version as a graph (inline SVG) and as lists."""
-    version = _version_or_404(request, pk)
-    lineage = version_lineage(user=request.user, version=version)
-    context = {
-        "version": version,
-        "lineage": lineage,
-        "layout": lineage_layout(lineage),
-        "ancestors": lineage.of_relation("ancestor"),
-        "descendants": lineage.of_relation("descendant"),
-        "licence": version_licence(version),
-    }
-    return render(request, "registry/lineage.html", context)
-
-
-@login_required
-@require_POST
-def version_bom(request: HttpRequest, pk: int) -> HttpResponse:
-    """Download the CycloneDX ML-BOM (the same document as the API's). A POST with a CSRF
-    token: each download is an audit event, which no other site may start."""
-    version = _version_or_404(request, pk)
-    bom = services.model_version_bom(
-        actor=request.user, version=version, absolute=request.build_absolute_uri
-    )
-    response = JsonResponse(bom, json_dumps_params={"indent": 2})
-    response["Content-Type"] = "application/vnd.cyclonedx+json; version=1.6"
-    response["Content-Disposition"] = f'attachment; filename="{bom_file_name(version)}"'
-    return response

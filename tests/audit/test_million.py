@@ -18,8 +18,8 @@ from apps.audit.models import AuditEvent
 from apps.audit.selectors import EVENT_COLUMNS
 from apps.audit.verification import verify_export
 from tests.audit import synthetic
-from tests.audit.test_views import seqs
 from tests.conftest import client_for
+from tests.provenance.test_views import seqs
 
 N = 1_000_000
 

@@ -17,13 +17,16 @@ from rest_framework.test import APIClient
 
 from apps.accounts.models import Role, User
 from apps.accounts.services import api_key_create, limit_set
+from apps.deployments.models import Deployment, State
 from apps.deployments.selectors import sync_redis
 from apps.inference.limits import limits_admit, limits_for
 from apps.inference.models import Outcome, UsageRecord
 from apps.inference.selectors import USAGE_COLUMNS
+from apps.registry.services import model_repo_create
 from tests.conftest import client_for, make_user
 from tests.inference.factories import make_usage
 from tests.inference.test_limits import release
+from tests.registry.conftest import upload_version, write_tiny_gguf
 
 pytestmark = pytest.mark.django_db
 
@@ -211,6 +214,27 @@ def test_htmx_gets_the_results_fragment(users, world):
     assert "/usage/export.csv?deployment=embed" in html
 
 
+def test_a_deployments_page_loads_its_recent_requests_from_here(users, settings, tmp_path):
+    settings.ARTIFACT_ROOT = tmp_path / "artifacts"
+    devon, dana = users[Role.APP_DEVELOPER], users[Role.DATA_SCIENTIST]
+    repo = model_repo_create(actor=dana, name="tiny", licence="mit")
+    version = upload_version(dana, repo, write_tiny_gguf(tmp_path / "tiny.gguf"))
+    chat = Deployment.objects.create(
+        name="chat", model_version=version, running=False, state=State.STOPPED
+    )
+    UsageRecord.objects.filter(pk=record(devon, deployment="chat").pk).update(deployment=chat)
+
+    page = client_for(dana).get("/deployments/chat/").content.decode()
+    assert 'hx-get="/usage/deployments/chat/"' in page
+    # Whoever may see the deployment sees every caller's requests to it, as before.
+    fragment = client_for(dana).get("/usage/deployments/chat/", HTTP_HX_REQUEST="true")
+    html = fragment.content.decode()
+    assert fragment.status_code == 200 and "<html" not in html and devon.username in html
+    alone = client_for(dana).get("/usage/deployments/chat/").content.decode()
+    assert "<html" in alone and "Recent requests to chat" in alone and devon.username in alone
+    assert client_for(dana).get("/usage/deployments/nothing/").status_code == 404
+
+
 def read_csv(response) -> list[dict[str, str]]:
     assert response.status_code == 200
     assert response["Content-Type"] == "text/csv; charset=utf-8"
@@ -386,7 +410,7 @@ def test_the_daily_api_counts_tokens_and_requests_per_day(users):
     assert future["days"] == [] and future["totals"] is None
 
 
-@pytest.mark.parametrize("path", ["/usage/", "/usage/export.csv"])
+@pytest.mark.parametrize("path", ["/usage/", "/usage/export.csv", "/usage/deployments/chat/"])
 def test_anonymous_visitors_are_sent_to_log_in(db, path):
     response = Client().get(path)
     assert response.status_code == 302 and response["Location"].startswith("/login/")

@@ -56,7 +56,7 @@ def test_a_child_inherits_its_parents_and_its_training_datas_licences(users, lla
     dana = users[Role.DATA_SCIENTIST]
     repo = model_repo_create(actor=dana, name="llama-tiny-lora", licence="apache-2.0")
     dataset = Dataset.objects.create(name="notes", licence="cc-by-4.0", owner=dana)
-    from tests.registry.test_lineage import _dataset_version
+    from tests.provenance.test_lineage import _dataset_version
 
     data = _dataset_version(dataset, 1, content=b'{"text": "x"}\n', actor=dana)
     job = FineTuneJob.objects.create(

@@ -9,8 +9,10 @@ from django.db import DatabaseError, connection, transaction
 from apps.accounts.models import Role
 from apps.accounts.services import system_user
 from apps.audit.models import AuditEvent
+from apps.datasets.services import dataset_create
 from apps.registry.models import Artifact, Format, ModelVersion, SourceKind, State
 from apps.registry.services import (
+    artifact_reverify,
     artifact_store,
     check_file_name,
     model_register_bundled,
@@ -20,6 +22,7 @@ from apps.registry.services import (
     model_version_ingest,
     model_version_verify,
 )
+from tests.provenance.test_lineage import _dataset_version
 from tests.registry.conftest import stored_files, write_tiny_gguf
 from workers.artifacts import IntegrityError, file_sha256
 
@@ -143,6 +146,20 @@ def test_altered_file_is_refused_and_audited(users, repo, tiny_gguf):
     event = AuditEvent.objects.get(action="artifact.integrity_failure")
     assert event.outcome == "failure" and event.details["sha256"] == version.sha256
     assert event.target_label == "tiny v1"
+
+
+def test_reverification_names_the_dataset_versions_whose_file_changed(users):
+    # The datasets app, above the registry, tells it which of its versions use a file.
+    dana = users[Role.DATA_SCIENTIST]
+    dataset = dataset_create(actor=dana, name="shared-data", licence="cc0-1.0")
+    version = _dataset_version(dataset, 1, content=b'{"text": "hi"}\n', actor=dana)
+    stored = artifact_store().path_for(version.sha256)
+    os.chmod(stored, 0o644)
+    stored.write_bytes(b'{"text": "ho"}\n')
+    result = artifact_reverify(actor=system_user(), limit=10)
+    assert result.failed == [version.sha256]
+    event = AuditEvent.objects.get(action="artifact.integrity_failure")
+    assert event.details["versions"] == ["dataset shared-data v1"]
 
 
 def test_versions_are_immutable_in_the_database(users, repo, tiny_gguf):

@@ -19,6 +19,11 @@ from apps.audit import signing
 from apps.audit.chain import canonical_json, format_timestamp
 from apps.audit.models import AuditEvent
 from apps.audit.signed import JSON_MANIFEST_KEY, manifest_bytes, trailer_line
+from apps.datasets.models import DatasetVersion
+from apps.deployments.models import Deployment
+from apps.finetune.models import FineTuneJob
+from apps.inference.models import UsageRecord
+from apps.registry.models import ModelVersion
 
 REPORT_VERSION = 1
 
@@ -68,12 +73,6 @@ def _usage_totals(qs, key: str) -> list[dict[str, Any]]:
 
 def compliance_report(*, start: datetime, end: datetime) -> dict[str, Any]:
     """What happened on the box from ``start`` (inclusive) to ``end`` (exclusive)."""
-    from apps.datasets.models import DatasetVersion
-    from apps.deployments.models import Deployment
-    from apps.finetune.models import FineTuneJob
-    from apps.inference.models import UsageRecord
-    from apps.registry.models import ModelVersion
-
     usage = UsageRecord.objects.filter(created_at__gte=start, created_at__lt=end)
     head = AuditEvent.objects.filter(created_at__lt=end).order_by("-seq").first()
     return {
@@ -156,7 +155,7 @@ def compliance_report(*, start: datetime, end: datetime) -> dict[str, Any]:
     }
 
 
-def _ancestors(version) -> list[dict[str, Any]]:
+def _ancestors(version: ModelVersion) -> list[dict[str, Any]]:
     """Every parent, grandparent... of ``version``, each once, nearest first."""
     seen = {version.pk}
     todo = [(version, 0)]
@@ -183,13 +182,9 @@ def _ancestors(version) -> list[dict[str, Any]]:
     return out
 
 
-def model_dossier(*, version) -> dict[str, Any]:
+def model_dossier(*, version: ModelVersion) -> dict[str, Any]:
     """Everything known about one model version: provenance, approvals, deployments,
     usage."""
-    from apps.deployments.models import Deployment
-    from apps.finetune.models import FineTuneJob
-    from apps.inference.models import UsageRecord
-
     ancestors = _ancestors(version)
     deployments = Deployment.objects.filter(Q(model_version=version) | Q(adapter=version))
     # Requests this version answered, as the base model or as the adapter on top of one.
@@ -304,7 +299,7 @@ def _cell(value: Any) -> str:
 
 
 def signed_pdf(kind: str, document: dict[str, Any], *, generated_by: str, event_seq: int) -> bytes:
-    from apps.audit import pdf
+    from apps.audit import pdf  # here, so reportlab loads only when a PDF is made
 
     out = io.BytesIO()
     if kind == "compliance-report":

@@ -6,12 +6,22 @@ from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers
 from rest_framework.generics import ListAPIView
 from rest_framework.pagination import CursorPagination
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
 
 from apps.accounts.models import Scope
-from apps.accounts.permissions import role_and_scope
+from apps.accounts.permissions import NotFromAnotherSite, role_and_scope
 from apps.audit.chain import HASHED_FIELDS, format_timestamp
 from apps.audit.models import AuditEvent, Outcome
-from apps.audit.selectors import AUDIT_READER_ROLES, audit_event_list
+from apps.audit.selectors import audit_event_list
+from apps.provenance.bom import bom_file_name
+from apps.provenance.forms import filter_form
+from apps.provenance.lineage import version_lineage
+from apps.provenance.selectors import AUDIT_READER_ROLES
+from apps.provenance.services import model_version_bom
+from apps.provenance.views import version_or_404
+from apps.registry.api import READERS as REGISTRY_READERS
 
 
 class AuditEventSerializer(serializers.ModelSerializer):
@@ -62,9 +72,36 @@ class AuditEventListView(ListAPIView):
         return super().get(request, *args, **kwargs)
 
     def get_queryset(self):
-        from apps.audit.views import filter_form
-
         form, filters = filter_form(self.request.query_params)
         if filters is None:
             raise ValidationError(form.errors)
         return audit_event_list(filters=filters)
+
+
+class LineageView(APIView):
+    """GET the version's ancestors and descendants as typed nodes and edges."""
+
+    permission_classes = [REGISTRY_READERS]
+
+    @extend_schema(responses=OpenApiTypes.OBJECT)
+    def get(self, request: Request, pk: int) -> Response:
+        lineage = version_lineage(user=request.user, version=version_or_404(request, pk))
+        return Response(lineage.as_dict())
+
+
+class BomView(APIView):
+    """GET the version and everything it was made from as a CycloneDX 1.6 ML-BOM (JSON)."""
+
+    permission_classes = [REGISTRY_READERS, NotFromAnotherSite]
+
+    @extend_schema(responses={(200, "application/vnd.cyclonedx+json"): OpenApiTypes.OBJECT})
+    def get(self, request: Request, pk: int) -> Response:
+        version = version_or_404(request, pk)
+        bom = model_version_bom(
+            actor=request.user, version=version, absolute=request.build_absolute_uri
+        )
+        return Response(
+            bom,
+            content_type="application/vnd.cyclonedx+json; version=1.6",
+            headers={"Content-Disposition": f'attachment; filename="{bom_file_name(version)}"'},
+        )

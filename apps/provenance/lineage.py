@@ -7,25 +7,25 @@ serve a version or use it as an adapter. Edges point the way things flow: from a
 input to what was made from it. What the user may not see (another data scientist's
 dataset or job) is left out and counted, never shown.
 
-``lineage_bom`` turns the ancestry into a CycloneDX 1.6 ML-BOM; ``lineage_layout`` lays
-the graph out in columns for the lineage page's inline SVG.
+``lineage_layout`` lays the graph out in columns for the lineage page's inline SVG;
+``apps.provenance.bom`` turns the ancestry into a CycloneDX ML-BOM.
 """
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from graphlib import TopologicalSorter
 from typing import Any
 
 from django.db.models import Q
 from django.urls import reverse
-from django.utils import timezone
 
 from apps.accounts.models import User
-from apps.registry.licences import spdx_for_cyclonedx, version_licence
-from apps.registry.models import Format, ModelVersion, SourceKind
+from apps.datasets.models import Dataset
+from apps.deployments.models import Deployment
+from apps.finetune.models import FineTuneJob
+from apps.finetune.selectors import finetune_datasets_of, finetune_jobs_producing
+from apps.registry.models import ModelVersion
 
 MODEL = "model_version"
 DATASET = "dataset_version"
@@ -106,45 +106,8 @@ class Lineage:
         }
 
 
-def _producing_jobs(version: ModelVersion):
-    from apps.finetune.models import FineTuneJob
-
-    job_id = (version.source or {}).get("finetune_job")
-    query = Q(adapter=version) | Q(peft_adapter=version)
-    if isinstance(job_id, int) and version.source_kind == SourceKind.FINE_TUNE:
-        query |= Q(pk=job_id)
-    return FineTuneJob.objects.filter(query).select_related(
-        "base_model__repo", "dataset_version__dataset", "validation_version__dataset"
-    )
-
-
-def finetune_datasets_of(version: ModelVersion) -> list:
-    """The dataset versions the fine-tune that produced ``version`` trained on."""
-    from apps.datasets.models import DatasetVersion
-
-    found: list = []
-    for job in _producing_jobs(version):
-        found += [d for d in (job.dataset_version, job.validation_version) if d is not None]
-    ids = [
-        d.get("id")
-        for d in (version.source or {}).get("dataset_versions", []) or []
-        if isinstance(d, dict)
-    ]
-    known = {d.pk for d in found}
-    found += list(
-        DatasetVersion.objects.filter(pk__in=[i for i in ids if isinstance(i, int)])
-        .exclude(pk__in=known)
-        .select_related("dataset")
-    )
-    return found
-
-
 class _Walker:
     def __init__(self, user: User) -> None:
-        from apps.datasets.models import Dataset
-        from apps.deployments.models import Deployment
-        from apps.finetune.models import FineTuneJob
-
         self.user = user
         self.nodes: dict[str, Node] = {}
         self.edges: dict[tuple[str, str], Edge] = {}
@@ -251,7 +214,7 @@ class _Walker:
             if current.kind == MODEL:
                 v: ModelVersion = current.obj
                 job_bases: set[int] = set()
-                for j in _producing_jobs(v):
+                for j in finetune_jobs_producing(v):
                     jn = self.job(j, "ancestor")
                     if jn is None:
                         continue
@@ -295,9 +258,6 @@ class _Walker:
 
     def down(self, node: Node) -> None:
         """Add everything made from ``node``, recursively."""
-        from apps.deployments.models import Deployment
-        from apps.finetune.models import FineTuneJob
-
         todo = [node]
         seen = {node.key}
         while todo:
@@ -408,203 +368,4 @@ def lineage_layout(lineage: Lineage) -> dict[str, Any]:
         "node_h": NODE_H,
         "nodes": list(placed.values()),
         "edges": edges,
-    }
-
-
-# CycloneDX ML-BOM -----------------------------------------------------------------
-
-SPEC_VERSION = "1.6"
-
-
-def _hashes(sha256: str) -> list[dict[str, str]]:
-    return [{"alg": "SHA-256", "content": sha256}]
-
-
-def _properties(values: dict[str, Any]) -> list[dict[str, str]]:
-    return [
-        {"name": f"aibox:{k}", "value": str(v)} for k, v in values.items() if v not in (None, "")
-    ]
-
-
-def _source_references(v: ModelVersion, absolute: Any) -> list[dict[str, str]]:
-    source = v.source or {}
-    refs: list[dict[str, str]] = []
-    if v.source_kind == SourceKind.HUGGING_FACE and source.get("repo_id"):
-        endpoint = source.get("endpoint") or "https://huggingface.co"
-        revision = source.get("commit") or source.get("revision") or "main"
-        refs.append(
-            {
-                "type": "distribution",
-                "url": f"{endpoint}/{source['repo_id']}/resolve/{revision}/{source['filename']}",
-                "comment": f"Imported from Hugging Face {source['repo_id']} at {revision}.",
-            }
-        )
-    elif v.source_kind == SourceKind.BUNDLED and source.get("upstream"):
-        refs.append(
-            {
-                "type": "distribution",
-                "url": source["upstream"],
-                "comment": f"Upstream of the bundled package {source.get('package', '')}.",
-            }
-        )
-    if v.repo.licence_url:
-        refs.append({"type": "license", "url": v.repo.licence_url})
-    refs.append(
-        {
-            "type": "other",
-            "url": absolute(v.get_absolute_url()),
-            "comment": f"This version in AIBox ({v.get_source_kind_display()}).",
-        }
-    )
-    return refs
-
-
-def _model_component(v: ModelVersion, datasets: Iterable, absolute: Any) -> dict[str, Any]:
-    licence = spdx_for_cyclonedx(version_licence(v))
-    component: dict[str, Any] = {
-        "type": "machine-learning-model",
-        "bom-ref": f"{MODEL}:{v.pk}",
-        "name": v.repo.name,
-        "version": str(v.number),
-        "description": v.repo.description or f"{v} ({v.get_format_display()})",
-        "hashes": _hashes(v.sha256),
-        "externalReferences": _source_references(v, absolute),
-        "properties": _properties(
-            {
-                "file_name": v.file_name,
-                "format": v.format,
-                "size": v.size,
-                "state": v.state,
-                "source_kind": v.source_kind,
-                "created_by": v.created_by.username if v.created_by else "",
-                "created_at": v.created_at.isoformat(),
-                "quantization": v.quantization,
-                "parameter_count": v.parameter_count,
-                "context_length": v.context_length,
-                "finetune_job": (v.source or {}).get("finetune_job"),
-            }
-        ),
-    }
-    if licence:
-        component["licenses"] = [licence]
-    if v.source_kind == SourceKind.HUGGING_FACE and v.source.get("repo_id"):
-        commit = v.source.get("commit")
-        component["purl"] = f"pkg:huggingface/{v.source['repo_id']}" + (
-            f"@{commit}" if commit else ""
-        )
-    adapter = v.format in (Format.GGUF_LORA, Format.PEFT_SAFETENSORS)
-    parameters: dict[str, Any] = {
-        "task": "text-generation",
-        "modelArchitecture": v.architecture or ("LoRA adapter" if adapter else ""),
-    }
-    if v.source_kind == SourceKind.FINE_TUNE:
-        parameters["approach"] = {"type": "supervised"}
-    refs = [{"ref": f"{DATASET}:{d.pk}"} for d in datasets]
-    if refs:
-        parameters["datasets"] = refs
-    component["modelCard"] = {
-        "modelParameters": {k: val for k, val in parameters.items() if val},
-    }
-    metrics = [
-        {"type": name, "value": str(value)}
-        for name, value in (
-            ("final training loss", (v.source or {}).get("final_train_loss")),
-            ("final validation loss", (v.source or {}).get("final_validation_loss")),
-        )
-        if value is not None
-    ]
-    if metrics:
-        component["modelCard"]["quantitativeAnalysis"] = {"performanceMetrics": metrics}
-    return component
-
-
-def _dataset_component(d, absolute: Any) -> dict[str, Any]:
-    component: dict[str, Any] = {
-        "type": "data",
-        "bom-ref": f"{DATASET}:{d.pk}",
-        "name": d.dataset.name,
-        "version": str(d.number),
-        "description": d.dataset.description or str(d),
-        "hashes": _hashes(d.sha256),
-        "data": [
-            {
-                "type": "dataset",
-                "name": str(d),
-                "description": d.dataset.source or f"{d.get_format_display()} file {d.file_name}",
-            }
-        ],
-        "externalReferences": [
-            {"type": "other", "url": absolute(d.get_absolute_url()), "comment": "In AIBox."}
-        ],
-        "properties": _properties(
-            {
-                "file_name": d.file_name,
-                "format": d.format,
-                "rows": d.rows,
-                "state": d.state,
-                "source_kind": d.source_kind,
-                "transformation": (d.transformation or {}).get("operation"),
-            }
-        ),
-    }
-    licence = spdx_for_cyclonedx(d.dataset.licence)
-    if licence:
-        component["licenses"] = [licence]
-    return component
-
-
-def lineage_bom(lineage: Lineage, *, absolute: Any = lambda url: url) -> dict[str, Any]:
-    """A CycloneDX 1.6 ML-BOM of the root version and everything it was made from.
-
-    Models are ``machine-learning-model`` components and datasets ``data`` components,
-    each with its SHA-256, licence and references to its source; ``dependencies`` say
-    what each was made from, and a fine-tuned model's card names its datasets.
-    ``absolute`` turns a path into an absolute URL (the request's).
-    """
-    from importlib.metadata import version as package_version
-
-    keep = {n.key for n in lineage.nodes.values() if n.relation in ("root", "ancestor")}
-    inputs: dict[str, list[str]] = {k: [] for k in keep}
-    for e in lineage.edges:
-        if e.source in keep and e.target in keep:
-            inputs[e.target].append(e.source)
-
-    def direct(key: str) -> list[str]:
-        # A fine-tune is not a component: what it took in is what its output depends on.
-        found: list[str] = []
-        for source in inputs[key]:
-            found += direct(source) if source.startswith(FINETUNE) else [source]
-        return list(dict.fromkeys(found))
-
-    components: dict[str, dict[str, Any]] = {}
-    for key in keep:
-        node = lineage.nodes[key]
-        if node.kind == MODEL:
-            datasets = [
-                lineage.nodes[k].obj for k in direct(key) if lineage.nodes[k].kind == DATASET
-            ]
-            components[key] = _model_component(node.obj, datasets, absolute)
-        elif node.kind == DATASET:
-            components[key] = _dataset_component(node.obj, absolute)
-    root = components.pop(lineage.root.key)
-    return {
-        "bomFormat": "CycloneDX",
-        "specVersion": SPEC_VERSION,
-        "serialNumber": f"urn:uuid:{uuid.uuid4()}",
-        "version": 1,
-        "metadata": {
-            "timestamp": timezone.now().replace(microsecond=0).isoformat(),
-            "tools": {
-                "components": [
-                    {"type": "application", "name": "AIBox", "version": package_version("aibox")}
-                ]
-            },
-            "component": root,
-        },
-        "components": sorted(components.values(), key=lambda c: c["bom-ref"]),
-        "dependencies": [
-            {"ref": key, "dependsOn": [k for k in direct(key) if k in keep]}
-            for key in sorted(keep)
-            if lineage.nodes[key].kind in (MODEL, DATASET)
-        ],
     }
