@@ -62,13 +62,18 @@ def make_identity() -> tuple[str, str, str]:
 
 
 def rss_mb(pattern: str) -> float | None:
-    """Resident memory of the first process whose command line contains ``pattern``."""
+    """Resident memory of the process of this checkout (``bin/aibox run`` starts them in
+    it) whose command line contains ``pattern``: not a test's web server or worker."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if pattern in command and "soak.py" not in command:
+            if (
+                pattern in command
+                and "soak.py" not in command
+                and (entry / "cwd").resolve() == ROOT
+            ):
                 for line in (entry / "status").read_text().splitlines():
                     if line.startswith("VmRSS:"):
                         return int(line.split()[1]) / 1024
