@@ -8,11 +8,11 @@ import inspect
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from apps.inference import views
+from apps.inference import exchange
 
 
 class _Sent:
-    """What ``_open`` returns once the request is on the worker's queue."""
+    """What ``exchange_open`` returns once the request is on the worker's queue."""
 
     def __init__(self) -> None:
         self.finished_with: list[bool] = []
@@ -31,13 +31,13 @@ def test_leaving_during_dispatch_cancels_the_sent_request(monkeypatch):
         may_finish.wait(10)
         return sent
 
-    # The stand-in takes what _open takes: a change to _open breaks this test, not hides.
-    parameters = list(inspect.signature(views._open).parameters)
+    # The stand-in takes what exchange_open takes: a change to it breaks this test, not hides.
+    parameters = list(inspect.signature(exchange.exchange_open).parameters)
     assert list(inspect.signature(slow_open).parameters) == parameters
-    monkeypatch.setattr(views, "_open", slow_open)
+    monkeypatch.setattr(exchange, "exchange_open", slow_open)
 
     async def scenario() -> None:
-        view = asyncio.ensure_future(views._dispatch(lambda: None, "chat", b"{}"))
+        view = asyncio.ensure_future(exchange.dispatch(lambda: None, "chat", b"{}"))
         while not sending.is_set():
             await asyncio.sleep(0.01)
         view.cancel()  # what Django does when the client disconnects
