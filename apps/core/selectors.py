@@ -3,11 +3,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import redis
-from django.conf import settings
 from django.core.cache import cache
 from django.db import connection
 
 from aibox.celery import app as celery_app
+from aibox.redis_clients import sync_client
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,7 @@ def _check_database() -> str:
 
 def _check_redis() -> str:
     try:
-        client = redis.Redis.from_url(
-            settings.REDIS_URL, socket_timeout=1, socket_connect_timeout=1
-        )
-        client.ping()
+        sync_client().ping()
         return "ok"
     except redis.RedisError as exc:
         return f"error: {type(exc).__name__}"

@@ -8,9 +8,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
 from django.conf import settings
 
+from aibox.redis_clients import sync_client
 from apps.accounts.models import User
 from apps.deployments.models import Deployment, Replica, State
 from workers.inference import protocol
@@ -55,21 +55,6 @@ class WorkerStatus:
         )
 
 
-_clients: dict[str, redis.Redis] = {}
-
-
-def sync_redis() -> redis.Redis:
-    """This process's client for the control plane's Redis (sync code: views, tasks)."""
-    # One client (a thread-safe connection pool) per URL and process.
-    client = _clients.get(settings.REDIS_URL)
-    if client is None:
-        client = redis.Redis.from_url(
-            settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2
-        )
-        _clients[settings.REDIS_URL] = client
-    return client
-
-
 def parse_heartbeat(raw: bytes | str | None, *, now: float | None = None) -> WorkerStatus | None:
     if not raw:
         return None
@@ -94,7 +79,7 @@ def parse_heartbeat(raw: bytes | str | None, *, now: float | None = None) -> Wor
 
 def worker_list() -> list[WorkerStatus]:
     """Every worker seen in the last day, online ones first."""
-    client = sync_redis()
+    client = sync_client()
     names = sorted(n.decode() for n in client.smembers(protocol.WORKERS_SET))
     if not names:
         return []
@@ -107,7 +92,7 @@ def worker_list() -> list[WorkerStatus]:
 
 
 def worker_get(hostname: str) -> WorkerStatus | None:
-    return parse_heartbeat(sync_redis().get(protocol.heartbeat_key(hostname)))
+    return parse_heartbeat(sync_client().get(protocol.heartbeat_key(hostname)))
 
 
 def replicas_serving(replicas: Iterable[Replica]) -> list[tuple[Replica, WorkerStatus]]:
@@ -161,7 +146,7 @@ def deployment_activity(*, deployment_ids: Iterable[int]) -> dict[int, Activity]
     if not ids:
         return {}
     now = time.time()
-    pipe = sync_redis().pipeline(transaction=False)
+    pipe = sync_client().pipeline(transaction=False)
     for pk in ids:
         pipe.get(protocol.last_request_key(pk))
         pipe.zcount(protocol.admission_key(pk), f"({now}", "+inf")

@@ -25,11 +25,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from functools import lru_cache
 from typing import Any
 
 import redis
 from django.conf import settings
+
+from aibox.redis_clients import sync_client
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,9 @@ RETRY_SECONDS = 1.0
 FLUSH_WAIT_SECONDS = 300.0
 
 
-@lru_cache(maxsize=1)
 def client() -> redis.Redis:
-    # Timeouts: a Redis that hangs must not hang a training run with it.
-    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=10, socket_connect_timeout=2)
+    # With timeouts: a Redis that hangs must not hang a training run with it.
+    return sync_client()
 
 
 def stream_key(job_id: int) -> str:

@@ -13,9 +13,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from aibox.redis_clients import sync_client
 from apps.accounts.models import ApiKey, Role, Scope
 from apps.accounts.permissions import role_and_scope
-from apps.deployments.selectors import sync_redis
 from apps.inference.limits import limits_of_keys
 from apps.inference.models import UsageRecord
 from apps.inference.pages import filter_form, limited_keys
@@ -162,6 +162,6 @@ class UsageLimitsView(APIView):
             keys = limited_keys(user=request.user, key_prefix=prefix)
         rows = [
             {"prefix": key.prefix, "name": key.name, "limits": status}
-            for key, status in limits_of_keys(redis=sync_redis(), keys=keys)
+            for key, status in limits_of_keys(redis=sync_client(), keys=keys)
         ]
         return Response(KeyLimitsSerializer(rows, many=True).data)

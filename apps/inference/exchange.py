@@ -20,8 +20,8 @@ from django.http import HttpRequest
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
+from aibox.redis_clients import async_client, sync_client
 from apps.accounts.services import ApiKeyRejected, api_key_authenticate
-from apps.deployments.selectors import sync_redis
 from apps.deployments.tasks import inference_submit, send_to_worker
 from apps.inference import gateway, openai_api, services, tools
 from apps.inference.gateway import Call, Caller
@@ -192,7 +192,7 @@ class Exchange:
         await self.call.close()
         if self.admission is not None:
             await limits_release(
-                redis=gateway.redis_client(),
+                redis=async_client(),
                 limits=self.limits,
                 request_id=self.call.request_id,
                 tokens=self.prompt_tokens + self.completion_tokens,
@@ -287,7 +287,7 @@ def exchange_open(authorize: Authorize, kind: str, body: bytes) -> Exchange:
         # must not take a place in the queue. Both are released when the exchange ends.
         exchange.limits = limits_for(user=caller.user, api_key=caller.api_key)
         exchange.admission = limits_admit(
-            redis=sync_redis(), limits=exchange.limits, request_id=exchange.call.request_id
+            redis=sync_client(), limits=exchange.limits, request_id=exchange.call.request_id
         )
         exchange.call.admit()
         send_to_worker(inference_submit, route.worker, exchange.call.spec(**fields).as_dict())

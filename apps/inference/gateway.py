@@ -16,21 +16,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import logging
 import time
 import uuid
-import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
-from django.conf import settings
 from redis.exceptions import RedisError
 
+from aibox.redis_clients import async_client, sync_client
 from apps.accounts.models import ApiKey, Scope, User
 from apps.deployments import selectors as deployment_selectors
 from apps.deployments import services as deployment_services
@@ -59,20 +56,6 @@ redis.call('EXPIRE', KEYS[1], 86400)
 redis.call('SET', KEYS[2], ARGV[1], 'EX', 2592000)
 return 1
 """
-
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def redis_client() -> aioredis.Redis:
-    """One async Redis client per event loop (test clients run each request in its own)."""
-    loop = asyncio.get_running_loop()
-    client = _clients.get(loop)
-    if client is None:
-        client = aioredis.Redis.from_url(settings.REDIS_URL)
-        _clients[loop] = client
-    return client
 
 
 @dataclass(frozen=True)
@@ -377,7 +360,7 @@ class Call:
         """Take a place in the deployment's bound (sync: dispatched with the routing)."""
         now = time.time()
         expires = now + self.route.queue_timeout + ADMISSION_GRACE_SECONDS
-        ok = deployment_selectors.sync_redis().eval(
+        ok = sync_client().eval(
             _ADMIT,
             2,
             protocol.admission_key(self.route.deployment_id),
@@ -413,7 +396,7 @@ class Call:
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """The worker's events for this request, until "end" or "error"."""
-        client = redis_client()
+        client = async_client()
         key = protocol.events_key(self.request_id)
         last_id = "0-0"
         seen_start = False
@@ -444,7 +427,7 @@ class Call:
                 type="server_error",
                 code="queue_timeout",
             )
-        raw = await redis_client().get(protocol.heartbeat_key(self.route.worker))
+        raw = await async_client().get(protocol.heartbeat_key(self.route.worker))
         worker = deployment_selectors.parse_heartbeat(raw)
         if worker is None or not worker.online:
             raise unavailable(
@@ -457,7 +440,7 @@ class Call:
 
         With Redis gone neither can be done, and neither needs to be: the slot expires by
         its score, and the worker's events go nowhere. The request is still recorded."""
-        client = redis_client()
+        client = async_client()
         pipe = client.pipeline(transaction=False)
         if self.admitted:
             pipe.zrem(protocol.admission_key(self.route.deployment_id), self.request_id)

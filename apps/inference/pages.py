@@ -16,11 +16,12 @@ from django.http import HttpRequest, HttpResponse, QueryDict, StreamingHttpRespo
 from django.shortcuts import get_object_or_404, render
 from django.utils import timezone
 
+from aibox.redis_clients import sync_client
 from apps.accounts.access import login_required
 from apps.accounts.models import ApiKey, User
 from apps.audit.exports import streamed_download
 from apps.audit.signed import csv_escape
-from apps.deployments.selectors import deployment_list, sync_redis
+from apps.deployments.selectors import deployment_list
 from apps.inference.limits import limits_of_keys
 from apps.inference.models import UsageRecord
 from apps.inference.selectors import (
@@ -134,7 +135,7 @@ def usage(request: HttpRequest) -> HttpResponse:
             return render(request, "inference/_usage_table.html", context)
         context["overview"] = usage_overview(user=request.user, filters=filters)
         context["key_limits"] = limits_of_keys(
-            redis=sync_redis(), keys=limited_keys(user=request.user, key_prefix=filters.key)
+            redis=sync_client(), keys=limited_keys(user=request.user, key_prefix=filters.key)
         )
     template = "inference/_usage_results.html" if request.htmx else "inference/usage.html"
     return render(request, template, context)

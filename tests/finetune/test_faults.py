@@ -82,7 +82,6 @@ def private_box(users, train_version, live_worker, settings, tmp_path):
     # This process reads the workers' heartbeats and renders job pages from that Redis.
     settings.REDIS_URL = box.redis_url
     settings.FINETUNE_HEARTBEAT_TTL = float(HEARTBEAT_TTL)
-    progress.client.cache_clear()
     dana = users[Role.DATA_SCIENTIST]
     box.key = api_key_create(actor=dana, owner=dana, name="ci", scopes=[Scope.DATASETS]).secret
     suffix = uuid.uuid4().hex[:6]
@@ -113,7 +112,6 @@ def private_box(users, train_version, live_worker, settings, tmp_path):
         stop_processes(started)
         if box.redis.poll() is None:
             box.redis.kill()
-        progress.client.cache_clear()
 
 
 def launch(box: PrivateBox, gemma, version, *, max_steps: int) -> int:

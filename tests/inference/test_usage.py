@@ -15,10 +15,10 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from aibox.redis_clients import sync_client
 from apps.accounts.models import Role, User
 from apps.accounts.services import api_key_create, limit_set
 from apps.deployments.models import Deployment, State
-from apps.deployments.selectors import sync_redis
 from apps.inference.limits import limits_admit, limits_for
 from apps.inference.models import Outcome, UsageRecord
 from apps.inference.selectors import USAGE_COLUMNS
@@ -438,10 +438,10 @@ def test_records_of_a_deleted_user_stay_with_their_name(users):
 def test_a_key_owner_sees_what_is_left_of_their_budget(users):
     developer = users[Role.APP_DEVELOPER]
     key = key_for(developer)
-    sync_redis().delete(*(sync_redis().keys(f"aibox:limits:key:{key.api_key.pk}:*") or ["-"]))
+    sync_client().delete(*(sync_client().keys(f"aibox:limits:key:{key.api_key.pk}:*") or ["-"]))
     limit_set(actor=users[Role.ADMIN], api_key=key.api_key, token_budget=1000, budget_period="day")
     limits = limits_for(user=developer, api_key=key.api_key)
-    limits_admit(redis=sync_redis(), limits=limits, request_id="r1")
+    limits_admit(redis=sync_client(), limits=limits, request_id="r1")
     release(limits, "r1", tokens=250)
 
     page = client_for(developer).get("/usage/")

@@ -16,9 +16,9 @@ import jsonschema
 import openai
 import pytest
 
+from aibox.redis_clients import sync_client
 from apps.accounts.models import Role, Scope
 from apps.accounts.services import api_key_create, limit_set
-from apps.deployments.selectors import sync_redis
 from apps.inference.models import UsageRecord
 from tests.conftest import make_user
 
@@ -528,7 +528,7 @@ def limited(apps):
     owner = make_user(Role.APP_DEVELOPER, username=f"lim-{uuid.uuid4().hex[:6]}")
     created = api_key_create(actor=owner, owner=owner, name="limited", scopes=[Scope.INFERENCE])
     # Key ids start again after the test database is flushed; Redis keeps counts by id.
-    redis = sync_redis()
+    redis = sync_client()
     stale = redis.keys(f"aibox:limits:key:{created.api_key.pk}:*")
     if stale:
         redis.delete(*stale)
