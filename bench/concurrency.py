@@ -231,7 +231,7 @@ def main() -> None:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per request
     from apps.deployments.models import Deployment
-    from apps.registry.services import artifact_store
+    from apps.registry.artifacts import artifact_store
     from workers.hardware import inventory
     from workers.inference.engine import default_threads
 

@@ -88,7 +88,7 @@ def main() -> None:
     from llama_cpp import Llama
 
     from apps.deployments.models import Deployment
-    from apps.registry.services import artifact_store
+    from apps.registry.artifacts import artifact_store
     from bench.sse import chunk_text, sse_chunks, usage_tokens
     from workers.hardware import inventory
     from workers.inference.engine import default_threads

@@ -5,8 +5,8 @@ from django.db.models import Count, QuerySet
 from apps.accounts.models import User
 from apps.datasets.models import Dataset, DatasetImport, DatasetTransform, DatasetVersion
 from apps.datasets.services import reading_options
+from apps.registry.artifacts import artifact_store
 from apps.registry.models import Artifact, Format, ModelVersion, State
-from apps.registry.services import artifact_store
 from workers import datasets as data
 
 

@@ -34,11 +34,8 @@ from apps.datasets.models import (
     SourceKind,
     State,
 )
-from apps.registry.models import Artifact, ModelVersion
-from apps.registry.models import Format as ModelFormat
-from apps.registry.services import (
-    PICKLE_SUFFIXES,
-    artifact_store,
+from apps.registry.artifacts import PICKLE_SUFFIXES, artifact_store
+from apps.registry.hub_imports import (
     hub_import_check,
     hub_import_claim,
     hub_import_execute,
@@ -46,6 +43,8 @@ from apps.registry.services import (
     hub_import_requested,
     hub_import_source,
 )
+from apps.registry.models import Artifact, ModelVersion
+from apps.registry.models import Format as ModelFormat
 from workers import datasets as data
 from workers.artifacts import Staged
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery import shared_task
 
 from apps.datasets import services
-from apps.registry.services import IMPORT_TIME_LIMIT
+from apps.registry.hub_imports import IMPORT_TIME_LIMIT
 
 
 @shared_task(name="datasets.version_validate", acks_late=True)

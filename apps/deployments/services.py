@@ -33,9 +33,10 @@ from apps.deployments.models import (
     RevisionState,
     State,
 )
+from apps.registry.artifacts import artifact_store
 from apps.registry.models import Format, ModelVersion
 from apps.registry.models import State as VersionState
-from apps.registry.services import artifact_store, model_version_deploy_check
+from apps.registry.services import model_version_deploy_check
 from workers.inference.protocol import ReplicaSpec
 
 MIB = 1024 * 1024

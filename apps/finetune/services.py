@@ -548,7 +548,7 @@ def provenance(job: FineTuneJob, result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _stage(path: Path) -> Staged:
-    from apps.registry.services import artifact_store
+    from apps.registry.artifacts import artifact_store
 
     return artifact_store().stage_copy(path, max_bytes=settings.UPLOAD_MAX_BYTES)
 

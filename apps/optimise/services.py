@@ -38,9 +38,9 @@ from apps.optimise.models import (
     ModelJob,
     Operation,
 )
+from apps.registry.artifacts import artifact_store
 from apps.registry.models import REPO_NAME, Format, ModelRepo, ModelVersion, SourceKind
 from apps.registry.services import (
-    artifact_store,
     model_repo_create,
     model_version_ingest,
     model_version_verify,

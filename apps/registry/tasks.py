@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from celery import shared_task
+from django.conf import settings
 
 from apps.accounts.services import system_user
-from apps.registry import services
+from apps.registry import artifacts, services
+from apps.registry.hub_imports import IMPORT_TIME_LIMIT
 
 
 # Not retried: a failed import ends failed with its reason, and asking again is one click.
@@ -15,8 +17,8 @@ from apps.registry import services
     name="registry.model_import_run",
     acks_late=True,
     ignore_result=True,
-    soft_time_limit=services.IMPORT_TIME_LIMIT,
-    time_limit=services.IMPORT_TIME_LIMIT + 120,
+    soft_time_limit=IMPORT_TIME_LIMIT,
+    time_limit=IMPORT_TIME_LIMIT + 120,
 )
 def model_import_run(import_id: int) -> None:
     services.model_import_run(import_id=import_id)
@@ -26,14 +28,12 @@ def model_import_run(import_id: int) -> None:
 # Safe to run twice at once: each run only re-hashes files and records what it found.
 @shared_task(name="registry.artifact_reverify", ignore_result=True)
 def artifact_reverify(limit: int | None = None) -> None:
-    from django.conf import settings
-
-    from apps.accounts.services import system_user
-
-    services.artifact_reverify(actor=system_user(), limit=limit or settings.ARTIFACT_REVERIFY_BATCH)
+    artifacts.artifact_reverify(
+        actor=system_user(), limit=limit or settings.ARTIFACT_REVERIFY_BATCH
+    )
 
 
 # Celery beat runs this hourly (CELERY_BEAT_SCHEDULE): staged files left by a crash.
 @shared_task(name="registry.artifact_staging_prune", ignore_result=True)
 def artifact_staging_prune() -> None:
-    services.artifact_staging_prune(actor=system_user())
+    artifacts.artifact_staging_prune(actor=system_user())

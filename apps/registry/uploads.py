@@ -22,7 +22,7 @@ from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from rest_framework.parsers import MultiPartParser
 
-from apps.registry.services import artifact_store
+from apps.registry.artifacts import artifact_store
 from workers.artifacts import Staged
 
 

@@ -30,8 +30,8 @@ from apps.deployments.services import (
     deployment_switch,
     deployment_values_check,
 )
+from apps.registry.artifacts import artifact_store
 from apps.registry.models import Format, ModelVersion
-from apps.registry.services import artifact_store
 from apps.setups import advisor, recipes, selectors
 from apps.setups.models import SETUP_SETTINGS, Origin, RevisionSetup, Setup, Trial, TrialState
 from workers.inference.protocol import ReplicaSpec

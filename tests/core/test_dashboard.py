@@ -17,8 +17,9 @@ from apps.datasets.services import dataset_create, dataset_version_ingest
 from apps.finetune.models import FineTuneJob, JobState
 from apps.inference.models import Outcome
 from apps.ops import selectors
+from apps.registry.artifacts import artifact_store
 from apps.registry.models import SourceKind
-from apps.registry.services import artifact_store, model_repo_create, model_version_ingest
+from apps.registry.services import model_repo_create, model_version_ingest
 from tests.conftest import client_for
 from tests.inference.factories import make_usage
 from tests.registry.conftest import write_tiny_gguf

@@ -20,8 +20,9 @@ from apps.accounts.services import api_key_create, system_user
 from apps.deployments.models import Deployment, Replica, State
 from apps.inference.models import Outcome
 from apps.ops.services import usage_prune
+from apps.registry.artifacts import artifact_store
 from apps.registry.models import SourceKind
-from apps.registry.services import artifact_store, model_repo_create, model_version_ingest
+from apps.registry.services import model_repo_create, model_version_ingest
 from tests.conftest import client_for
 from tests.inference.factories import make_usage
 from tests.registry.conftest import write_tiny_gguf

@@ -11,8 +11,8 @@ from apps.accounts.models import Role
 from apps.audit.models import AuditEvent
 from apps.datasets import services
 from apps.datasets.models import DatasetImport, DatasetVersion, SourceKind, State
+from apps.registry.artifacts import artifact_store
 from apps.registry.models import ImportState
-from apps.registry.services import artifact_store
 from tests.conftest import client_for, make_user
 from tests.datasets.conftest import CHAT_ROWS, jsonl, wait_validated
 from tests.registry.conftest import (

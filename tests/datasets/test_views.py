@@ -17,7 +17,7 @@ from apps.accounts.models import Role, User
 from apps.audit.models import AuditEvent
 from apps.datasets.models import Dataset, DatasetTransform, DatasetVersion, SourceKind, State
 from apps.datasets.services import dataset_create, dataset_version_ingest, dataset_version_validate
-from apps.registry.services import artifact_store
+from apps.registry.artifacts import artifact_store
 from tests.conftest import client_for, make_user
 from tests.datasets.conftest import CHAT_ROWS, jsonl
 

@@ -11,11 +11,7 @@ from apps.accounts.models import Role
 from apps.deployments.models import Deployment
 from apps.deployments.services import deployment_create, deployment_start, deployment_stop
 from apps.registry.models import Artifact
-from apps.registry.services import (
-    licence_override_create,
-    model_repo_create,
-    model_version_approve,
-)
+from apps.registry.services import licence_override_create, model_repo_create, model_version_approve
 from tests.conftest import client_for
 from tests.deployments.conftest import deployment_form
 from tests.registry.conftest import upload_version, write_tiny_gguf

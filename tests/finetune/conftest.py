@@ -11,8 +11,8 @@ from apps.accounts.models import Role
 from apps.accounts.services import system_user
 from apps.datasets.models import DatasetVersion
 from apps.datasets.services import dataset_create
+from apps.registry.bundled import model_register_bundled
 from apps.registry.models import ModelVersion
-from apps.registry.services import model_register_bundled
 from tests.datasets.conftest import jsonl, upload, wait_validated
 
 

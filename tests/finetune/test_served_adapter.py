@@ -24,8 +24,9 @@ from apps.datasets.services import dataset_create
 from apps.deployments.models import State
 from apps.deployments.services import deployment_create
 from apps.finetune.models import FineTuneJob, JobState
+from apps.registry.bundled import model_register_bundled
 from apps.registry.models import ModelVersion
-from apps.registry.services import model_register_bundled, model_version_approve
+from apps.registry.services import model_version_approve
 from tests.conftest import client_for, make_user
 from tests.datasets.conftest import jsonl, upload, wait_validated
 from tests.finetune.conftest import TRAIN_ROWS

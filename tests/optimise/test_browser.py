@@ -10,8 +10,8 @@ from playwright.sync_api import expect
 
 from apps.accounts.models import Role
 from apps.accounts.services import system_user
+from apps.registry.bundled import model_register_bundled
 from apps.registry.models import ModelVersion
-from apps.registry.services import model_register_bundled
 from tests.conftest import PASSWORD, make_user
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]

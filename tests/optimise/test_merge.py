@@ -13,8 +13,9 @@ from apps.accounts.services import system_user
 from apps.datasets.services import dataset_create
 from apps.finetune.models import FineTuneJob, JobState
 from apps.optimise.models import Evaluation, ModelJob
+from apps.registry.artifacts import artifact_store
+from apps.registry.bundled import model_register_bundled
 from apps.registry.models import ModelVersion, SourceKind
-from apps.registry.services import artifact_store, model_register_bundled
 from tests.conftest import client_for, make_user
 from tests.datasets.conftest import jsonl, upload, wait_validated
 from tests.finetune.conftest import TRAIN_ROWS

@@ -14,14 +14,11 @@ from apps.audit.models import AuditEvent
 from apps.datasets.models import DatasetVersion
 from apps.datasets.services import dataset_create
 from apps.optimise.models import Evaluation
+from apps.registry.artifacts import artifact_store
+from apps.registry.bundled import model_register_bundled
 from apps.registry.licences import version_licence
 from apps.registry.models import ModelVersion, SourceKind, State
-from apps.registry.services import (
-    artifact_store,
-    model_register_bundled,
-    model_version_approve,
-    model_version_deploy_check,
-)
+from apps.registry.services import model_version_approve, model_version_deploy_check
 from tests.conftest import client_for, make_user
 from tests.datasets.conftest import jsonl, upload, wait_validated
 from tests.optimise.conftest import TEXT_ROWS, committed_module, run_evaluation, run_job

@@ -17,13 +17,9 @@ from apps.datasets.models import SourceKind as DataSourceKind
 from apps.datasets.models import State as DataState
 from apps.deployments.services import deployment_create
 from apps.finetune.models import FineTuneJob, JobState
+from apps.registry.artifacts import artifact_store
 from apps.registry.models import Artifact, SourceKind
-from apps.registry.services import (
-    artifact_store,
-    model_repo_create,
-    model_version_approve,
-    model_version_ingest,
-)
+from apps.registry.services import model_repo_create, model_version_approve, model_version_ingest
 from tests.conftest import client_for
 from tests.registry.conftest import upload_version, write_tiny_gguf
 

@@ -12,10 +12,7 @@ from apps.audit.models import AuditEvent
 from apps.audit.verification import verify_export
 from apps.deployments.models import Deployment, State
 from apps.inference.models import UsageRecord
-from apps.registry.services import (
-    model_repo_create,
-    model_version_approve,
-)
+from apps.registry.services import model_repo_create, model_version_approve
 from tests.conftest import client_for, make_user
 from tests.registry.conftest import upload_version, write_tiny_gguf
 

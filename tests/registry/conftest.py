@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from gguf import GGUFWriter
 
+from apps.registry.artifacts import artifact_store
 from apps.registry.models import ModelRepo, ModelVersion, SourceKind
-from apps.registry.services import artifact_store, model_repo_create, model_version_ingest
+from apps.registry.services import model_repo_create, model_version_ingest
 
 
 def upload_version(actor, repo: ModelRepo, path: Path, parents=()) -> ModelVersion:
@@ -103,7 +104,7 @@ def wait_job_finished(job) -> None:
 
 def import_leftovers(sha256: str) -> list[Path]:
     """Files a failed import might have left: the artifact, staging, downloads."""
-    from apps.registry.services import artifact_store
+    from apps.registry.artifacts import artifact_store
 
     store = artifact_store()
     left = [p for p in (store.root / "tmp").rglob("*") if p.is_file()]

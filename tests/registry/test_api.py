@@ -4,8 +4,8 @@ from rest_framework.test import APIClient
 
 from apps.accounts.models import Role, Scope
 from apps.accounts.services import api_key_create
+from apps.registry.artifacts import artifact_store
 from apps.registry.models import ModelVersion
-from apps.registry.services import artifact_store
 from tests.conftest import client_for, make_user
 from tests.registry.conftest import stored_files, write_tiny_gguf
 

@@ -14,8 +14,8 @@ from rest_framework.test import APIClient
 from apps.accounts.models import Role
 from apps.audit.models import AuditEvent
 from apps.registry import services
+from apps.registry.artifacts import artifact_store
 from apps.registry.models import ImportState, ModelImport, ModelVersion, SourceKind
-from apps.registry.services import artifact_store
 from tests.conftest import client_for
 from tests.registry.conftest import (
     import_leftovers,

@@ -10,11 +10,11 @@ from apps.accounts.models import Role
 from apps.accounts.services import system_user
 from apps.audit.models import AuditEvent
 from apps.datasets.models import Dataset
+from apps.registry.artifacts import artifact_store
+from apps.registry.bundled import model_register_bundled
 from apps.registry.licences import licence_and, licence_not_allowed, licence_terms, version_licence
 from apps.registry.models import LicenceOverride, SourceKind
 from apps.registry.services import (
-    artifact_store,
-    model_register_bundled,
     model_repo_create,
     model_version_deploy_check,
     model_version_ingest,

@@ -15,12 +15,9 @@ from apps.accounts.models import SYSTEM_USERNAME, Role
 from apps.audit.models import AuditEvent
 from apps.deployments.services import deployment_create
 from apps.registry import tasks
+from apps.registry.artifacts import artifact_store
 from apps.registry.models import Artifact
-from apps.registry.services import (
-    artifact_store,
-    model_repo_create,
-    model_version_approve,
-)
+from apps.registry.services import model_repo_create, model_version_approve
 from tests.conftest import client_for
 from tests.live import wait_until
 from tests.registry.conftest import upload_version, write_tiny_gguf

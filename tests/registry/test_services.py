@@ -10,12 +10,10 @@ from apps.accounts.models import Role
 from apps.accounts.services import system_user
 from apps.audit.models import AuditEvent
 from apps.datasets.services import dataset_create
+from apps.registry.artifacts import artifact_reverify, artifact_store, check_file_name
+from apps.registry.bundled import model_register_bundled
 from apps.registry.models import Artifact, Format, ModelVersion, SourceKind, State
 from apps.registry.services import (
-    artifact_reverify,
-    artifact_store,
-    check_file_name,
-    model_register_bundled,
     model_version_approve,
     model_version_deprecate,
     model_version_import_path,

@@ -22,8 +22,8 @@ from apps.accounts.models import Role, Scope, User
 from apps.accounts.services import api_key_create, system_user
 from apps.deployments import services
 from apps.deployments.models import Deployment, State
+from apps.registry.bundled import model_register_bundled
 from apps.registry.models import ModelVersion
-from apps.registry.services import model_register_bundled
 from tests.conftest import PASSWORD, make_user
 from tests.live import (
     process_env,

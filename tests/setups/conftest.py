@@ -22,8 +22,9 @@ from gguf import GGUFWriter
 
 from apps.accounts.models import Role, User
 from apps.accounts.services import system_user
+from apps.registry.bundled import model_register_bundled
 from apps.registry.models import ModelVersion
-from apps.registry.services import model_register_bundled, model_repo_create, model_version_approve
+from apps.registry.services import model_repo_create, model_version_approve
 from tests.conftest import make_user
 from tests.live import process_env, start_celery_worker, start_web_server, stop_processes
 from tests.registry.conftest import upload_version

@@ -21,11 +21,7 @@ from apps.audit.signing import create_key
 from apps.deployments import services as deployment_services
 from apps.deployments.models import Deployment, State
 from apps.registry.models import ModelVersion
-from apps.registry.services import (
-    model_repo_create,
-    model_version_approve,
-    model_version_deprecate,
-)
+from apps.registry.services import model_repo_create, model_version_approve, model_version_deprecate
 from apps.setups import recipes, services
 from apps.setups.models import Experience, Origin, Setup, Trial, TrialState, UseCase
 from tests.conftest import client_for, make_user

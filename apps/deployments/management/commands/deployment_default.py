@@ -9,8 +9,8 @@ from apps.accounts.models import Role, Scope, User
 from apps.accounts.services import ApiKeyRejected, api_key_authenticate, api_key_create, system_user
 from apps.deployments import selectors, services
 from apps.deployments.models import Deployment, State
+from apps.registry.bundled import BUNDLED_REPO
 from apps.registry.models import ModelRepo
-from apps.registry.services import BUNDLED_REPO
 
 DEFAULT_NAME = "gemma-3-270m"
 

@@ -1,7 +1,7 @@
 from django.core.management.base import BaseCommand
 
 from apps.accounts.services import system_user
-from apps.registry.services import model_register_bundled
+from apps.registry.bundled import model_register_bundled
 
 
 class Command(BaseCommand):
