@@ -26,11 +26,18 @@ from apps.accounts.services import require_role, system_user
 from apps.audit.models import Outcome
 from apps.audit.services import audit_record
 from apps.datasets.models import Dataset, DatasetVersion
+from apps.datasets.services import dataset_version_canonical
 from apps.finetune import progress
 from apps.finetune.models import ACTIVE_STATES, LAUNCHER_ROLES, FineTuneJob, JobState
+from apps.registry.artifacts import artifact_store
 from apps.registry.models import REPO_NAME, Format, ModelRepo, ModelVersion, SourceKind
 from apps.registry.models import State as VersionState
-from apps.registry.services import model_repo_create, model_version_ingest, repo_writable_by
+from apps.registry.services import (
+    model_repo_create,
+    model_version_ingest,
+    model_version_verify,
+    repo_writable_by,
+)
 from workers.artifacts import Staged
 from workers.finetune.spec import ParamError, TrainSpec, check_params, total_steps
 
@@ -548,7 +555,6 @@ def provenance(job: FineTuneJob, result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _stage(path: Path) -> Staged:
-    from apps.registry.artifacts import artifact_store
 
     return artifact_store().stage_copy(path, max_bytes=settings.UPLOAD_MAX_BYTES)
 
@@ -595,8 +601,6 @@ def _register_outputs(
 
 def train_spec(job: FineTuneJob, *, work_dir: Path, report) -> TrainSpec:
     """The runner's spec: verified inputs on local disk, canonical JSON Lines data."""
-    from apps.datasets.services import dataset_version_canonical
-    from apps.registry.services import model_version_verify
 
     base_path = model_version_verify(actor=system_user(), version=job.base_model)
     work_dir.mkdir(parents=True, exist_ok=True)

@@ -22,9 +22,11 @@ from django.db.models import (
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from apps.deployments import selectors as deployment_selectors
 from apps.deployments.models import Deployment, State
 from apps.finetune.models import ACTIVE_STATES, FineTuneJob, JobState
 from apps.inference.models import Outcome, UsageRecord
+from apps.ops.charts import line_chart
 from apps.ops.models import LATENCY_BUCKETS_SECONDS
 
 # Outcomes that count as failures: the box did not answer. A client's bad request and a
@@ -203,9 +205,6 @@ def finetunes_in_progress() -> list[FineTuneJob]:
 
 def dashboard(now: datetime | None = None) -> dict[str, Any]:
     """Everything the operations dashboard shows, read afresh (the page polls it)."""
-    from apps.deployments import selectors as deployment_selectors
-    from apps.ops.charts import line_chart
-
     window = traffic_window(now)
     series = traffic_series(window)
     workers = deployment_selectors.worker_list()
