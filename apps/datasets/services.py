@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -34,7 +34,7 @@ from apps.datasets.models import (
     SourceKind,
     State,
 )
-from apps.registry.artifacts import PICKLE_SUFFIXES, artifact_store
+from apps.registry.artifacts import artifact_store, checked_file_name
 from apps.registry.hub_imports import (
     hub_import_check,
     hub_import_claim,
@@ -57,26 +57,13 @@ PROGRESS_EVERY_SECONDS = 0.5
 
 
 def check_file_name(name: str) -> str:
-    """A display name for an incoming data file; it never becomes a path on disk."""
-    name = name.strip()
-    if not name or "\x00" in name or name in {".", ".."}:
-        raise ValidationError("The file needs a name.")
-    if PurePosixPath(name).name != name or PureWindowsPath(name).name != name:
-        raise ValidationError(f"The file name {name!r} must not contain a path.")
-    if len(name) > 255:
-        raise ValidationError("The file name is longer than 255 characters.")
-    suffix = PurePosixPath(name).suffix.lower()
-    if suffix in PICKLE_SUFFIXES:
-        raise ValidationError(
-            f"{name!r} is a pickle-based format ({suffix}), which can run arbitrary code when "
-            "loaded. Export the data as JSON Lines, CSV or Parquet."
-        )
-    if suffix not in ACCEPTED_SUFFIXES:
-        raise ValidationError(
-            f"{name!r} is not a supported data file: use JSON Lines (.jsonl), CSV (.csv) or "
-            "Parquet (.parquet)."
-        )
-    return name
+    """A data file's display name; it never becomes a path on disk."""
+    return checked_file_name(
+        name,
+        accepted=ACCEPTED_SUFFIXES,
+        advice="Export the data as JSON Lines, CSV or Parquet.",
+        kinds="data file: use JSON Lines (.jsonl), CSV (.csv) or Parquet (.parquet)",
+    )
 
 
 def require_dataset_writer(actor: User, dataset: Dataset, doing: str) -> None:

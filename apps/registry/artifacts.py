@@ -30,8 +30,10 @@ def artifact_store() -> ArtifactStore:
     return ArtifactStore(settings.ARTIFACT_ROOT)
 
 
-def check_file_name(name: str) -> str:
-    """A display name for an incoming file; it never becomes a path on disk."""
+def checked_file_name(name: str, *, accepted: frozenset[str], advice: str, kinds: str) -> str:
+    """A display name for an incoming file (a model's or a dataset's); it never becomes
+    a path on disk. ``accepted`` suffixes; ``kinds`` names them for a refused file; a
+    pickle-based file is refused with ``advice`` on what to send instead."""
     name = name.strip()
     if not name or "\x00" in name or name in {".", ".."}:
         raise ValidationError("The file needs a name.")
@@ -43,13 +45,21 @@ def check_file_name(name: str) -> str:
     if suffix in PICKLE_SUFFIXES:
         raise ValidationError(
             f"{name!r} is a pickle-based format ({suffix}), which can run arbitrary code when "
-            "loaded. AIBox refuses it: convert the model to GGUF."
+            f"loaded. {advice}"
         )
-    if suffix not in ACCEPTED_SUFFIXES:
-        raise ValidationError(
-            f"{name!r} is not a supported model file: AIBox accepts GGUF (.gguf) files."
-        )
+    if suffix not in accepted:
+        raise ValidationError(f"{name!r} is not a supported {kinds}.")
     return name
+
+
+def check_file_name(name: str) -> str:
+    """A model file's display name (GGUF only)."""
+    return checked_file_name(
+        name,
+        accepted=ACCEPTED_SUFFIXES,
+        advice="AIBox refuses it: convert the model to GGUF.",
+        kinds="model file: AIBox accepts GGUF (.gguf) files",
+    )
 
 
 @dataclass(frozen=True)
