@@ -18,6 +18,7 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
+from aibox.celery import app as celery_app
 from apps.accounts.models import Role, User
 from apps.accounts.services import require_role, system_user
 from apps.audit.models import Outcome
@@ -228,9 +229,8 @@ def dataset_version_ingest(
 
 
 def _enqueue_validation(version_id: int) -> None:
-    from apps.datasets.tasks import dataset_version_validate
-
-    dataset_version_validate.delay(version_id)
+    # Sent by name (apps/datasets/tasks.py): the tasks import this module, not the reverse.
+    celery_app.send_task("datasets.version_validate", args=[version_id])
 
 
 def reading_options(version: DatasetVersion, *, tokenize: bool = True) -> data.ValidationOptions:
@@ -411,9 +411,7 @@ def dataset_transform_request(
 
 
 def _enqueue_transform(job_id: int) -> None:
-    from apps.datasets.tasks import dataset_transform_run
-
-    dataset_transform_run.delay(job_id)
+    celery_app.send_task("datasets.transform_run", args=[job_id])
 
 
 def dataset_transform_run(*, job_id: int) -> DatasetTransform | None:
@@ -551,14 +549,12 @@ def dataset_import_request(
         max_tokens=max_tokens,
         created_by=actor,
     )
-    from apps.datasets import tasks
-
     hub_import_requested(
         job,
         actor=actor,
         action="dataset_import",
         target={"dataset": dataset.name},
-        task=tasks.dataset_import_run,
+        task="datasets.import_run",  # apps/datasets/tasks.py
     )
     return job
 

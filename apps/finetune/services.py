@@ -21,6 +21,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
+from aibox.celery import app as celery_app
 from apps.accounts.models import User
 from apps.accounts.services import require_role, system_user
 from apps.audit.models import Outcome
@@ -256,9 +257,8 @@ def _start(job_id: int) -> None:
 
 
 def _enqueue(job_id: int) -> None:
-    from apps.finetune.tasks import finetune_run
-
-    finetune_run.apply_async(args=[job_id], queue=TRAINING_QUEUE)
+    # Sent by name (apps/finetune/tasks.py): the tasks import this module, not the reverse.
+    celery_app.send_task("finetune.run", args=[job_id], queue=TRAINING_QUEUE)
 
 
 def queue_position(job: FineTuneJob) -> int | None:

@@ -17,6 +17,7 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
+from aibox.celery import app as celery_app
 from apps.accounts.models import User
 from apps.accounts.services import system_user
 from apps.audit.models import Outcome
@@ -65,10 +66,10 @@ def hub_import_check(
 
 
 def hub_import_requested(
-    job: HubImport, *, actor: User, action: str, target: dict[str, Any], task: Any
+    job: HubImport, *, actor: User, action: str, target: dict[str, Any], task: str
 ) -> None:
-    """Audit a new import (``<action>.request``, with ``target``: what it is for) and queue
-    ``task`` with its id once the enclosing transaction commits."""
+    """Audit a new import (``<action>.request``, with ``target``: what it is for) and send
+    the task named ``task`` with its id once the enclosing transaction commits."""
     audit_record(
         actor=actor,
         action=f"{action}.request",
@@ -81,7 +82,7 @@ def hub_import_requested(
             "endpoint": job.endpoint,
         },
     )
-    transaction.on_commit(lambda: task.delay(job.pk))
+    transaction.on_commit(lambda: celery_app.send_task(task, args=[job.pk]))
 
 
 def _progress_writer(job: HubImport) -> Callable[[int, int], None]:

@@ -430,14 +430,12 @@ def model_import_request(
         endpoint=settings.HF_ENDPOINT,
         created_by=actor,
     )
-    from apps.registry import tasks
-
     hub_import_requested(
         job,
         actor=actor,
         action="model_import",
         target={"repo": repo.name},
-        task=tasks.model_import_run,
+        task="registry.model_import_run",  # apps/registry/tasks.py
     )
     return job
 

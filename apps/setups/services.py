@@ -11,11 +11,13 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+from celery.utils import worker_direct
 from django.conf import settings as django_settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
+from aibox.celery import app as celery_app
 from apps.accounts.models import Role, User
 from apps.accounts.services import require_role, system_user
 from apps.audit.chain import format_timestamp
@@ -218,12 +220,13 @@ def trial_request(*, actor: User, setup: Setup, worker: str | None = None) -> Tr
         )
         spec = _trial_spec(trial, place.gpu_index)
 
-        def send() -> None:
-            from apps.setups import tasks
-
-            tasks.send_trial(hostname, spec)
-
-        transaction.on_commit(send)
+        # On the placed worker's own queue; sent by name (apps/setups/tasks.py imports
+        # this module, not the reverse).
+        transaction.on_commit(
+            lambda: celery_app.send_task(
+                "setups.trial_run", args=[spec], queue=worker_direct(hostname)
+            )
+        )
     return trial
 
 

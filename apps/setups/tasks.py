@@ -11,9 +11,10 @@ import logging
 from typing import Any
 
 from celery import shared_task
-from celery.utils import worker_direct
 
+from apps.setups import services
 from apps.setups.models import TrialState
+from apps.setups.services import trial_report_apply
 from workers.artifacts import IntegrityError
 from workers.hardware import inventory
 from workers.inference.engine import LoadError
@@ -23,10 +24,6 @@ log = logging.getLogger(__name__)
 
 # A trial of a large model on a slow machine takes minutes; one stuck longer is failed.
 TRIAL_SOFT_LIMIT_SECONDS = 30 * 60
-
-
-def send_trial(hostname: str, spec: dict[str, Any]) -> None:
-    trial_run.apply_async(args=[spec], queue=worker_direct(hostname))
 
 
 def _report(trial_id: int, state: str, **fields: Any) -> None:
@@ -75,8 +72,6 @@ def trial_report(
     reason: str = "",
     result: dict[str, Any] | None = None,
 ) -> None:
-    from apps.setups.services import trial_report_apply
-
     trial_report_apply(
         trial_id=trial_id,
         state=state,
@@ -89,6 +84,4 @@ def trial_report(
 
 @shared_task(name="setups.trial_reap")
 def trial_reap() -> int:
-    from apps.setups.services import trial_reap as reap
-
-    return reap()
+    return services.trial_reap()
