@@ -19,7 +19,14 @@ from apps.deployments.api import DeploymentSerializer, RevisionSerializer
 from apps.deployments.models import DEPLOYMENT_NAME
 from apps.registry.models import ModelVersion
 from apps.setups import recipes, selectors, services
-from apps.setups.models import SETUP_SETTINGS, Experience, Setup, Trial, UseCase
+from apps.setups.models import (
+    SETUP_NAME_PATTERN,
+    SETUP_SETTINGS,
+    Experience,
+    Setup,
+    Trial,
+    UseCase,
+)
 
 READERS = role_and_scope(*Role, scopes=(Scope.REGISTRY_READ,))
 MANAGERS = role_and_scope(*services.MANAGER_ROLES, scopes=(Scope.ADMIN,))
@@ -134,7 +141,11 @@ class SetupListView(APIView):
 class SetupDetailView(APIView):
     permission_classes = [READERS]
 
-    @extend_schema(responses=OpenApiTypes.OBJECT)
+    @extend_schema(
+        responses=OpenApiTypes.OBJECT,
+        # /setups/trials/ is the trials list: reserved names are no setup's.
+        parameters=[OpenApiParameter("name", str, "path", pattern=SETUP_NAME_PATTERN)],
+    )
     def get(self, request: Request, name: str) -> Response:
         setup = _setup(request, name)
         trials = selectors.trial_list(user=request.user).filter(setup=setup)

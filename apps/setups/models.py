@@ -15,9 +15,14 @@ from django.utils import timezone
 from apps.accounts.models import User
 from apps.deployments.models import RUNTIME_FIELDS, RuntimeSettings
 
+# Segments beside /setups/<name>/ on the pages and the API: a setup of such a name could
+# never be opened, so none may take one.
+RESERVED_NAMES = ("advisor", "fit", "recipes", "switch", "trials")
+SETUP_NAME_PATTERN = rf"^(?!(?:{'|'.join(RESERVED_NAMES)})$)[a-zA-Z0-9][a-zA-Z0-9._:-]{{0,99}}$"
 SETUP_NAME = RegexValidator(
-    r"^[a-zA-Z0-9][a-zA-Z0-9._:-]{0,99}$",
-    "Use letters, digits, '.', '_', ':' and '-' (up to 100), starting with a letter or digit.",
+    SETUP_NAME_PATTERN,
+    "Use letters, digits, '.', '_', ':' and '-' (up to 100), starting with a letter or digit; "
+    f"{', '.join(RESERVED_NAMES)} are taken by pages.",
 )
 
 

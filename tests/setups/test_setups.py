@@ -225,6 +225,18 @@ def test_bad_input_names_the_field_and_creates_nothing(stack):
         content_type="application/json",
     )
     assert answer.status_code == 400 and "kv_cache_type" in answer.json()
+    # /setups/trials/ is the trials list: a setup of that name could never be opened.
+    answer = admin.post(
+        "/api/v1/setups/",
+        {
+            "name": "trials",
+            "use_case": "chat",
+            "experience": "fast",
+            "model_version": stack.version.pk,
+        },
+        content_type="application/json",
+    )
+    assert answer.status_code == 400 and "taken by pages" in str(answer.json()["name"])
     assert Setup.objects.count() == before
 
 
