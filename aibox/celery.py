@@ -1,7 +1,9 @@
 """The control plane's Celery app.
 
 It runs the thin bridge tasks in ``apps/*/tasks.py``. The heavy work (inference,
-training) lives in ``workers/``, which never imports Django.
+training) lives in ``workers/``, which never imports Django. The tasks a serving worker
+runs (``WORKER_TASKS``) are imported only when a worker starts: the control plane sends
+them by name, so the web process never loads llama.cpp.
 """
 
 import os
@@ -10,7 +12,9 @@ from celery import Celery, bootsteps
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "aibox.settings")
 
-app = Celery("aibox")
+WORKER_TASKS = ["apps.deployments.worker_tasks", "apps.setups.worker_tasks"]
+
+app = Celery("aibox", include=WORKER_TASKS)
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 

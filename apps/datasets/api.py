@@ -14,7 +14,7 @@ from rest_framework.views import APIView
 
 from apps.accounts.models import Scope
 from apps.accounts.permissions import NotFromAnotherSite, role_and_scope
-from apps.datasets import selectors, services
+from apps.datasets import hub_imports, selectors, services, transforms
 from apps.datasets.models import (
     SEE_ALL_ROLES,
     WRITER_ROLES,
@@ -263,7 +263,7 @@ class ImportHfView(APIView):
         dataset = _dataset(request, name)
         serializer = ImportRequestSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        job = services.dataset_import_request(
+        job = hub_imports.dataset_import_request(
             actor=request.user,
             dataset=dataset,
             **serializer.validated_data,
@@ -342,7 +342,7 @@ class VersionDeriveView(APIView):
         params = request.data.get("params") or {}
         if not isinstance(params, dict):
             return Response({"detail": "params must be an object."}, status=400)
-        job = services.dataset_transform_request(
+        job = transforms.dataset_transform_request(
             actor=request.user,
             version=version,
             operation=str(request.data.get("operation", "")),

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.utils import timezone
@@ -26,24 +25,12 @@ from apps.audit.services import audit_record
 from apps.datasets.models import (
     WRITER_ROLES,
     Dataset,
-    DatasetImport,
-    DatasetTransform,
     DatasetVersion,
-    JobState,
-    Operation,
     Shape,
     SourceKind,
     State,
 )
 from apps.registry.artifacts import artifact_store, checked_file_name
-from apps.registry.hub_imports import (
-    hub_import_check,
-    hub_import_claim,
-    hub_import_execute,
-    hub_import_fetch,
-    hub_import_requested,
-    hub_import_source,
-)
 from apps.registry.models import Artifact, ModelVersion
 from apps.registry.models import Format as ModelFormat
 from workers import datasets as data
@@ -129,7 +116,9 @@ def dataset_create(
     return dataset
 
 
-def _check_tokenizer(tokenizer: ModelVersion | None, max_tokens: int | None) -> None:
+def tokenizer_check(tokenizer: ModelVersion | None, max_tokens: int | None) -> None:
+    """Raise ValidationError unless rows can be counted with ``tokenizer`` (a GGUF model)
+    against ``max_tokens`` (positive, within its context)."""
     if tokenizer is not None and tokenizer.format != ModelFormat.GGUF_MODEL:
         raise ValidationError(f"{tokenizer} is not a model: pick a GGUF model for token counts.")
     if max_tokens is not None:
@@ -172,7 +161,7 @@ def dataset_version_ingest(
         if declared_shape and declared_shape not in Shape.values:
             raise ValidationError(f"{declared_shape!r} is not a dataset shape.")
         column_mapping = clean_column_mapping(column_mapping)
-        _check_tokenizer(tokenizer, max_tokens)
+        tokenizer_check(tokenizer, max_tokens)
         try:
             fmt = data.sniff_format(staged.path, file_name)
         except data.DatasetError as exc:
@@ -363,238 +352,6 @@ def _finish_validation(
         },
     )
     return version
-
-
-def _clean_params(operation: str, params: dict[str, Any]) -> dict[str, Any]:
-    if operation == Operation.SPLIT:
-        try:
-            fraction = float(params.get("validation_fraction", 0.1))
-            seed = int(params.get("seed", 42))
-        except (TypeError, ValueError) as exc:
-            raise ValidationError(
-                "The split needs a numeric validation fraction and seed."
-            ) from exc
-        if not 0 < fraction < 1:
-            raise ValidationError("The validation fraction must be between 0 and 1 (e.g. 0.1).")
-        return {"validation_fraction": fraction, "seed": seed}
-    if operation == Operation.DEDUPE:
-        return {}
-    if operation == Operation.FILTER:
-        return {"drop_invalid": True, "drop_pii": bool(params.get("drop_pii", False))}
-    raise ValidationError(
-        f"{operation!r} is not an operation; use one of: {', '.join(Operation.values)}."
-    )
-
-
-@transaction.atomic
-def dataset_transform_request(
-    *, actor: User, version: DatasetVersion, operation: str, params: dict[str, Any]
-) -> DatasetTransform:
-    """Queue the derivation of new versions (split, de-duplication, filtering)."""
-    require_dataset_writer(actor, version.dataset, "derive dataset versions")
-    params = _clean_params(operation, params or {})
-    if version.state == State.VALIDATING:
-        raise ValidationError("Wait for this version's validation to finish first.")
-    if not version.valid_rows:
-        raise ValidationError("This version has no valid rows to derive anything from.")
-    job = DatasetTransform.objects.create(
-        source_version=version, operation=operation, params=params, created_by=actor
-    )
-    audit_record(
-        actor=actor,
-        action="dataset_transform.request",
-        target=job,
-        details={"version": version.pk, "operation": operation, "params": params},
-    )
-    transaction.on_commit(lambda: _enqueue_transform(job.pk))
-    return job
-
-
-def _enqueue_transform(job_id: int) -> None:
-    celery_app.send_task("datasets.transform_run", args=[job_id])
-
-
-def dataset_transform_run(*, job_id: int) -> DatasetTransform | None:
-    """Run a derivation (the job's body): stream the source once, store each output
-    as a new version whose parent and transformation record how it was made."""
-    claimed = DatasetTransform.objects.filter(pk=job_id, state=JobState.QUEUED).update(
-        state=JobState.RUNNING, started_at=timezone.now()
-    )
-    job = DatasetTransform.objects.select_related(
-        "source_version__dataset", "source_version__artifact", "created_by"
-    ).get(pk=job_id)
-    if not claimed:
-        return job  # another delivery of this task has it
-    source = job.source_version
-    store = artifact_store()
-    work = store.tmp / f"transform-{job.pk}-{int(time.time())}"
-    actor = job.created_by or system_user()
-    try:
-        path = store.verify(source.sha256)
-        params = {**job.params, "valid_rows": source.valid_rows}
-        work.mkdir(parents=True)
-        outputs = data.transform(
-            path,
-            data.FileFormat(source.format),
-            # Lengths matter to a transform only when rows over a token limit are failures.
-            reading_options(source, tokenize=bool(source.max_tokens)),
-            job.operation,
-            params,
-            work,
-        )
-        versions = []
-        for derived in outputs:
-            staged = Staged(path=Path(derived.path), sha256=derived.sha256, size=derived.size)
-            versions.append(
-                dataset_version_ingest(
-                    actor=actor,
-                    dataset=source.dataset,
-                    staged=staged,
-                    file_name=f"{source.dataset.name}-v{source.number}-{derived.name}.jsonl",
-                    source_kind=SourceKind.DERIVED,
-                    source={"parent_sha256": source.sha256, "job": job.pk},
-                    declared_shape=source.shape,
-                    tokenizer=source.tokenizer,
-                    max_tokens=source.max_tokens,
-                    parent=source,
-                    transformation={
-                        "operation": job.operation,
-                        "params": job.params,
-                        "part": derived.name,
-                        "rows": derived.rows,
-                        "details": derived.details,
-                    },
-                )
-            )
-    except Exception as exc:  # the job fails with the reason; the worker stays up
-        log.exception("Dataset transform %s failed", job.pk)
-        reason = " ".join(exc.messages) if isinstance(exc, ValidationError) else str(exc)
-        return _finish_transform(job, state=JobState.FAILED, reason=reason or repr(exc))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return _finish_transform(
-        job,
-        state=JobState.SUCCEEDED,
-        outputs=versions,
-        details={d.name: {"rows": d.rows, **d.details} for d in outputs},
-    )
-
-
-@transaction.atomic
-def _finish_transform(
-    job: DatasetTransform,
-    *,
-    state: JobState,
-    reason: str = "",
-    outputs: list[DatasetVersion] | None = None,
-    details: dict[str, Any] | None = None,
-) -> DatasetTransform:
-    job.state, job.reason, job.details = state, reason, details or {}
-    job.finished_at = timezone.now()
-    job.save(update_fields=["state", "reason", "details", "finished_at"])
-    job.outputs.set(outputs or [])
-    audit_record(
-        actor=system_user(),
-        action=f"dataset_transform.{state}",
-        target=job,
-        outcome=Outcome.SUCCESS if state == JobState.SUCCEEDED else Outcome.FAILURE,
-        details={
-            "reason": reason,
-            "outputs": [v.pk for v in outputs or []],
-            "details": details or {},
-        },
-    )
-    return job
-
-
-# Hugging Face import: the registry's import of a model file, for a dataset repo's file.
-
-
-@transaction.atomic
-def dataset_import_request(
-    *,
-    actor: User,
-    dataset: Dataset,
-    repo_id: str,
-    filename: str,
-    revision: str = "",
-    declared_shape: str = "",
-    column_mapping: dict[str, str] | None = None,
-    tokenizer: ModelVersion | None = None,
-    max_tokens: int | None = None,
-) -> DatasetImport:
-    """Queue the import of one file of a dataset repo on ``settings.HF_ENDPOINT``.
-
-    Refused here, before a job exists and without asking the hub: a malformed repo id,
-    file name or revision, a file that is not data (pickle formats above all), and
-    settings an upload would be refused for. The version is validated as an upload is.
-    """
-    require_dataset_writer(actor, dataset, "import dataset versions")
-    repo_id, filename, revision = hub_import_check(
-        repo_id=repo_id, filename=filename, revision=revision, check_name=check_file_name
-    )
-    if declared_shape and declared_shape not in Shape.values:
-        raise ValidationError(f"{declared_shape!r} is not a dataset shape.")
-    column_mapping = clean_column_mapping(column_mapping)
-    _check_tokenizer(tokenizer, max_tokens)
-    job = DatasetImport.objects.create(
-        dataset=dataset,
-        hf_repo_id=repo_id,
-        filename=filename,
-        revision=revision,
-        endpoint=settings.HF_ENDPOINT,
-        declared_shape=declared_shape,
-        column_mapping=column_mapping,
-        tokenizer=tokenizer,
-        max_tokens=max_tokens,
-        created_by=actor,
-    )
-    hub_import_requested(
-        job,
-        actor=actor,
-        action="dataset_import",
-        target={"dataset": dataset.name},
-        task="datasets.import_run",  # apps/datasets/tasks.py
-    )
-    return job
-
-
-def _import_file(job: DatasetImport, requester: User) -> tuple[DatasetVersion, bool]:
-    hub_file, staged = hub_import_fetch(
-        job, repo_type="dataset", kind="dataset", recorded_licence=job.dataset.licence
-    )
-    version = dataset_version_ingest(
-        actor=requester,
-        dataset=job.dataset,
-        staged=staged,
-        file_name=hub_file.name,
-        source_kind=SourceKind.HUGGING_FACE,
-        source=hub_import_source(job, hub_file),
-        declared_shape=job.declared_shape,
-        column_mapping=job.column_mapping,
-        tokenizer=job.tokenizer,
-        max_tokens=job.max_tokens,
-    )
-    return version, True
-
-
-def dataset_import_run(*, import_id: int) -> None:
-    """Run a queued import (the Celery task's body); a duplicate delivery does nothing.
-
-    Downloads the file at the commit its revision resolved to, checks its sha256 against
-    the hub's and adds it as a version (created by the person who asked, whose right to
-    is checked again now), whose validation is then queued as an upload's is. Whatever
-    fails, the job ends failed with a reason and no file is left behind.
-    """
-    job = hub_import_claim(DatasetImport, import_id, "dataset", "tokenizer", "created_by")
-    if job is None:
-        return
-    hub_import_execute(
-        job,
-        action="dataset_import",
-        target={"dataset": job.dataset.name},
-        ingest=lambda requester: _import_file(job, requester),
-    )
 
 
 def dataset_version_export_csv(*, actor: User, version: DatasetVersion, out) -> int:

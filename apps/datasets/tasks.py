@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from apps.datasets import services
+from apps.datasets import hub_imports, services, transforms
 from apps.registry.hub_imports import IMPORT_TIME_LIMIT
 
 
@@ -17,7 +17,7 @@ def dataset_version_validate(version_id: int) -> None:
 @shared_task(name="datasets.transform_run", acks_late=True)
 def dataset_transform_run(job_id: int) -> None:
     # A duplicate delivery finds the job claimed and does nothing.
-    services.dataset_transform_run(job_id=job_id)
+    transforms.dataset_transform_run(job_id=job_id)
 
 
 # As the registry's import: not retried (a failed import ends failed with its reason), a
@@ -30,4 +30,4 @@ def dataset_transform_run(job_id: int) -> None:
     time_limit=IMPORT_TIME_LIMIT + 120,
 )
 def dataset_import_run(import_id: int) -> None:
-    services.dataset_import_run(import_id=import_id)
+    hub_imports.dataset_import_run(import_id=import_id)

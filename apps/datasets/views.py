@@ -11,7 +11,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from apps.accounts.access import role_required
 from apps.accounts.models import Role
-from apps.datasets import selectors, services
+from apps.datasets import hub_imports, selectors, services, transforms
 from apps.datasets.api import export_response
 from apps.datasets.forms import (
     DatasetForm,
@@ -120,7 +120,7 @@ def dataset_import_create(request: HttpRequest, name: str) -> HttpResponse:
     if form.is_valid():
         data = form.cleaned_data
         try:
-            job = services.dataset_import_request(
+            job = hub_imports.dataset_import_request(
                 actor=request.user,
                 dataset=dataset,
                 repo_id=data["repo_id"],
@@ -257,7 +257,7 @@ def version_derive(request: HttpRequest, pk: int, operation: str) -> HttpRespons
             return redirect("datasets:version", pk=version.pk)
         params = form.cleaned_data
     try:
-        job = services.dataset_transform_request(
+        job = transforms.dataset_transform_request(
             actor=request.user, version=version, operation=operation, params=params
         )
     except ValidationError as exc:

@@ -13,7 +13,7 @@ from django.conf import settings
 from aibox.redis_clients import sync_client
 from apps.accounts.models import User
 from apps.deployments.models import Deployment, Replica, State
-from workers.inference import protocol
+from workers import redis_keys
 
 
 def deployment_list(*, user: User):
@@ -80,19 +80,19 @@ def parse_heartbeat(raw: bytes | str | None, *, now: float | None = None) -> Wor
 def worker_list() -> list[WorkerStatus]:
     """Every worker seen in the last day, online ones first."""
     client = sync_client()
-    names = sorted(n.decode() for n in client.smembers(protocol.WORKERS_SET))
+    names = sorted(n.decode() for n in client.smembers(redis_keys.WORKERS_SET))
     if not names:
         return []
-    raws = client.mget([protocol.heartbeat_key(n) for n in names])
+    raws = client.mget([redis_keys.heartbeat_key(n) for n in names])
     workers = [w for w in (parse_heartbeat(raw) for raw in raws) if w is not None]
     gone = [n for n, raw in zip(names, raws, strict=True) if raw is None]
     if gone:
-        client.srem(protocol.WORKERS_SET, *gone)
+        client.srem(redis_keys.WORKERS_SET, *gone)
     return sorted(workers, key=lambda w: (not w.online, w.hostname))
 
 
 def worker_get(hostname: str) -> WorkerStatus | None:
-    return parse_heartbeat(sync_client().get(protocol.heartbeat_key(hostname)))
+    return parse_heartbeat(sync_client().get(redis_keys.heartbeat_key(hostname)))
 
 
 def replicas_serving(replicas: Iterable[Replica]) -> list[tuple[Replica, WorkerStatus]]:
@@ -148,8 +148,8 @@ def deployment_activity(*, deployment_ids: Iterable[int]) -> dict[int, Activity]
     now = time.time()
     pipe = sync_client().pipeline(transaction=False)
     for pk in ids:
-        pipe.get(protocol.last_request_key(pk))
-        pipe.zcount(protocol.admission_key(pk), f"({now}", "+inf")
+        pipe.get(redis_keys.last_request_key(pk))
+        pipe.zcount(redis_keys.admission_key(pk), f"({now}", "+inf")
     results = pipe.execute()
     return {
         pk: Activity(

@@ -7,7 +7,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
 from apps.accounts.access import login_required, role_required
-from apps.deployments import selectors, services
+from apps.deployments import placement, selectors, services
 from apps.deployments.forms import DeploymentForm, LoadOnDemandForm, ScaleForm
 from apps.deployments.models import (
     INFERENCE_ROLES,
@@ -77,7 +77,7 @@ def deployment_list(request: HttpRequest) -> HttpResponse:
 def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
     deployment = _deployment_or_404(request, name)
     workers = selectors.worker_list()
-    estimate = services.memory_estimate(
+    estimate = placement.memory_estimate(
         version=deployment.model_version,
         context_length=deployment.context_length,
         parallel_slots=deployment.parallel_slots,

@@ -1,13 +1,13 @@
 """How a running fine-tune's reports travel: the worker appends them to a Redis stream
 per job and asks for them to be applied; the control plane applies each stream entry
-once, in order, under the job's row lock (see services.finetune_progress_apply).
+once, in order, under the job's row lock (see runs.finetune_progress_apply).
 
 Cancellation travels the other way: a flag in Redis that the runner polls every step.
 
 Liveness: while a job runs, a thread in its worker refreshes a per-job key with a short
 time to live (``Heartbeat``). A worker that dies (killed, out of memory, its machine
 gone) stops refreshing it, the key expires, and the control plane marks the job failed
-(services.finetune_job_fail_if_silent). A second key remembers when it was last seen.
+(runs.finetune_job_fail_if_silent). A second key remembers when it was last seen.
 
 Redis may go away mid-run and come back empty (restarted without its data): the
 runner keeps its reports until Redis takes them and sends again those it lost before
@@ -31,6 +31,7 @@ import redis
 from django.conf import settings
 
 from aibox.redis_clients import sync_client
+from workers import redis_keys
 
 log = logging.getLogger(__name__)
 
@@ -47,42 +48,22 @@ def client() -> redis.Redis:
     return sync_client()
 
 
-def stream_key(job_id: int) -> str:
-    return f"aibox:finetune:{job_id}:events"
-
-
-def cancel_key(job_id: int) -> str:
-    return f"aibox:finetune:{job_id}:cancel"
-
-
-def alive_key(job_id: int) -> str:
-    return f"aibox:finetune:{job_id}:alive"
-
-
-def seen_key(job_id: int) -> str:
-    return f"aibox:finetune:{job_id}:seen"
-
-
-# Lives as long as Redis keeps its data: its absence says queued messages may be gone.
-QUEUE_MARK_KEY = "aibox:finetune:queue-mark"
-
-
 def queue_lost() -> bool:
     """True once after Redis lost its data (and on first use): the training queue's
     messages may have gone with it."""
-    return bool(client().set(QUEUE_MARK_KEY, "1", nx=True))
+    return bool(client().set(redis_keys.FINETUNE_QUEUE_MARK, "1", nx=True))
 
 
 def request_cancel(job_id: int) -> None:
-    client().set(cancel_key(job_id), "1", ex=7 * 24 * 3600)
+    client().set(redis_keys.finetune_cancel_key(job_id), "1", ex=7 * 24 * 3600)
 
 
 def clear_cancel(job_id: int) -> None:
-    client().delete(cancel_key(job_id))
+    client().delete(redis_keys.finetune_cancel_key(job_id))
 
 
 def cancel_requested(job_id: int) -> bool:
-    return bool(client().exists(cancel_key(job_id)))
+    return bool(client().exists(redis_keys.finetune_cancel_key(job_id)))
 
 
 SEEN_KEPT_S = 7 * 24 * 3600
@@ -92,21 +73,21 @@ def beat(job_id: int, worker: str, ttl: float) -> None:
     """Say the job's worker is alive for the next ``ttl`` seconds."""
     seen = json.dumps({"worker": worker, "at": time.time()})
     pipe = client().pipeline()
-    pipe.set(alive_key(job_id), seen, px=max(1, int(ttl * 1000)))
-    pipe.set(seen_key(job_id), seen, ex=SEEN_KEPT_S)
+    pipe.set(redis_keys.finetune_alive_key(job_id), seen, px=max(1, int(ttl * 1000)))
+    pipe.set(redis_keys.finetune_seen_key(job_id), seen, ex=SEEN_KEPT_S)
     pipe.execute()
 
 
 def alive(job_id: int) -> bool:
-    return bool(client().exists(alive_key(job_id)))
+    return bool(client().exists(redis_keys.finetune_alive_key(job_id)))
 
 
 def silent(job_id: int) -> bool:
     """The job's worker stopped beating: its liveness key expired while the one that
     remembers its last beat remains (and any grace ``heartbeat_lost`` gave is over)."""
     pipe = client().pipeline()
-    pipe.exists(alive_key(job_id))
-    pipe.get(seen_key(job_id))
+    pipe.exists(redis_keys.finetune_alive_key(job_id))
+    pipe.get(redis_keys.finetune_seen_key(job_id))
     is_alive, raw = pipe.execute()
     if is_alive or raw is None:
         return False
@@ -118,17 +99,17 @@ def heartbeat_lost(job_id: int, *, ttl: float) -> bool:
     Its silence counts from now, so a live worker has ``ttl`` seconds to beat again (it
     does within a fifth of that) and a dead one is silent after it. False if a key is
     there after all."""
-    if client().exists(alive_key(job_id)):
+    if client().exists(redis_keys.finetune_alive_key(job_id)):
         return False
     now = time.time()
     record = json.dumps({"lost_at": now, "grace_until": now + ttl})
-    return bool(client().set(seen_key(job_id), record, ex=SEEN_KEPT_S, nx=True))
+    return bool(client().set(redis_keys.finetune_seen_key(job_id), record, ex=SEEN_KEPT_S, nx=True))
 
 
 def last_seen(job_id: int) -> dict[str, Any] | None:
     """{"worker", "at" (a Unix time)} of the job's last heartbeat, if one was sent; or
     {"lost_at", "grace_until"} when Redis had lost it (``heartbeat_lost``)."""
-    raw = client().get(seen_key(job_id))
+    raw = client().get(redis_keys.finetune_seen_key(job_id))
     return json.loads(raw) if raw else None
 
 
@@ -159,7 +140,7 @@ class Heartbeat:
         self.thread.join(timeout=5)
         # Should Redis be away, the key expires on its own; the outcome is recorded already.
         with contextlib.suppress(redis.RedisError):
-            client().delete(alive_key(self.job_id))
+            client().delete(redis_keys.finetune_alive_key(self.job_id))
 
     def _run(self) -> None:
         interval = max(0.2, self.ttl / 5)
@@ -230,7 +211,7 @@ class Reporter:
                 self._resend_lost()
             while self.waiting:
                 entry_id = client().xadd(
-                    stream_key(self.job_id),
+                    redis_keys.finetune_events_key(self.job_id),
                     {"e": self.waiting[0]},
                     maxlen=STREAM_MAX,
                     nomkstream=bool(self.sent),
@@ -250,7 +231,10 @@ class Reporter:
         """Queue again, ahead of the waiting ones, the reports that are neither applied
         nor in the stream any more. The stream is read before the applied position, so
         an entry applied (and trimmed) in between is never taken for a lost one."""
-        present = {entry_id.decode() for entry_id, _ in client().xrange(stream_key(self.job_id))}
+        present = {
+            entry_id.decode()
+            for entry_id, _ in client().xrange(redis_keys.finetune_events_key(self.job_id))
+        }
         applied = _entry_order(self.applied())
         unapplied = [(i, report) for i, report in self.sent if _entry_order(i) > applied]
         lost = [report for i, report in unapplied if i not in present]
@@ -271,13 +255,18 @@ def _entry_order(entry_id: str) -> tuple[int, int]:
 def read_after(job_id: int, last_id: str) -> list[tuple[str, dict[str, Any]]]:
     """Stream entries after ``last_id`` ("0" for all), oldest first."""
     start = f"({last_id}" if last_id and last_id != "0" else "-"
-    entries = client().xrange(stream_key(job_id), min=start, max="+")
+    entries = client().xrange(redis_keys.finetune_events_key(job_id), min=start, max="+")
     return [(entry_id.decode(), json.loads(fields[b"e"])) for entry_id, fields in entries]
 
 
 def trim(job_id: int, upto_id: str) -> None:
-    client().xtrim(stream_key(job_id), minid=upto_id)
+    client().xtrim(redis_keys.finetune_events_key(job_id), minid=upto_id)
 
 
 def drop(job_id: int) -> None:
-    client().delete(stream_key(job_id), cancel_key(job_id), alive_key(job_id), seen_key(job_id))
+    client().delete(
+        redis_keys.finetune_events_key(job_id),
+        redis_keys.finetune_cancel_key(job_id),
+        redis_keys.finetune_alive_key(job_id),
+        redis_keys.finetune_seen_key(job_id),
+    )

@@ -22,7 +22,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from kombu.exceptions import OperationalError
 
-from apps.finetune import progress, selectors, services
+from apps.finetune import progress, runs, selectors, services
 from apps.finetune.models import FineTuneJob, JobState
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ TRAINING_TIME_LIMIT = 24 * 3600
 
 @shared_task(name="finetune.progress", acks_late=True)
 def finetune_progress(job_id: int) -> None:
-    services.finetune_progress_apply(job_id=job_id)
+    runs.finetune_progress_apply(job_id=job_id)
 
 
 def _send_progress(job_id: int) -> None:
@@ -53,7 +53,7 @@ def _send_progress(job_id: int) -> None:
 )
 def finetune_run(self, job_id: int) -> None:
     worker = self.request.hostname or ""
-    job = services.finetune_job_claim(job_id=job_id, worker=worker)
+    job = runs.finetune_job_claim(job_id=job_id, worker=worker)
     if job is None:
         return  # cancelled while queued, or another delivery has it
     # The heartbeat lives as long as the run, the recording of its outcome included.
@@ -65,7 +65,7 @@ def finetune_run(self, job_id: int) -> None:
 def finetune_reap() -> None:
     """Fail running jobs whose training worker went silent, and queue again the jobs
     whose messages Redis lost (Celery beat, every 30 s)."""
-    services.finetune_jobs_reap()
+    runs.finetune_jobs_reap()
     services.finetune_queue_restore()
 
 
@@ -81,7 +81,7 @@ def _run(job_id: int, *, attempt: int) -> None:
         from workers.finetune import FinetuneError, ParamError, train
         from workers.finetune.data import DataError
 
-        spec = services.train_spec(job, work_dir=work_dir, report=reporter)
+        spec = runs.train_spec(job, work_dir=work_dir, report=reporter)
         result = train(
             spec,
             report=reporter,
@@ -89,12 +89,12 @@ def _run(job_id: int, *, attempt: int) -> None:
         )
     except (FinetuneError, ParamError, DataError) as exc:
         reporter.flush()
-        services.finetune_job_finish(
+        runs.finetune_job_finish(
             job_id=job_id, attempt=attempt, state=JobState.FAILED, reason=str(exc)
         )
         return
     except SoftTimeLimitExceeded:
-        services.finetune_job_finish(
+        runs.finetune_job_finish(
             job_id=job_id,
             attempt=attempt,
             state=JobState.FAILED,
@@ -103,7 +103,7 @@ def _run(job_id: int, *, attempt: int) -> None:
         return
     except Exception as exc:  # the job fails with its reason; the worker goes on
         log.exception("fine-tune %s failed", job_id)
-        services.finetune_job_finish(
+        runs.finetune_job_finish(
             job_id=job_id,
             attempt=attempt,
             state=JobState.FAILED,
@@ -113,7 +113,7 @@ def _run(job_id: int, *, attempt: int) -> None:
         return
     reporter.flush()
     if result.state == "cancelled":
-        services.finetune_job_finish(
+        runs.finetune_job_finish(
             job_id=job_id,
             attempt=attempt,
             state=JobState.CANCELLED,
@@ -121,7 +121,7 @@ def _run(job_id: int, *, attempt: int) -> None:
             result=result.as_dict(),
         )
         return
-    services.finetune_job_finish(
+    runs.finetune_job_finish(
         job_id=job_id,
         attempt=attempt,
         state=JobState.SUCCEEDED,

@@ -9,6 +9,7 @@ and, whatever happens to the view, releases the request and writes its usage rec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +23,7 @@ from redis.exceptions import RedisError
 
 from aibox.redis_clients import async_client, sync_client
 from apps.accounts.services import ApiKeyRejected, api_key_authenticate
-from apps.deployments.tasks import inference_submit, send_to_worker
+from apps.deployments.placement import worker_task_send
 from apps.inference import gateway, openai_api, services, tools
 from apps.inference.gateway import Call, Caller
 from apps.inference.limits import Admission, Limits, limits_admit, limits_for, limits_release
@@ -166,6 +167,26 @@ class Exchange:
     def fail(self, exc: ApiError) -> None:
         self.status, self.error = exc.status, exc.message
 
+    @contextlib.asynccontextmanager
+    async def accounted(self, *, keep_open: bool = False) -> AsyncIterator[None]:
+        """Finish the request when the block ends: with the ApiError that ended it (which
+        goes on to the caller), as cancelled when the client went away, or as served.
+        With ``keep_open`` a block that ends well leaves it open, for a stream that goes
+        on after the block."""
+        cancelled = ended_well = False
+        try:
+            yield
+            ended_well = True
+        except ApiError as exc:
+            self.fail(exc)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            cancelled = True
+            raise
+        finally:
+            if not (ended_well and keep_open):
+                await self.finish(cancelled=cancelled)
+
     async def finish(self, *, cancelled: bool = False) -> None:
         """Release the call and write the usage record, once, even if the view is cancelled.
 
@@ -290,7 +311,9 @@ def exchange_open(authorize: Authorize, kind: str, body: bytes) -> Exchange:
             redis=sync_client(), limits=exchange.limits, request_id=exchange.call.request_id
         )
         exchange.call.admit()
-        send_to_worker(inference_submit, route.worker, exchange.call.spec(**fields).as_dict())
+        worker_task_send(
+            protocol.INFERENCE_SUBMIT, route.worker, exchange.call.spec(**fields).as_dict()
+        )
     except ApiError as exc:
         exchange.refused = exc
     except (RedisError, KombuOperationalError):

@@ -12,6 +12,9 @@
    waiting, the worker's heartbeat is checked, so a dead worker ends the request with a
    clean error instead of a hang; a client that goes away sets the cancel flag, and the
    worker stops generating at the next token.
+
+Over 400 lines on purpose: the four steps share the route and the Redis client, and
+reading them in order is the point of this module.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ from redis.exceptions import RedisError
 from aibox.redis_clients import async_client, sync_client
 from apps.accounts.models import ApiKey, Scope, User
 from apps.deployments import selectors as deployment_selectors
-from apps.deployments import services as deployment_services
+from apps.deployments.lifecycle import deployment_load_on_demand
 from apps.deployments.models import INFERENCE_ROLES, PRESET_SAMPLING, Deployment, Replica, State
+from apps.deployments.placement import PlacementError
 from apps.inference.openai_api import ApiError
+from workers import redis_keys
 from workers.inference import protocol
 
 logger = logging.getLogger(__name__)
@@ -231,10 +236,10 @@ def _wait_for_load(
             raise failed(f"The model '{name}' was stopped while it loaded.", "model_unavailable")
         if deployment["idle_unloaded_at"] is not None:
             try:
-                deployment_services.deployment_load_on_demand(
+                deployment_load_on_demand(
                     deployment_id=deployment["id"], requested_by=caller.user.username
                 )
-            except deployment_services.PlacementError as exc:
+            except PlacementError as exc:
                 raise failed(
                     f"The model '{name}' was unloaded while idle and cannot be loaded now: "
                     f"{exc.message} Retry later.",
@@ -363,9 +368,9 @@ class Call:
         ok = sync_client().eval(
             _ADMIT,
             2,
-            protocol.admission_key(self.route.deployment_id),
+            redis_keys.admission_key(self.route.deployment_id),
             # The deployment's idle timer (services.deployments_idle_unload) reads this.
-            protocol.last_request_key(self.route.deployment_id),
+            redis_keys.last_request_key(self.route.deployment_id),
             now,
             self.route.admission_limit,
             self.request_id,
@@ -397,7 +402,7 @@ class Call:
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """The worker's events for this request, until "end" or "error"."""
         client = async_client()
-        key = protocol.events_key(self.request_id)
+        key = redis_keys.events_key(self.request_id)
         last_id = "0-0"
         seen_start = False
         start_deadline = time.monotonic() + self.route.queue_timeout + START_GRACE_SECONDS
@@ -427,7 +432,7 @@ class Call:
                 type="server_error",
                 code="queue_timeout",
             )
-        raw = await async_client().get(protocol.heartbeat_key(self.route.worker))
+        raw = await async_client().get(redis_keys.heartbeat_key(self.route.worker))
         worker = deployment_selectors.parse_heartbeat(raw)
         if worker is None or not worker.online:
             raise unavailable(
@@ -443,9 +448,11 @@ class Call:
         client = async_client()
         pipe = client.pipeline(transaction=False)
         if self.admitted:
-            pipe.zrem(protocol.admission_key(self.route.deployment_id), self.request_id)
+            pipe.zrem(redis_keys.admission_key(self.route.deployment_id), self.request_id)
         if not self.finished:
-            pipe.set(protocol.cancel_key(self.request_id), 1, ex=protocol.EVENT_STREAM_TTL_SECONDS)
+            pipe.set(
+                redis_keys.cancel_key(self.request_id), 1, ex=protocol.EVENT_STREAM_TTL_SECONDS
+            )
         try:
             await pipe.execute()
         except RedisError:

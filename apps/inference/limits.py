@@ -18,6 +18,9 @@ of their keys separately.
 ``limits_admit`` checks all four and takes the request's places in one Lua script, so
 concurrent requests cannot both take the last place; ``limits_release`` gives the place
 back and charges the request's tokens.
+
+Over 400 lines on purpose: the Lua script and the Python that reads its answers are
+kept side by side, so a change to one is seen with the other.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from redis.exceptions import RedisError
 from apps.accounts import selectors as account_selectors
 from apps.accounts.models import ApiKey, LimitPeriod, User
 from apps.inference.openai_api import ApiError
-from workers.inference.protocol import KEY_PREFIX
+from workers import redis_keys
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +83,7 @@ def limits_for(*, user: User, api_key: ApiKey | None) -> Limits:
 
 
 def _key(limits: Limits, name: str) -> str:
-    return f"{KEY_PREFIX}:limits:{limits.subject}:{name}"
+    return redis_keys.limits_key(limits.subject, name)
 
 
 def _budget_period(period: str, now: float) -> tuple[str, float]:

@@ -8,6 +8,8 @@ rules span fields and are not in the schema: ``top_logprobs`` needs ``logprobs``
 ``tool`` message answers a call of the assistant message before it, a ``tool_choice``
 names a function in ``tools``, and ``json_schema.schema`` must be one structured output
 can enforce. A request that breaks one is a 400 naming the parameter.
+
+Long because it is data: the schema of every /v1/ operation, field by field.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@ server-sent events, with the late errors a stream can only report as an event.""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,41 +20,23 @@ async def generation_response(
 ) -> HttpResponse:
     try:
         exchange = await dispatch(authorize, kind, request.body)
+        # A stream goes on in ``_stream``, which finishes the request itself.
+        async with exchange.accounted(keep_open=exchange.parsed.stream):
+            events = await exchange.start()
+            if not exchange.parsed.stream:
+                finish_reason = await _drain(exchange, events)
     except ApiError as exc:
         return exc.response()
-    parsed = exchange.parsed
-    try:
-        events = await exchange.start()
-    except ApiError as exc:
-        exchange.fail(exc)
-        await exchange.finish()
-        return exc.response()
-    except asyncio.CancelledError:
-        await exchange.finish(cancelled=True)
-        raise
     shape = _Shape(kind, exchange.call.route, exchange.call.request_id)
-    if parsed.stream:
+    if exchange.parsed.stream:
         response = StreamingHttpResponse(
-            _stream(exchange, events, shape, parsed.include_usage),
+            _stream(exchange, events, shape, exchange.parsed.include_usage),
             content_type="text/event-stream",
         )
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"
-        for name, value in exchange.headers.items():
-            response[name] = value
-        return response
-    cancelled = False
-    try:
-        finish_reason = await _drain(exchange, events)
-    except ApiError as exc:
-        exchange.fail(exc)
-        return exc.response()
-    except asyncio.CancelledError:
-        cancelled = True
-        raise
-    finally:
-        await exchange.finish(cancelled=cancelled)
-    response = JsonResponse(shape.whole(exchange, finish_reason))
+    else:
+        response = JsonResponse(shape.whole(exchange, finish_reason))
     for name, value in exchange.headers.items():
         response[name] = value
     return response
@@ -79,48 +60,41 @@ async def _stream(
     shape: _Shape,
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
-    cancelled = False
     # With tools, content is streamed through a filter that takes the calls out of it.
     calls = tools.ToolStream(exchange.parsed.tools) if exchange.parsed.tools else None
     try:
-        if exchange.call.kind == "chat":
-            yield openai_api.sse(shape.chunk(role=True))
-        async for event in events:
-            if event["type"] == protocol.DELTA:
-                exchange.on_delta(event)
-                text = calls.feed(event["text"]) if calls else event["text"]
-                logprobs = event.get("logprobs")
-                if text or logprobs:
-                    yield openai_api.sse(shape.chunk(text=text, logprobs=logprobs))
-            elif event["type"] == protocol.END:
-                exchange.completion_tokens = event["completion_tokens"]
-                finish_reason = event["finish_reason"]
-                if calls:
-                    text, found = calls.finish()
-                    if text:
-                        yield openai_api.sse(shape.chunk(text=text))
-                    if found:
-                        yield openai_api.sse(shape.chunk(tool_calls=tools.stream_deltas(found)))
-                        finish_reason = "tool_calls"
-                yield openai_api.sse(shape.chunk(finish_reason=finish_reason))
-                if include_usage:
-                    yield openai_api.sse(shape.usage_chunk(exchange))
-            elif event["type"] == protocol.ERROR:
-                raise worker_error(event, exchange.call.kind)
-        # The record is started before the client can leave (it closes the stream at
-        # [DONE]) and written while [DONE] travels; ``finally`` waits for it.
-        exchange.finish_soon()
-        yield openai_api.sse("[DONE]")
+        async with exchange.accounted():
+            if exchange.call.kind == "chat":
+                yield openai_api.sse(shape.chunk(role=True))
+            async for event in events:
+                if event["type"] == protocol.DELTA:
+                    exchange.on_delta(event)
+                    text = calls.feed(event["text"]) if calls else event["text"]
+                    logprobs = event.get("logprobs")
+                    if text or logprobs:
+                        yield openai_api.sse(shape.chunk(text=text, logprobs=logprobs))
+                elif event["type"] == protocol.END:
+                    exchange.completion_tokens = event["completion_tokens"]
+                    finish_reason = event["finish_reason"]
+                    if calls:
+                        text, found = calls.finish()
+                        if text:
+                            yield openai_api.sse(shape.chunk(text=text))
+                        if found:
+                            yield openai_api.sse(shape.chunk(tool_calls=tools.stream_deltas(found)))
+                            finish_reason = "tool_calls"
+                    yield openai_api.sse(shape.chunk(finish_reason=finish_reason))
+                    if include_usage:
+                        yield openai_api.sse(shape.usage_chunk(exchange))
+                elif event["type"] == protocol.ERROR:
+                    raise worker_error(event, exchange.call.kind)
+            # The record is started before the client can leave (it closes the stream at
+            # [DONE]) and written while [DONE] travels; ``accounted`` waits for it.
+            exchange.finish_soon()
+            yield openai_api.sse("[DONE]")
     except ApiError as exc:
         # The status line is sent; OpenAI's streams report a late error as an event.
-        exchange.fail(exc)
-        await exchange.finish()
         yield openai_api.sse(exc.body())
-    except (asyncio.CancelledError, GeneratorExit):
-        cancelled = True
-        raise
-    finally:
-        await exchange.finish(cancelled=cancelled)
 
 
 class _Shape:
@@ -243,30 +217,20 @@ class _Shape:
 
 
 async def embedding_response(request: HttpRequest, authorize: Authorize) -> HttpResponse:
+    vectors: list[list[float]] = []
     try:
         exchange = await dispatch(authorize, "embedding", request.body)
+        async with exchange.accounted():
+            events = await exchange.start()
+            async for event in events:
+                if event["type"] == protocol.EMBEDDING:
+                    vectors = event["data"]
+                elif event["type"] == protocol.END:
+                    exchange.prompt_tokens = event["prompt_tokens"]
+                elif event["type"] == protocol.ERROR:
+                    raise worker_error(event, "embedding")
     except ApiError as exc:
         return exc.response()
-    parsed = exchange.parsed
-    vectors: list[list[float]] = []
-    cancelled = False
-    try:
-        events = await exchange.start()
-        async for event in events:
-            if event["type"] == protocol.EMBEDDING:
-                vectors = event["data"]
-            elif event["type"] == protocol.END:
-                exchange.prompt_tokens = event["prompt_tokens"]
-            elif event["type"] == protocol.ERROR:
-                raise worker_error(event, "embedding")
-    except ApiError as exc:
-        exchange.fail(exc)
-        return exc.response()
-    except asyncio.CancelledError:
-        cancelled = True
-        raise
-    finally:
-        await exchange.finish(cancelled=cancelled)
     return JsonResponse(
         {
             "object": "list",
@@ -274,7 +238,7 @@ async def embedding_response(request: HttpRequest, authorize: Authorize) -> Http
                 {
                     "object": "embedding",
                     "index": i,
-                    "embedding": openai_api.encode_embedding(vector, parsed.base64),
+                    "embedding": openai_api.encode_embedding(vector, exchange.parsed.base64),
                 }
                 for i, vector in enumerate(vectors)
             ],

@@ -8,6 +8,9 @@ chat template that knows system, user and assistant turns can carry a tool conve
 worker constrains the output to ``call_schema``'s JSON schema, so it always parses.
 
 Plain Python: the request parser and the response shaping call it.
+
+About 500 lines on purpose: the prompt format, the parser of a model's answer and the
+schema that constrains it must change together, so they are kept in one module.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from apps.optimise import services
+from apps.optimise import runs
 
 # A 70B model quantises in well under an hour on a server; evaluations are capped in
 # chunks and items. Past this the job fails with its reason instead of hanging.
@@ -24,7 +24,7 @@ TIME_LIMIT = 6 * 3600
     time_limit=TIME_LIMIT + 300,
 )
 def model_job_run(self, job_id: int) -> None:
-    services.model_job_run(job_id=job_id, worker=self.request.hostname or "")
+    runs.model_job_run(job_id=job_id, worker=self.request.hostname or "")
 
 
 @shared_task(
@@ -35,9 +35,9 @@ def model_job_run(self, job_id: int) -> None:
     time_limit=TIME_LIMIT + 300,
 )
 def evaluation_run(self, evaluation_id: int) -> None:
-    services.evaluation_run(evaluation_id=evaluation_id, worker=self.request.hostname or "")
+    runs.evaluation_run(evaluation_id=evaluation_id, worker=self.request.hostname or "")
 
 
 @shared_task(name="optimise.reap")
 def reap() -> None:
-    services.jobs_reap()
+    runs.jobs_reap()

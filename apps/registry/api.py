@@ -11,7 +11,7 @@ from rest_framework.views import APIView
 
 from apps.accounts.models import Role, Scope
 from apps.accounts.permissions import role_and_scope
-from apps.registry import selectors, services
+from apps.registry import model_imports, selectors, services
 from apps.registry.licences import licence_not_allowed, version_licence
 from apps.registry.models import (
     APPROVER_ROLES,
@@ -280,7 +280,7 @@ class ImportHfView(APIView):
         repo = _repo(request, name)
         serializer = ImportRequestSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        job = services.model_import_request(
+        job = model_imports.model_import_request(
             actor=request.user, repo=repo, **serializer.validated_data
         )
         return Response(ModelImportSerializer(job).data, status=status.HTTP_202_ACCEPTED)

@@ -6,7 +6,7 @@ from celery import shared_task
 from django.conf import settings
 
 from apps.accounts.services import system_user
-from apps.registry import artifacts, services
+from apps.registry import artifacts, model_imports
 from apps.registry.hub_imports import IMPORT_TIME_LIMIT
 
 
@@ -21,7 +21,7 @@ from apps.registry.hub_imports import IMPORT_TIME_LIMIT
     time_limit=IMPORT_TIME_LIMIT + 120,
 )
 def model_import_run(import_id: int) -> None:
-    services.model_import_run(import_id=import_id)
+    model_imports.model_import_run(import_id=import_id)
 
 
 # Celery beat runs this every AIBOX_ARTIFACT_REVERIFY_EVERY seconds (CELERY_BEAT_SCHEDULE).

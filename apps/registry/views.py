@@ -10,7 +10,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from apps.accounts.access import login_required, role_required
 from apps.accounts.models import Role
-from apps.registry import selectors, services
+from apps.registry import model_imports, selectors, services
 from apps.registry.forms import HfImportForm, ImportPathForm, ModelRepoForm, ReasonForm
 from apps.registry.licences import licence_not_allowed, version_licence
 from apps.registry.models import APPROVER_ROLES, WRITER_ROLES, ModelImport, ModelRepo, ModelVersion
@@ -91,7 +91,9 @@ def model_import_create(request: HttpRequest, name: str) -> HttpResponse:
     form = HfImportForm(request.POST)
     if form.is_valid():
         try:
-            job = services.model_import_request(actor=request.user, repo=repo, **form.cleaned_data)
+            job = model_imports.model_import_request(
+                actor=request.user, repo=repo, **form.cleaned_data
+            )
         except ValidationError as exc:
             form.add_error(None, exc)
         else:

@@ -9,6 +9,9 @@ worker's own probe of its memory bandwidth and matrix throughput, labelled as su
 
 Pure functions over plain inputs (versions, worker statuses, trials), so the page, the
 API and bench/setups.py ask the same question the same way.
+
+Over 400 lines on purpose: each setting's rule and its reason in words sit together,
+so the ranking reads as one argument.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from apps.deployments.models import KvCacheType, Preset
+from apps.deployments.placement import HEADROOM_BYTES, MIB, memory_estimate
 from apps.deployments.selectors import WorkerStatus
-from apps.deployments.services import HEADROOM_BYTES, MIB, memory_estimate
 from apps.registry.models import ModelVersion
 from apps.setups.models import Experience, Trial, UseCase
 from workers.hardware import hardware_class

@@ -3,6 +3,9 @@
 Admins change setups; every change is one transaction with one audit event. Workers
 report a trial's progress and figures through Redis (a Celery task on the control queue)
 and ``trial_report_apply`` persists them idempotently.
+
+About 500 lines on purpose: a setup and its trials are one subject (a trial measures a
+setup, and its figures are what recipes carry); recipes' format is ``recipe_format``.
 """
 
 from __future__ import annotations
@@ -11,13 +14,11 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from celery.utils import worker_direct
 from django.conf import settings as django_settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from aibox.celery import app as celery_app
 from apps.accounts.models import Role, User
 from apps.accounts.services import require_role, system_user
 from apps.audit.chain import format_timestamp
@@ -25,22 +26,19 @@ from apps.audit.models import Outcome
 from apps.audit.services import audit_record
 from apps.audit.signing import public_key
 from apps.deployments import selectors as deployment_selectors
+from apps.deployments.checks import deployment_settings_check, deployment_values_check
 from apps.deployments.models import Deployment, Revision
-from apps.deployments.services import (
-    deployment_create,
-    deployment_settings_check,
-    deployment_switch,
-    deployment_values_check,
-)
+from apps.deployments.placement import worker_task_send
+from apps.deployments.services import deployment_create, deployment_switch
 from apps.registry.artifacts import artifact_store
 from apps.registry.models import Format, ModelVersion
-from apps.setups import advisor, recipes, selectors
+from apps.setups import advisor, recipe_format, recipes, selectors
 from apps.setups.models import SETUP_SETTINGS, Origin, RevisionSetup, Setup, Trial, TrialState
 from workers.inference.protocol import ReplicaSpec
 
 MANAGER_ROLES = (Role.ADMIN,)
 # Trial figures a worker reports, as stored on the trial and carried by recipes.
-TRIAL_FIGURES = recipes.FIGURE_VALUES
+TRIAL_FIGURES = recipe_format.FIGURE_VALUES
 
 
 def setup_create(
@@ -220,13 +218,8 @@ def trial_request(*, actor: User, setup: Setup, worker: str | None = None) -> Tr
         )
         spec = _trial_spec(trial, place.gpu_index)
 
-        # On the placed worker's own queue; sent by name (apps/setups/tasks.py imports
-        # this module, not the reverse).
-        transaction.on_commit(
-            lambda: celery_app.send_task(
-                "setups.trial_run", args=[spec], queue=worker_direct(hostname)
-            )
-        )
+        # Runs in the placed worker's process (worker_tasks.py), sent by name.
+        transaction.on_commit(lambda: worker_task_send("setups.trial_run", hostname, spec))
     return trial
 
 

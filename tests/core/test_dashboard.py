@@ -23,7 +23,7 @@ from apps.registry.services import model_repo_create, model_version_ingest
 from tests.conftest import client_for
 from tests.inference.factories import make_usage
 from tests.registry.conftest import write_tiny_gguf
-from workers.inference import protocol
+from workers import redis_keys
 from workers.inference.runtime import heartbeat_payload
 
 pytestmark = pytest.mark.django_db
@@ -121,11 +121,11 @@ def gpu_worker():
     payload["gpus"] = [
         {"index": 0, "name": "NVIDIA H100", "memory_total_mib": 81559, "memory_free_mib": 80000}
     ]
-    client.set(protocol.heartbeat_key(name), json.dumps(payload), ex=60)
-    client.sadd(protocol.WORKERS_SET, name)
+    client.set(redis_keys.heartbeat_key(name), json.dumps(payload), ex=60)
+    client.sadd(redis_keys.WORKERS_SET, name)
     yield name
-    client.delete(protocol.heartbeat_key(name))
-    client.srem(protocol.WORKERS_SET, name)
+    client.delete(redis_keys.heartbeat_key(name))
+    client.srem(redis_keys.WORKERS_SET, name)
 
 
 def test_dashboard_shows_workers_finetunes_and_failures(users, gpu_worker, finetune_job):

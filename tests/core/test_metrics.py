@@ -26,7 +26,7 @@ from apps.registry.services import model_repo_create, model_version_ingest
 from tests.conftest import client_for
 from tests.inference.factories import make_usage
 from tests.registry.conftest import write_tiny_gguf
-from workers.inference import protocol
+from workers import redis_keys
 from workers.inference.runtime import heartbeat_payload
 
 pytestmark = pytest.mark.django_db
@@ -145,11 +145,11 @@ def gpu_worker(deployment):
             "queue_depth": 2,
         }
     ]
-    client.set(protocol.heartbeat_key(name), json.dumps(payload), ex=60)
-    client.sadd(protocol.WORKERS_SET, name)
+    client.set(redis_keys.heartbeat_key(name), json.dumps(payload), ex=60)
+    client.sadd(redis_keys.WORKERS_SET, name)
     yield payload
-    client.delete(protocol.heartbeat_key(name))
-    client.srem(protocol.WORKERS_SET, name)
+    client.delete(redis_keys.heartbeat_key(name))
+    client.srem(redis_keys.WORKERS_SET, name)
 
 
 def test_samples_say_what_the_records_and_heartbeats_say(metrics_key, deployment, gpu_worker):

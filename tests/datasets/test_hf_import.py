@@ -9,7 +9,7 @@ import pytest
 
 from apps.accounts.models import Role
 from apps.audit.models import AuditEvent
-from apps.datasets import services
+from apps.datasets import hub_imports
 from apps.datasets.models import DatasetImport, DatasetVersion, SourceKind, State
 from apps.registry.artifacts import artifact_store
 from apps.registry.models import ImportState
@@ -96,7 +96,7 @@ def test_a_jsonl_file_is_imported_with_provenance_and_then_validated(hub, users,
 
     # A duplicate delivery of the task finds the job ended and changes nothing.
     before = AuditEvent.objects.count()
-    services.dataset_import_run(import_id=body["id"])
+    hub_imports.dataset_import_run(import_id=body["id"])
     assert AuditEvent.objects.count() == before
     assert DatasetVersion.objects.count() == 1
 
@@ -287,7 +287,7 @@ def test_a_requester_who_lost_the_dataset_gets_no_version(fake_hub, settings, us
     )
     dataset.owner = users[Role.ADMIN]
     dataset.save()
-    services.dataset_import_run(import_id=job.pk)
+    hub_imports.dataset_import_run(import_id=job.pk)
     job.refresh_from_db()
     assert job.state == ImportState.FAILED and "Only the dataset's owner" in job.reason
     assert not DatasetVersion.objects.exists()

@@ -18,7 +18,7 @@ from django.core.management import CommandError, call_command
 
 from apps.accounts.models import Role
 from apps.deployments.models import Deployment, Replica, State
-from workers.inference import protocol
+from workers import redis_keys
 
 WORKER = "cpu@restarting-host"
 
@@ -27,12 +27,12 @@ WORKER = "cpu@restarting-host"
 def heartbeats():
     client = redis.Redis.from_url(settings.REDIS_URL)
     yield client
-    client.delete(protocol.heartbeat_key(WORKER))
+    client.delete(redis_keys.heartbeat_key(WORKER))
 
 
 def _beat(client, replicas: list[dict]) -> None:
     payload = {"hostname": WORKER, "sent_at": time.time(), "serving": True, "replicas": replicas}
-    client.set(protocol.heartbeat_key(WORKER), json.dumps(payload))
+    client.set(redis_keys.heartbeat_key(WORKER), json.dumps(payload))
 
 
 def test_wait_needs_a_live_worker_holding_the_replica(users, version, heartbeats, tmp_path):

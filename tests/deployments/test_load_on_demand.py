@@ -18,12 +18,12 @@ from rest_framework.test import APIClient
 from apps.accounts.models import Role
 from apps.accounts.services import system_user
 from apps.audit.models import AuditEvent
-from apps.deployments import services
+from apps.deployments import lifecycle, services
 from apps.deployments.models import Deployment, Replica, State
 from apps.inference import gateway
 from tests.conftest import client_for
 from tests.deployments.conftest import deployment_form
-from workers.inference import protocol
+from workers import redis_keys
 from workers.inference.runtime import heartbeat_payload
 
 
@@ -58,7 +58,7 @@ def deployment(users, version, redis_client) -> Iterator[Deployment]:
     deployment.refresh_from_db()
     yield deployment
     redis_client.delete(
-        protocol.last_request_key(deployment.pk), protocol.admission_key(deployment.pk)
+        redis_keys.last_request_key(deployment.pk), redis_keys.admission_key(deployment.pk)
     )
 
 
@@ -67,11 +67,11 @@ def roomy_worker(redis_client) -> Iterator[str]:
     """A serving worker's heartbeat (this machine's memory), with no process behind it."""
     name = "roomy@load-on-demand-test"
     payload = heartbeat_payload(name, pool="threads", serving=True)
-    redis_client.set(protocol.heartbeat_key(name), json.dumps(payload), ex=60)
-    redis_client.sadd(protocol.WORKERS_SET, name)
+    redis_client.set(redis_keys.heartbeat_key(name), json.dumps(payload), ex=60)
+    redis_client.sadd(redis_keys.WORKERS_SET, name)
     yield name
-    redis_client.delete(protocol.heartbeat_key(name))
-    redis_client.srem(protocol.WORKERS_SET, name)
+    redis_client.delete(redis_keys.heartbeat_key(name))
+    redis_client.srem(redis_keys.WORKERS_SET, name)
 
 
 def _events(deployment: Deployment, action: str):
@@ -81,7 +81,7 @@ def _events(deployment: Deployment, action: str):
 
 
 def _unload(deployment: Deployment) -> None:
-    assert services.deployments_idle_unload(now=time.time() + 61) == [deployment.name]
+    assert lifecycle.deployments_idle_unload(now=time.time() + 61) == [deployment.name]
     deployment.refresh_from_db()
 
 
@@ -145,15 +145,15 @@ def test_an_idle_deployment_is_unloaded_by_the_system_and_shown_as_such(
     users, deployment, redis_client
 ):
     # Just loaded, or asked a moment ago: not idle yet.
-    assert services.deployments_idle_unload() == []
-    redis_client.set(protocol.last_request_key(deployment.pk), time.time() + 30)
-    assert services.deployments_idle_unload(now=time.time() + 61) == []
+    assert lifecycle.deployments_idle_unload() == []
+    redis_client.set(redis_keys.last_request_key(deployment.pk), time.time() + 30)
+    assert lifecycle.deployments_idle_unload(now=time.time() + 61) == []
     # A request in flight keeps it loaded however long ago the last one came.
-    redis_client.zadd(protocol.admission_key(deployment.pk), {"req": time.time() + 600})
-    assert services.deployments_idle_unload(now=time.time() + 600) == []
-    redis_client.delete(protocol.admission_key(deployment.pk))
+    redis_client.zadd(redis_keys.admission_key(deployment.pk), {"req": time.time() + 600})
+    assert lifecycle.deployments_idle_unload(now=time.time() + 600) == []
+    redis_client.delete(redis_keys.admission_key(deployment.pk))
 
-    assert services.deployments_idle_unload(now=time.time() + 600) == [deployment.name]
+    assert lifecycle.deployments_idle_unload(now=time.time() + 600) == [deployment.name]
     deployment.refresh_from_db()
     assert deployment.running and deployment.state == State.IDLE
     assert deployment.idle_unloaded_at is not None
@@ -164,7 +164,7 @@ def test_an_idle_deployment_is_unloaded_by_the_system_and_shown_as_such(
     assert event.actor == system_user()
     assert event.details["idle_unload_seconds"] == 60 and event.details["idle_seconds"] >= 60
     # Once is enough: an unloaded deployment is not unloaded again.
-    assert services.deployments_idle_unload(now=time.time() + 6000) == []
+    assert lifecycle.deployments_idle_unload(now=time.time() + 6000) == []
 
     page = client_for(users[Role.APP_DEVELOPER]).get(f"/deployments/{deployment.name}/")
     html = page.content.decode()
@@ -203,8 +203,8 @@ def test_turning_it_off_while_idle_loads_the_deployment(users, deployment, roomy
 
 def test_one_request_of_many_starts_the_load(deployment, roomy_worker):
     _unload(deployment)
-    assert services.deployment_load_on_demand(deployment_id=deployment.pk, requested_by="ann")
-    assert not services.deployment_load_on_demand(deployment_id=deployment.pk, requested_by="bob")
+    assert lifecycle.deployment_load_on_demand(deployment_id=deployment.pk, requested_by="ann")
+    assert not lifecycle.deployment_load_on_demand(deployment_id=deployment.pk, requested_by="bob")
     deployment.refresh_from_db()
     assert deployment.state == State.PENDING and deployment.idle_unloaded_at is None
     replica = deployment.replica_set.get()

@@ -26,9 +26,8 @@ import redis
 from aibox.celery import app as celery_app
 from apps.accounts.models import Role, Scope
 from apps.accounts.services import api_key_create
-from apps.finetune import progress
 from apps.finetune.models import FineTuneJob, JobState
-from apps.finetune.services import finetune_jobs_reap
+from apps.finetune.runs import finetune_jobs_reap
 from apps.finetune.tasks import finetune_reap
 from tests.conftest import CONVERT_CACHE, HEARTBEAT_TTL, client_for
 from tests.faults import free_port, kill_redis, start_redis
@@ -40,6 +39,7 @@ from tests.live import (
     stop_processes,
     wait_until,
 )
+from workers import redis_keys
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -145,7 +145,7 @@ def test_redis_restarted_mid_fine_tune_loses_no_step(users, gemma, train_version
 
     def unapplied() -> int:
         position = FineTuneJob.objects.values_list("stream_pos", flat=True).get(pk=job_id)
-        return len(stream.xrange(progress.stream_key(job_id), min=f"({position}"))
+        return len(stream.xrange(redis_keys.finetune_events_key(job_id), min=f"({position}"))
 
     wait_until(lambda: unapplied() >= 2, what="reports waiting in Redis", timeout=120)
 

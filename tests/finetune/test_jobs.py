@@ -208,7 +208,7 @@ def test_beat_fails_running_jobs_whose_worker_went_silent(users, gemma, train_ve
         assert beating.state == JobState.RUNNING and beating.reason == ""
 
         # A worker given up for dead that reports after all changes nothing.
-        from apps.finetune.services import finetune_job_finish
+        from apps.finetune.runs import finetune_job_finish
 
         finetune_job_finish(job_id=silent.pk, attempt=1, state=JobState.CANCELLED, reason="late")
         late = FineTuneJob.objects.get(pk=silent.pk)
@@ -243,7 +243,8 @@ def test_bad_parameters_and_unusable_data_are_refused_before_queueing(users, gem
 def test_a_trained_adapter_deploys_only_when_approved_and_on_its_base(
     users, gemma, train_version, training_worker
 ):
-    from apps.deployments.services import _replica_spec, deployment_create
+    from apps.deployments.placement import replica_spec
+    from apps.deployments.services import deployment_create
     from apps.registry.services import model_version_approve
 
     dana, ada = users[Role.DATA_SCIENTIST], users[Role.ADMIN]
@@ -260,7 +261,7 @@ def test_a_trained_adapter_deploys_only_when_approved_and_on_its_base(
         actor=ada, name="secret-bot", model_version=gemma, adapter=adapter, adapter_scale=0.5
     )
     # What a worker is told to load: the adapter too, fetched and verified like the model.
-    spec = _replica_spec(Replica(deployment=deployment, index=0, worker="w@host", generation=1))
+    spec = replica_spec(Replica(deployment=deployment, index=0, worker="w@host", generation=1))
     assert spec.adapter_sha256 == adapter.sha256 and spec.adapter_scale == 0.5
     assert Path(spec.adapter_source_path).name == adapter.sha256
 

@@ -9,7 +9,7 @@ from apps.datasets.models import DatasetVersion, Shape
 from apps.datasets.models import State as DataState
 from apps.datasets.services import dataset_create
 from apps.optimise.models import Evaluation, JobState, ModelJob
-from apps.optimise.services import jobs_reap
+from apps.optimise.runs import jobs_reap
 from apps.registry.services import model_repo_create
 from tests.conftest import client_for
 from tests.datasets.conftest import jsonl, upload

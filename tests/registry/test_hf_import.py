@@ -13,7 +13,7 @@ from rest_framework.test import APIClient
 
 from apps.accounts.models import Role
 from apps.audit.models import AuditEvent
-from apps.registry import services
+from apps.registry import model_imports
 from apps.registry.artifacts import artifact_store
 from apps.registry.models import ImportState, ModelImport, ModelVersion, SourceKind
 from tests.conftest import client_for
@@ -101,7 +101,7 @@ def test_import_through_the_api_records_provenance_progress_and_audit(hub, users
 
     # A duplicate delivery of the task finds the job ended and changes nothing.
     before = AuditEvent.objects.count()
-    services.model_import_run(import_id=body["id"])
+    model_imports.model_import_run(import_id=body["id"])
     assert AuditEvent.objects.count() == before
     assert ModelImport.objects.get(pk=body["id"]).state == ImportState.SUCCEEDED
 
@@ -265,7 +265,7 @@ def test_with_the_token_a_gated_import_succeeds_and_the_token_shows_nowhere(
     ds = users[Role.DATA_SCIENTIST]
     job = queued_import(repo, ds, hf_repo_id="acme/gated", filename="g.gguf", endpoint=fake_hub.url)
 
-    services.model_import_run(import_id=job.pk)
+    model_imports.model_import_run(import_id=job.pk)
     job.refresh_from_db()
     assert job.state == ImportState.SUCCEEDED, job.reason
     assert job.resolved["gated"] and job.version.source["commit"] == job.resolved["commit"]
@@ -294,7 +294,7 @@ def test_a_file_over_the_size_limit_is_not_downloaded(fake_hub, settings, users,
         filename="tiny.gguf",
         endpoint=fake_hub.url,
     )
-    services.model_import_run(import_id=job.pk)
+    model_imports.model_import_run(import_id=job.pk)
     job.refresh_from_db()
     assert job.state == ImportState.FAILED and "over the limit of 1,000 bytes" in job.reason
     assert not any(r.path.startswith("/_cdn/") for r in fake_hub.requests)
@@ -309,7 +309,7 @@ def test_a_requester_who_lost_the_role_gets_no_version(fake_hub, settings, users
     )
     ds.role = Role.APP_DEVELOPER
     ds.save()
-    services.model_import_run(import_id=job.pk)
+    model_imports.model_import_run(import_id=job.pk)
     job.refresh_from_db()
     assert job.state == ImportState.FAILED and "does not allow you" in job.reason
     assert not ModelVersion.objects.exists()

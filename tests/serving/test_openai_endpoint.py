@@ -18,7 +18,7 @@ from apps.deployments.models import Deployment
 from apps.inference.models import Outcome, UsageRecord
 from apps.inference.services import usage_digest
 from tests.serving.conftest import wait_until
-from workers.inference import protocol
+from workers import redis_keys
 
 HELLO = [{"role": "user", "content": "Name three colours."}]
 
@@ -280,7 +280,7 @@ def test_full_queue_is_429_with_retry_after(stack):
     threads[1].start()
     admitted = redis.Redis.from_url(settings.REDIS_URL)
     wait_until(
-        lambda: admitted.zcard(protocol.admission_key(deployment.pk)) >= 2,
+        lambda: admitted.zcard(redis_keys.admission_key(deployment.pk)) >= 2,
         what="the second request being admitted",
     )
     try:

@@ -13,7 +13,7 @@ import yaml
 
 from apps.audit import signing
 from apps.audit.chain import canonical_json
-from apps.setups import recipes
+from apps.setups import recipe_format, recipes
 from apps.setups.models import SETUP_SETTINGS
 from apps.setups.recipes import (
     MAX_RECIPE_BYTES,
@@ -557,7 +557,7 @@ def test_doc_lists_every_setting_and_figure():
     settings_table = text.split("### `settings`")[1].split("###")[0]
     assert re.findall(r"^\| `(\w+)` \|", settings_table, re.M) == list(RECIPE_SETTINGS)
     figures_table = text.split("### `figures`")[1].split("###")[0]
-    for name in (*recipes.FIGURE_VALUES, *recipes.HARDWARE_KEYS):
+    for name in (*recipe_format.FIGURE_VALUES, *recipe_format.HARDWARE_KEYS):
         assert f"`{name}`" in figures_table, name
 
 

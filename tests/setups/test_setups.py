@@ -28,7 +28,7 @@ from tests.conftest import client_for, make_user
 from tests.live import wait_for_state, wait_until
 from tests.registry.conftest import upload_version
 from tests.setups.conftest import write_shaped_gguf
-from workers.inference import protocol
+from workers import redis_keys
 
 CHAT_USE_CASES = [u for u in UseCase if u != UseCase.SEARCH]
 
@@ -477,8 +477,8 @@ def test_a_deployment_on_a_machine_that_left_no_longer_fits(stack, tmp_path):
         ],
         "replicas": [],
     }
-    redis_client.set(protocol.heartbeat_key(borrowed), json.dumps(heartbeat), ex=600)
-    redis_client.sadd(protocol.WORKERS_SET, borrowed)
+    redis_client.set(redis_keys.heartbeat_key(borrowed), json.dumps(heartbeat), ex=600)
+    redis_client.sadd(redis_keys.WORKERS_SET, borrowed)
     big = _approved_shape(stack, tmp_path, "big", context=4096, blocks=100, embedding=16_384)
     deployment = None
     try:
@@ -488,13 +488,13 @@ def test_a_deployment_on_a_machine_that_left_no_longer_fits(stack, tmp_path):
         )
         assert deployment.replica_set.get().worker == borrowed
         assert 'data-deployment="big-on-gpu"' not in _notes(client_for(stack.admin))
-        redis_client.delete(protocol.heartbeat_key(borrowed))  # the server leaves
+        redis_client.delete(redis_keys.heartbeat_key(borrowed))  # the server leaves
         notes = _notes(client_for(stack.admin))
         assert 'data-deployment="big-on-gpu" data-note="no_fit"' in notes
         assert "big-on-gpu no longer fits anywhere" in notes and "MiB free" in notes
     finally:
-        redis_client.delete(protocol.heartbeat_key(borrowed))
-        redis_client.srem(protocol.WORKERS_SET, borrowed)
+        redis_client.delete(redis_keys.heartbeat_key(borrowed))
+        redis_client.srem(redis_keys.WORKERS_SET, borrowed)
         if deployment is not None:
             deployment_services.deployment_stop(actor=stack.admin, deployment=deployment)
         model_version_deprecate(actor=stack.admin, version=big, reason="test over")

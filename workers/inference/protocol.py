@@ -1,7 +1,7 @@
 """What the control plane and the inference workers say to each other through Redis.
 
-Both sides import this module (it has no Django in it), so key names and message
-shapes live in one place:
+Both sides import this module (it has no Django in it), so message shapes live in one
+place (the Redis keys they travel under are ``workers/redis_keys.py``):
 
 - ``ReplicaSpec``: everything a worker needs to load one replica of a deployment.
 - ``RequestSpec``: one inference request, sent as a Celery task to the worker that
@@ -14,34 +14,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-KEY_PREFIX = "aibox"
 HEARTBEAT_INTERVAL_SECONDS = 2.0
 # Events of a finished request stay readable this long (a slow reader still gets them).
 EVENT_STREAM_TTL_SECONDS = 600
 
 
-def heartbeat_key(hostname: str) -> str:
-    return f"{KEY_PREFIX}:worker:{hostname}"
-
-
-WORKERS_SET = f"{KEY_PREFIX}:workers"
-
-
-def events_key(request_id: str) -> str:
-    return f"{KEY_PREFIX}:inference:{request_id}:events"
-
-
-def cancel_key(request_id: str) -> str:
-    return f"{KEY_PREFIX}:inference:{request_id}:cancel"
-
-
-def admission_key(deployment_id: int) -> str:
-    return f"{KEY_PREFIX}:deployment:{deployment_id}:admitted"
-
-
-def last_request_key(deployment_id: int) -> str:
-    """When the deployment last admitted a request (Unix time): its idle timer."""
-    return f"{KEY_PREFIX}:deployment:{deployment_id}:last_request"
+# The Celery tasks between the two sides, by name: the control plane sends the first four
+# to one worker's own queue (Celery's worker-direct queues), without importing the
+# runtime; the worker answers with REPLICA_REPORT on the control queue.
+REPLICA_LOAD = "deployments.replica_load"
+REPLICA_UNLOAD = "deployments.replica_unload"
+REPLICA_RETIRE = "deployments.replica_retire"
+INFERENCE_SUBMIT = "inference.submit"
+REPLICA_REPORT = "deployments.replica_report"
 
 
 @dataclass(frozen=True)

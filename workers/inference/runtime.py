@@ -20,6 +20,7 @@ from typing import Any
 
 import redis
 
+from workers import redis_keys
 from workers.hardware import inventory
 from workers.inference import protocol
 from workers.inference.cache import ModelCache
@@ -52,7 +53,7 @@ class RedisSink:
         return request_id in self._cancelled
 
     def cancelled(self, request_id: str) -> bool:
-        if self.client.exists(protocol.cancel_key(request_id)):
+        if self.client.exists(redis_keys.cancel_key(request_id)):
             self._cancelled.add(request_id)
         return request_id in self._cancelled
 
@@ -73,7 +74,7 @@ class RedisSink:
         pipe = self.client.pipeline(transaction=False)
         finished = set()
         for request_id, event in batch:
-            key = protocol.events_key(request_id)
+            key = redis_keys.events_key(request_id)
             pipe.xadd(key, {"e": json.dumps(event)})
             if event["type"] in (protocol.START, protocol.END, protocol.ERROR):
                 pipe.expire(key, protocol.EVENT_STREAM_TTL_SECONDS)
@@ -81,7 +82,7 @@ class RedisSink:
                 finished.add(request_id)
         watched = sorted({request_id for request_id, _ in batch} - finished)
         for request_id in watched:
-            pipe.exists(protocol.cancel_key(request_id))
+            pipe.exists(redis_keys.cancel_key(request_id))
         results = pipe.execute()
         for request_id, flag in zip(watched, results[len(results) - len(watched) :], strict=True):
             if flag:
@@ -295,8 +296,8 @@ class Heartbeat:
         payload = heartbeat_payload(self.hostname, pool=self.pool, serving=self.serving)
         pipe = self.redis.pipeline(transaction=False)
         # Kept for a day so the UI can say since when a worker is offline.
-        pipe.set(protocol.heartbeat_key(self.hostname), json.dumps(payload), ex=86400)
-        pipe.sadd(protocol.WORKERS_SET, self.hostname)
+        pipe.set(redis_keys.heartbeat_key(self.hostname), json.dumps(payload), ex=86400)
+        pipe.sadd(redis_keys.WORKERS_SET, self.hostname)
         pipe.execute()
 
     def _run(self) -> None:
@@ -313,4 +314,4 @@ class Heartbeat:
         payload = heartbeat_payload(self.hostname, pool=self.pool, serving=False)
         payload.update(stopped=True, replicas=[])
         with contextlib.suppress(redis.RedisError):
-            self.redis.set(protocol.heartbeat_key(self.hostname), json.dumps(payload), ex=86400)
+            self.redis.set(redis_keys.heartbeat_key(self.hostname), json.dumps(payload), ex=86400)
