@@ -99,7 +99,8 @@ def user_create(
     first_name: str = "",
     last_name: str = "",
 ) -> User:
-    """Create an active user with a role and an initial password."""
+    """Create an active user with a role and an initial password (admins only)."""
+    require_role(actor, (Role.ADMIN,), "create users")
     if username.lower() == SYSTEM_USERNAME:
         raise ValidationError(f"The username {SYSTEM_USERNAME!r} is reserved.")
     user = User(
@@ -153,7 +154,10 @@ def user_update(
 
 @transaction.atomic
 def user_set_password(*, actor: User, user: User, password: str) -> None:
-    """Set a new password (the caller validated it); the hash never reaches the log."""
+    """Set a new password (the caller validated it); the hash never reaches the log.
+    Users change their own; only an admin sets another user's."""
+    if actor.pk != user.pk:
+        require_role(actor, (Role.ADMIN,), "set other users' passwords")
     user.set_password(password)
     user.save(update_fields=["password"])
     action = "user.password_change" if actor.pk == user.pk else "user.password_reset"
@@ -333,7 +337,10 @@ def api_key_create(
 
 @transaction.atomic
 def api_key_revoke(*, actor: User, api_key: ApiKey) -> ApiKey:
-    """Revoke a key at once; revoking twice is a no-op that writes nothing."""
+    """Revoke a key at once; revoking twice is a no-op that writes nothing. Users revoke
+    their own keys; only an admin revokes another user's."""
+    if api_key.user_id != actor.pk:
+        require_role(actor, (Role.ADMIN,), "revoke other users' API keys")
     if api_key.revoked_at is not None:
         return api_key
     api_key.revoked_at = timezone.now()

@@ -10,16 +10,29 @@ from typing import Any
 from django.db import transaction
 
 from apps.accounts.models import User
+from apps.accounts.services import require_role
 from apps.audit.chain import format_timestamp
-from apps.audit.services import audit_record
+from apps.audit.exports import ExportPlan
+from apps.audit.selectors import AuditFilters
+from apps.audit.services import audit_export_begin, audit_record
 from apps.provenance.bom import lineage_bom
 from apps.provenance.lineage import version_lineage
 from apps.provenance.reports import compliance_report, model_dossier, signed_json, signed_pdf
+from apps.provenance.selectors import AUDIT_READER_ROLES
 from apps.registry.models import ModelVersion
+
+
+def audit_export_start(*, actor: User, filters: AuditFilters, fmt: str) -> ExportPlan:
+    """Begin an export of a filtered view of the audit log (``audit_export_begin``), for
+    the roles that read the log. The audit app sits below accounts and knows no roles, so
+    the check is here."""
+    require_role(actor, AUDIT_READER_ROLES, "export the audit log")
+    return audit_export_begin(actor=actor, filters=filters, fmt=fmt)
 
 
 def audit_report_generate(*, actor: User, start: datetime, end: datetime, fmt: str) -> bytes:
     """The signed compliance report for [start, end) as JSON or PDF; audited."""
+    require_role(actor, AUDIT_READER_ROLES, "read compliance reports")
     with transaction.atomic():
         event = audit_record(
             actor=actor,
@@ -35,6 +48,7 @@ def audit_report_generate(*, actor: User, start: datetime, end: datetime, fmt: s
 
 def audit_dossier_generate(*, actor: User, version: ModelVersion, fmt: str) -> bytes:
     """The signed dossier of one model version as JSON or PDF; audited."""
+    require_role(actor, AUDIT_READER_ROLES, "read model dossiers")
     with transaction.atomic():
         event = audit_record(
             actor=actor, action="audit.dossier", target=version, details={"format": fmt}

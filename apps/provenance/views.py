@@ -7,7 +7,6 @@ from django.views.decorators.http import require_http_methods, require_POST
 from apps.accounts.access import login_required, role_required
 from apps.audit import exports, signing
 from apps.audit.selectors import audit_event_list
-from apps.audit.services import audit_export_begin
 from apps.provenance.bom import bom_file_name
 from apps.provenance.forms import ReportForm, filter_form
 from apps.provenance.lineage import lineage_layout, version_lineage
@@ -16,6 +15,7 @@ from apps.provenance.reports import model_dossier as build_dossier
 from apps.provenance.selectors import AUDIT_READER_ROLES
 from apps.provenance.services import (
     audit_dossier_generate,
+    audit_export_start,
     audit_report_generate,
     model_version_bom,
 )
@@ -80,7 +80,7 @@ def audit_export(request: HttpRequest, fmt: str) -> HttpResponse:
         return HttpResponse(
             f"Invalid filter: {problems}", status=400, content_type="text/plain; charset=utf-8"
         )
-    plan = audit_export_begin(actor=request.user, filters=filters, fmt=fmt)
+    plan = audit_export_start(actor=request.user, filters=filters, fmt=fmt)
     return exports.streamed_download(
         request,
         exports.stream_export(plan),

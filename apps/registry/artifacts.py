@@ -13,7 +13,8 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from apps.accounts.models import User
+from apps.accounts.models import Role, User
+from apps.accounts.services import require_role
 from apps.audit.models import Outcome
 from apps.audit.services import audit_record
 from apps.registry.models import Artifact, ModelVersion
@@ -100,6 +101,7 @@ def artifact_reverify(*, actor: User, limit: int) -> ReverifyResult:
     it verifies again) and audited as ``artifact.integrity_failure``; a marked file that
     verifies again is cleared and audited as ``artifact.integrity_restored``.
     """
+    require_role(actor, (Role.ADMIN,), "re-verify stored files")
     store = artifact_store()
     batch = list(
         Artifact.objects.order_by(F("last_verified_at").asc(nulls_first=True), "created_at")[:limit]
