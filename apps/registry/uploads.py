@@ -23,6 +23,8 @@ from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from rest_framework.parsers import MultiPartParser
 
 from apps.registry.artifacts import artifact_store
+from apps.registry.models import SourceKind
+from apps.registry.services import model_version_ingest
 from workers.artifacts import Staged
 
 
@@ -174,8 +176,6 @@ def discard_uploads(files) -> None:
 
 def ingest_upload(*, actor, repo, upload: StagedUpload, via: str):
     """Hand a streamed upload to the registry, recording how it arrived."""
-    from apps.registry.models import SourceKind
-    from apps.registry.services import model_version_ingest
 
     return model_version_ingest(
         actor=actor,
