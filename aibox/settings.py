@@ -505,6 +505,8 @@ CELERY_BEAT_SCHEDULE = {
     "optimise-reap": {"task": "optimise.reap", "schedule": 60.0},
     # Deployments with load on demand unload after their idle period (apps/deployments).
     "deployment-idle-unload": {"task": "deployments.idle_unload", "schedule": 30.0},
+    # Replicas on a worker that went offline are placed on others (apps/deployments).
+    "replicas-rehome": {"task": "deployments.replicas_rehome", "schedule": 15.0},
 }
 # Beat's record of when each entry last ran: under var/, never in the repository.
 CELERY_BEAT_SCHEDULE_FILENAME = str(BASE_DIR / "var" / "celerybeat-schedule")

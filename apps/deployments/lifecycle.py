@@ -1,13 +1,13 @@
 """What happens to deployments between admins' commands: replica states that workers
-report, workers coming online, unloading deployments left idle and loading them again
-for the next request.
+report, workers coming online, replicas moved off workers that went offline, unloading
+deployments left idle and loading them again for the next request.
 """
 
 from __future__ import annotations
 
 import time
 
-from django.db import transaction
+from django.db import models, transaction
 from django.utils import timezone
 
 from apps.accounts.services import system_user
@@ -19,10 +19,13 @@ from apps.deployments.placement import (
     PlacementError,
     deployment_state_refresh,
     replica_load_send,
+    replica_place_again,
     replicas_place,
     replicas_retire,
+    worker_task_send,
 )
 from apps.deployments.services import revision_fail, revision_pending, revision_promote
+from workers.inference import protocol
 
 # Later states win; a report that would move a replica backwards is stale.
 _ORDER = {
@@ -139,6 +142,128 @@ def worker_online(*, hostname: str) -> int:
                 deployment.state_reason = exc.message
             deployment_state_refresh(deployment)
     return sent
+
+
+# -- workers that go away: their replicas are placed on others ------------------------
+
+MOVED = "Its worker went offline; the replica was placed on another."
+# States in which a replica holds (or is about to hold) a worker's memory.
+HELD = (State.PENDING, State.LOADING, State.READY)
+
+
+def replicas_rehome() -> list[str]:
+    """Place elsewhere the replicas of running deployments whose worker went offline
+    (Celery beat, every 15 s); returns a line per move ("name#index: from -> to").
+
+    A worker is offline once its heartbeat is older than ``WORKER_OFFLINE_AFTER``. Only
+    the replicas of the revision a deployment serves move, each to the online worker
+    with the most room, as placement chooses; each move is audited as ``replica.moved``.
+    A switch that was loading a replica on that worker fails (the served revision goes
+    on serving), as if the load had failed. A
+    replica that no online worker can hold, or whose deployment is pinned to the worker
+    that went away, stays and says why; a later run tries again. A worker that comes
+    back still holding a moved replica (cut off rather than stopped) is told to unload
+    its copy (``_stale_copies_unload``).
+    """
+    workers = selectors.worker_list()
+    online = {w.hostname for w in workers if w.online}
+    _stale_copies_unload(workers)
+    _switches_fail(online)
+    stranded = (
+        Replica.objects.filter(
+            state__in=HELD,
+            deployment__running=True,
+            deployment__idle_unloaded_at__isnull=True,
+            revision_id=models.F("deployment__revision_id"),
+        )
+        .exclude(worker__in=online)
+        .values_list("deployment_id", flat=True)
+        .distinct()
+    )
+    moves: list[str] = []
+    for deployment_id in list(stranded):
+        moves += _rehome(deployment_id, online)
+    return moves
+
+
+def _rehome(deployment_id: int, online: set[str]) -> list[str]:
+    moves = []
+    with transaction.atomic():
+        deployment = (
+            Deployment.objects.select_for_update(of=("self",))
+            .select_related("revision", "model_version", "adapter")
+            .get(pk=deployment_id)
+        )
+        replicas = (
+            deployment.revision.replicas.select_for_update()
+            .filter(state__in=HELD)
+            .exclude(worker__in=online)
+            .order_by("index")
+        )
+        for replica in replicas:
+            gone, generation = replica.worker, replica.generation
+            try:
+                hostname, gpu_index = replica_place_again(replica)
+            except PlacementError as exc:
+                reason = f"Its worker {gone} is offline. {exc.message}"
+                if replica.state_reason != reason:
+                    replica.state_reason = reason
+                    replica.save(update_fields=["state_reason"])
+                continue
+            moves.append(f"{deployment.name}#{replica.index}: {gone} -> {hostname}")
+            audit_record(
+                actor=system_user(),
+                action="replica.moved",
+                target=deployment,
+                details={
+                    "replica": replica.index,
+                    "from": gone,
+                    "to": hostname,
+                    "gpu": gpu_index,
+                    "generation": [generation, replica.generation],
+                    "sha256": deployment.model_version.sha256,
+                    "reason": MOVED,
+                },
+            )
+        deployment_state_refresh(deployment)
+    return moves
+
+
+def _switches_fail(online: set[str]) -> None:
+    pending = (
+        Replica.objects.filter(state__in=HELD, revision__state=RevisionState.PENDING)
+        .exclude(worker__in=online)
+        .values_list("revision_id", flat=True)
+        .distinct()
+    )
+    for revision_id in list(pending):
+        with transaction.atomic():
+            revision = Revision.objects.select_for_update().get(pk=revision_id)
+            gone = revision.replicas.filter(state__in=HELD).exclude(worker__in=online)
+            if revision.state == RevisionState.PENDING and gone.exists():
+                worker = gone.first().worker
+                revision_fail(revision, f"Its worker {worker} went offline while it loaded.")
+
+
+def _stale_copies_unload(workers: list[selectors.WorkerStatus]) -> None:
+    """Tell each online worker to unload the replicas it holds that are no longer its own:
+    moved to another worker, or removed, while it could not be told."""
+    held = [(w.hostname, r) for w in workers if w.online for r in w.replicas]
+    if not held:
+        return
+    owners = dict(
+        Replica.objects.filter(pk__in={r["replica_id"] for _, r in held}).values_list(
+            "pk", "worker"
+        )
+    )
+    for hostname, copy in held:
+        if owners.get(copy["replica_id"]) == hostname:
+            continue
+        worker_task_send(
+            protocol.REPLICA_UNLOAD,
+            hostname,
+            {"replica_id": copy["replica_id"], "generation": copy["generation"], "reason": MOVED},
+        )
 
 
 IDLE_UNLOADED = "The deployment was unloaded after a while without requests."

@@ -267,6 +267,24 @@ def replicas_place(deployment: Deployment, revision: Revision | None = None) -> 
     return placed
 
 
+def replica_place_again(replica: Replica) -> tuple[str, int | None]:
+    """Give ``replica`` a new generation on another online worker that fits it (its own
+    is gone) and send it a load; returns the worker and GPU. Raises PlacementError (the
+    replica unchanged) when none can hold it, or when the deployment is pinned to the
+    worker that went away."""
+    target = revised(replica.deployment, replica.revision)
+    estimate = estimate_for(target).total
+    hostname, gpu_index = _choose_worker(target, estimate, _reserved_memory())
+    replica.worker, replica.gpu_index = hostname, gpu_index
+    replica.generation += 1
+    replica.state, replica.state_reason = State.PENDING, ""
+    replica.memory_estimate_bytes = estimate
+    replica.updated_at = timezone.now()
+    replica.save()
+    replica_load_send(replica)
+    return hostname, gpu_index
+
+
 def deployment_state_refresh(deployment: Deployment) -> None:
     """The deployment's state, summed up from the replicas of the revision it serves (a
     revision loading beside it, or one draining, does not change what clients get)."""

@@ -1,5 +1,5 @@
-"""The control plane's deployment tasks: what workers report, workers coming online, and
-unloading deployments left idle (beat).
+"""The control plane's deployment tasks: what workers report, workers coming online,
+moving replicas off workers that went offline and unloading deployments left idle (beat).
 
 The tasks a serving worker runs (load, unload, retire, requests) are in
 ``worker_tasks.py``; the control plane sends them by name, so importing this
@@ -29,6 +29,12 @@ def replica_report(
 def idle_unload() -> None:
     """Unload deployments that had no request for their idle period (beat, every 30 s)."""
     lifecycle.deployments_idle_unload()
+
+
+@shared_task(name="deployments.replicas_rehome")
+def replicas_rehome() -> None:
+    """Move the replicas of workers that went offline to others (beat, every 15 s)."""
+    lifecycle.replicas_rehome()
 
 
 @shared_task(name="deployments.worker_online")

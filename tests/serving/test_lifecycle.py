@@ -12,7 +12,7 @@ import pytest
 from django.core.exceptions import ValidationError
 
 from apps.audit.models import AuditEvent
-from apps.deployments import selectors, services
+from apps.deployments import lifecycle, selectors, services
 from apps.deployments.models import Deployment, Replica, State
 from apps.inference.models import Outcome, UsageRecord
 from tests.serving.conftest import OFFLINE_AFTER, wait_for_state, wait_until
@@ -183,3 +183,49 @@ def test_killed_worker_makes_its_deployment_unavailable_without_a_hang(stack):
         >= 1
     )
     assert not selectors.worker_get(name).online
+
+
+def _offline(hostname: str) -> bool:
+    worker = selectors.worker_get(hostname)
+    return worker is None or not worker.online
+
+
+def test_a_dead_workers_replica_is_placed_on_another_and_serves_again(stack):
+    name = f"mover-{uuid.uuid4().hex[:6]}@localhost"
+    process = stack.start_worker(name)
+    deployment = stack.deploy("gemma-move", context_length=512, placement_worker=name)
+    # Placed on the new worker by its pin, which the admin then lifts (no service changes
+    # placement of a running deployment yet): it may now run anywhere.
+    Deployment.objects.filter(pk=deployment.pk).update(placement_worker="")
+    replica = deployment.replica_set.get()
+    assert (replica.worker, replica.generation) == (name, 1)
+
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
+    wait_until(lambda: _offline(name), what=f"{name} going offline", timeout=OFFLINE_AFTER + 10)
+    moves = [m for m in lifecycle.replicas_rehome() if m.startswith("gemma-move#")]
+    replica.refresh_from_db()
+    assert moves == [f"gemma-move#0: {name} -> {replica.worker}"]
+    assert replica.worker != name and replica.generation == 2
+    wait_for_state(deployment, State.READY)
+    reply = _post(
+        stack, "/v1/completions", {"model": "gemma-move", "prompt": "Hi", "max_tokens": 2}
+    )
+    assert reply.status_code == 200, reply.text
+    moved = AuditEvent.objects.get(action="replica.moved", target_id=str(deployment.pk))
+    assert moved.details["from"] == name and moved.details["to"] == replica.worker
+    assert moved.details["generation"] == [1, 2]
+    assert not [m for m in lifecycle.replicas_rehome() if m.startswith("gemma-move#")]
+
+    # A replica removed while its worker could not be told (here: its row deleted) is
+    # unloaded from that worker at the next run.
+    holder = replica.worker
+    Replica.objects.filter(pk=replica.pk).delete()
+    lifecycle.replicas_rehome()
+    wait_until(
+        lambda: (
+            not any(r["replica_id"] == replica.pk for r in selectors.worker_get(holder).replicas)
+        ),
+        what=f"{holder} unloading the replica it should no longer hold",
+    )
+    services.deployment_stop(actor=stack.admin, deployment=deployment)
