@@ -38,6 +38,12 @@ def admission_key(deployment_id: int) -> str:
     return f"{KEY_PREFIX}:deployment:{deployment_id}:admitted"
 
 
+def replica_requests_key(replica_id: int) -> str:
+    """The requests sent to a replica and not yet finished, scored by when they are
+    forgotten: the gateway sends each request to the replica with the fewest."""
+    return f"{KEY_PREFIX}:replica:{replica_id}:requests"
+
+
 def last_request_key(deployment_id: int) -> str:
     """When the deployment last admitted a request (Unix time): its idle timer."""
     return f"{KEY_PREFIX}:deployment:{deployment_id}:last_request"

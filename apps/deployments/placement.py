@@ -119,9 +119,14 @@ def _uses_gpu(deployment: Deployment, worker: selectors.WorkerStatus) -> bool:
 
 
 def _choose_worker(
-    deployment: Deployment, needed: int, reserved: dict[tuple[str, int | None], int]
+    deployment: Deployment,
+    needed: int,
+    reserved: dict[tuple[str, int | None], int],
+    avoid: frozenset[str] = frozenset(),
 ) -> tuple[str, int | None]:
-    """The online worker (and GPU) with the most free memory that fits ``needed`` bytes.
+    """The online worker (and GPU) with the most free memory that fits ``needed`` bytes,
+    preferring one not in ``avoid`` (the workers that hold the deployment's other
+    replicas: spread over hosts, one dying takes one replica) when such a one fits.
 
     ``reserved`` holds memory promised to replicas not yet loaded (the heartbeat does
     not show them yet), keyed by (worker, GPU index or None for RAM).
@@ -157,7 +162,8 @@ def _choose_worker(
             options.append((free, worker.hostname, None))
     if not options:
         raise PlacementError(f"No online worker has GPU {deployment.placement_gpu}.")
-    free, hostname, gpu_index = max(options)
+    apart = [option for option in options if option[1] not in avoid and option[0] >= needed]
+    free, hostname, gpu_index = max(apart or options)
     if free < needed:
         where = f"{hostname}" + (f" GPU {gpu_index}" if gpu_index is not None else "")
         raise PlacementError(
@@ -246,12 +252,14 @@ def replicas_place(deployment: Deployment, revision: Revision | None = None) -> 
     reserved = _reserved_memory()
     placed = []
     existing = {r.index: r for r in revision.replicas.select_for_update()}
+    taken = {r.worker for r in existing.values() if r.state in (State.LOADING, State.READY)}
     for index in range(deployment.replicas):
         replica = existing.get(index)
         if replica is not None and replica.state in (State.LOADING, State.READY):
             continue
-        hostname, gpu_index = _choose_worker(target, estimate, reserved)
+        hostname, gpu_index = _choose_worker(target, estimate, reserved, frozenset(taken))
         reserved[(hostname, gpu_index)] = reserved.get((hostname, gpu_index), 0) + estimate
+        taken.add(hostname)
         if replica is None:
             replica = Replica(deployment=deployment, revision=revision, index=index, generation=0)
         replica.worker = hostname
@@ -274,7 +282,11 @@ def replica_place_again(replica: Replica) -> tuple[str, int | None]:
     worker that went away."""
     target = revised(replica.deployment, replica.revision)
     estimate = estimate_for(target).total
-    hostname, gpu_index = _choose_worker(target, estimate, _reserved_memory())
+    siblings = Replica.objects.filter(
+        revision_id=replica.revision_id, state__in=(State.PENDING, State.LOADING, State.READY)
+    ).exclude(pk=replica.pk)
+    avoid = frozenset(siblings.values_list("worker", flat=True))
+    hostname, gpu_index = _choose_worker(target, estimate, _reserved_memory(), avoid)
     replica.worker, replica.gpu_index = hostname, gpu_index
     replica.generation += 1
     replica.state, replica.state_reason = State.PENDING, ""

@@ -312,7 +312,9 @@ def exchange_open(authorize: Authorize, kind: str, body: bytes) -> Exchange:
         )
         exchange.call.admit()
         worker_task_send(
-            protocol.INFERENCE_SUBMIT, route.worker, exchange.call.spec(**fields).as_dict()
+            protocol.INFERENCE_SUBMIT,
+            exchange.call.route.worker,
+            exchange.call.spec(**fields).as_dict(),
         )
     except ApiError as exc:
         exchange.refused = exc

@@ -53,13 +53,25 @@ LOAD_POLL_SECONDS = 0.25
 # Retry-After when a load did not finish in time (it goes on) or could not start.
 LOAD_RETRY_AFTER_SECONDS = 10
 
+# Admission and the choice of replica in one step, so that concurrent requests from any
+# web process spread over the replicas: KEYS[1] the deployment's bound, KEYS[2] its idle
+# timer, KEYS[3..] each candidate replica's requests in flight (in order of preference).
+# Returns the chosen candidate's position (1-based), or 0 when the bound is full.
 _ADMIT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+local chosen, fewest = 3, nil
+for i = 3, #KEYS do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[1])
+  local n = redis.call('ZCARD', KEYS[i])
+  if fewest == nil or n < fewest then chosen, fewest = i, n end
+end
 redis.call('ZADD', KEYS[1], ARGV[4], ARGV[3])
 redis.call('EXPIRE', KEYS[1], 86400)
+redis.call('ZADD', KEYS[chosen], ARGV[4], ARGV[3])
+redis.call('EXPIRE', KEYS[chosen], 86400)
 redis.call('SET', KEYS[2], ARGV[1], 'EX', 2592000)
-return 1
+return chosen - 2
 """
 
 
@@ -88,6 +100,10 @@ class Route:
     revision: int = 0
     # How long the request waited for the deployment to load (None: it was loaded).
     load_ms: float | None = None
+    # The live replicas it may go to, as (replica id, generation, worker), the least
+    # busy by their workers' heartbeats first; admission picks the one with the fewest
+    # requests in flight, and the route then names it (replica_id, generation, worker).
+    candidates: tuple[tuple[int, int, str], ...] = ()
 
 
 def check_inference_access(caller: Caller) -> None:
@@ -333,14 +349,16 @@ def route(caller: Caller, name: str) -> Route:
         raise unavailable(
             f"The model '{name}' is unavailable: the worker holding it is offline or restarting."
         )
-    _, _, replica = min(live)
+    candidates = tuple((r.pk, r.generation, r.worker) for _, _, r in sorted(live))
+    replica_id, generation, worker = candidates[0]
     return dataclasses.replace(
         _unrouted(deployment, name, load_ms=load_ms),
         admission_limit=(deployment["queue_size"] + deployment["parallel_slots"]) * len(live),
         sampling=dict(PRESET_SAMPLING[deployment["preset"]]),
-        replica_id=replica.pk,
-        generation=replica.generation,
-        worker=replica.worker,
+        replica_id=replica_id,
+        generation=generation,
+        worker=worker,
+        candidates=candidates,
     )
 
 
@@ -362,21 +380,26 @@ class Call:
             self.started -= self.route.load_ms / 1000
 
     def admit(self) -> None:
-        """Take a place in the deployment's bound (sync: dispatched with the routing)."""
+        """Take a place in the deployment's bound and go to the candidate replica with
+        the fewest requests in flight (sync: dispatched with the routing)."""
         now = time.time()
         expires = now + self.route.queue_timeout + ADMISSION_GRACE_SECONDS
-        ok = sync_client().eval(
+        candidates = self.route.candidates or (
+            (self.route.replica_id, self.route.generation, self.route.worker),
+        )
+        chosen = sync_client().eval(
             _ADMIT,
-            2,
+            2 + len(candidates),
             redis_keys.admission_key(self.route.deployment_id),
-            # The deployment's idle timer (services.deployments_idle_unload) reads this.
+            # The deployment's idle timer (lifecycle.deployments_idle_unload) reads this.
             redis_keys.last_request_key(self.route.deployment_id),
+            *(redis_keys.replica_requests_key(replica_id) for replica_id, _, _ in candidates),
             now,
             self.route.admission_limit,
             self.request_id,
             expires,
         )
-        if not ok:
+        if not chosen:
             raise ApiError(
                 429,
                 f"The model '{self.route.deployment_name}' is busy: its queue is full. "
@@ -385,6 +408,10 @@ class Call:
                 code="queue_full",
                 headers={"Retry-After": "2"},
             )
+        replica_id, generation, worker = candidates[chosen - 1]
+        self.route = dataclasses.replace(
+            self.route, replica_id=replica_id, generation=generation, worker=worker
+        )
         self.admitted = True
 
     def spec(self, **fields: Any) -> protocol.RequestSpec:
@@ -449,6 +476,7 @@ class Call:
         pipe = client.pipeline(transaction=False)
         if self.admitted:
             pipe.zrem(redis_keys.admission_key(self.route.deployment_id), self.request_id)
+            pipe.zrem(redis_keys.replica_requests_key(self.route.replica_id), self.request_id)
         if not self.finished:
             pipe.set(
                 redis_keys.cancel_key(self.request_id), 1, ex=protocol.EVENT_STREAM_TTL_SECONDS

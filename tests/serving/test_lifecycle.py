@@ -6,6 +6,7 @@ import json
 import signal
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -227,5 +228,56 @@ def test_a_dead_workers_replica_is_placed_on_another_and_serves_again(stack):
             not any(r["replica_id"] == replica.pk for r in selectors.worker_get(holder).replicas)
         ),
         what=f"{holder} unloading the replica it should no longer hold",
+    )
+    services.deployment_stop(actor=stack.admin, deployment=deployment)
+
+
+def test_two_replicas_on_two_workers_share_the_requests_and_outlive_one_of_them(stack):
+    spares = [f"pair-{uuid.uuid4().hex[:6]}@localhost" for _ in range(2)]
+    processes = dict(zip(spares, (stack.start_worker(name) for name in spares), strict=True))
+    deployment = stack.deploy("gemma-pair", context_length=512, replicas=2)
+    holders = set(deployment.replica_set.values_list("worker", flat=True))
+    assert len(holders) == 2, "the two replicas went to the same worker"
+    # Ready as soon as one replica is: wait for both workers to say they hold theirs.
+    wait_until(
+        lambda: len(selectors.replicas_serving(deployment.replica_set.all())) == 2,
+        what="both replicas serving",
+        timeout=120,
+    )
+
+    def complete(_: int) -> httpx.Response:
+        body = {"model": "gemma-pair", "prompt": "Once upon a time", "max_tokens": 24}
+        return _post(stack, "/v1/completions", body)
+
+    # Requests in flight together go to the replica with fewer in flight: both serve.
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        replies = list(pool.map(complete, range(4)))
+    assert [r.status_code for r in replies] == [200] * 4
+    served = set(
+        UsageRecord.objects.filter(deployment_name="gemma-pair").values_list("worker", flat=True)
+    )
+    assert served == holders
+
+    # One of them dies (one the test started): once it shows offline, every request goes
+    # to the other, and beat's next run places the lost replica again, on another worker.
+    victim = next(name for name in spares if name in holders)
+    survivor = next(iter(holders - {victim}))
+    processes[victim].send_signal(signal.SIGKILL)
+    processes[victim].wait(timeout=10)
+    wait_until(lambda: _offline(victim), what=f"{victim} going offline", timeout=OFFLINE_AFTER + 10)
+    before = UsageRecord.objects.filter(deployment_name="gemma-pair").count()
+    assert [complete(i).status_code for i in range(3)] == [200] * 3
+    after = UsageRecord.objects.filter(deployment_name="gemma-pair").order_by("-created_at")[:3]
+    assert {r.worker for r in after} == {survivor}
+    assert UsageRecord.objects.filter(deployment_name="gemma-pair").count() == before + 3
+
+    moves = [m for m in lifecycle.replicas_rehome() if m.startswith("gemma-pair#")]
+    assert len(moves) == 1 and moves[0].split(" -> ")[0].endswith(victim)
+    new_home = moves[0].split(" -> ")[1]
+    assert new_home not in (victim, survivor)  # the other live worker: still spread
+    wait_until(
+        lambda: deployment.replica_set.filter(state=State.READY).count() == 2,
+        what="the moved replica becoming ready",
+        timeout=120,
     )
     services.deployment_stop(actor=stack.admin, deployment=deployment)
