@@ -4,6 +4,7 @@ TypedDicts (aibox_client.types); refusals are exceptions carrying the server's m
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from aibox_client.errors import (
     UploadInterrupted,
     error_from_response,
 )
-from aibox_client.follow import JobProgress
+from aibox_client.follow import JobProgress, in_notebook
 from aibox_client.uploads import MultipartFile
 from aibox_client.verify import Verification, verify_export
 
@@ -128,7 +129,10 @@ class AIBox:
             url = page.get("next")
 
     def _show(self) -> bool:
-        return self.progress is not False
+        if self.progress is not None:
+            return self.progress
+        # By default, bars only where someone watches: a terminal or a notebook.
+        return in_notebook() or (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
 
     def _wait(
         self,
