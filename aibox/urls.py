@@ -28,6 +28,15 @@ api_v1 = [
     path("users/<int:pk>/limits", accounts_api.UserLimitsView.as_view(), name="user_limits"),
     path("roles/<str:role>/limits", accounts_api.RoleLimitsView.as_view(), name="role_limits"),
     path("audit/events/", provenance_api.AuditEventListView.as_view(), name="audit_events"),
+    *[
+        path(
+            f"audit/export.{fmt}",
+            provenance_api.AuditExportView.as_view(fmt=fmt),
+            name=f"audit_export_{fmt}",
+        )
+        for fmt in ("csv", "jsonl", "pdf")
+    ],
+    path("audit/public-key", provenance_api.AuditPublicKeyView.as_view(), name="audit_public_key"),
     path("usage/", inference_api.UsageListView.as_view(), name="usage"),
     path("usage/daily/", inference_api.UsageDailyView.as_view(), name="usage_daily"),
     path("usage/limits/", inference_api.UsageLimitsView.as_view(), name="usage_limits"),

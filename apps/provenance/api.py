@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from django.core.exceptions import ValidationError
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers
+from rest_framework.exceptions import APIException
 from rest_framework.generics import ListAPIView
 from rest_framework.pagination import CursorPagination
 from rest_framework.request import Request
@@ -12,9 +13,11 @@ from rest_framework.views import APIView
 
 from apps.accounts.models import Scope
 from apps.accounts.permissions import NotFromAnotherSite, role_and_scope
+from apps.audit import exports, signing
 from apps.audit.chain import HASHED_FIELDS, format_timestamp
 from apps.audit.models import AuditEvent, Outcome
 from apps.audit.selectors import audit_event_list
+from apps.audit.services import audit_export_begin
 from apps.provenance.bom import bom_file_name
 from apps.provenance.forms import filter_form
 from apps.provenance.lineage import version_lineage
@@ -76,6 +79,88 @@ class AuditEventListView(ListAPIView):
         if filters is None:
             raise ValidationError(form.errors)
         return audit_event_list(filters=filters)
+
+
+AUDIT_READERS = role_and_scope(*AUDIT_READER_ROLES, scopes=(Scope.AUDIT_READ,))
+NO_SIGNING_KEY = OpenApiResponse(description="The box's audit signing key is missing.")
+
+
+class SigningKeyUnavailable(APIException):
+    status_code = 503
+    default_detail = "The box's audit signing key is missing."
+
+
+def _signing_key_or_503() -> signing.PublicKey:
+    try:
+        return signing.public_key()
+    except signing.SigningKeyMissing as exc:
+        raise SigningKeyUnavailable(str(exc)) from exc
+
+
+class AuditExportFiltersSerializer(serializers.Serializer):
+    """The audit page's filters, for the schema (the page's form checks them)."""
+
+    since = serializers.DateTimeField(required=False, help_text="From (UTC)")
+    until = serializers.DateTimeField(required=False, help_text="Until (UTC)")
+    actor = serializers.CharField(required=False, max_length=200, help_text="A username")
+    action = serializers.CharField(required=False, max_length=100, help_text="Or its start")
+    target_type = serializers.CharField(required=False, max_length=100)
+    target_id = serializers.CharField(required=False, max_length=100)
+    target = serializers.CharField(required=False, max_length=300)
+    outcome = serializers.ChoiceField(required=False, choices=Outcome.choices)
+    text = serializers.CharField(required=False, max_length=200)
+
+
+class AuditExportView(APIView):
+    """POST the audit page's filters (a JSON object; none: the whole log) and get the
+    signed export of that view, as the audit page's export buttons give it (CSV, JSON
+    Lines or PDF; docs/audit-verification.md). Audited as ``audit.export``."""
+
+    permission_classes = [AUDIT_READERS]
+    fmt = ""
+
+    @extend_schema(
+        request=AuditExportFiltersSerializer,
+        responses={
+            # One per route (export.csv, .jsonl, .pdf): the format's own type.
+            **{
+                (200, media.split(";")[0]): OpenApiTypes.BINARY
+                for media in exports.FORMATS.values()
+            },
+            503: NO_SIGNING_KEY,
+        },
+    )
+    def post(self, request: Request):
+        _signing_key_or_503()
+        params = {k: v for k, v in request.data.items() if v is not None}
+        form, filters = filter_form({k: str(v) for k, v in params.items()})
+        if filters is None:
+            raise ValidationError(form.errors)
+        plan = audit_export_begin(actor=request.user, filters=filters, fmt=self.fmt)
+        return exports.streamed_download(
+            request,
+            exports.stream_export(plan),
+            content_type=exports.FORMATS[self.fmt],
+            filename=plan.filename,
+        )
+
+
+class AuditPublicKeySerializer(serializers.Serializer):
+    pem = serializers.CharField(help_text="The Ed25519 public key, PEM (SubjectPublicKeyInfo)")
+    fingerprint = serializers.CharField(help_text="sha256 of the 32 raw key bytes, hex")
+
+
+class AuditPublicKeyView(APIView):
+    """GET the public key that signs audit exports, reports and dossiers, and its
+    fingerprint: compare the fingerprint with the one the box's operator gives before
+    trusting the key (docs/audit-verification.md)."""
+
+    permission_classes = [AUDIT_READERS]
+
+    @extend_schema(responses={200: AuditPublicKeySerializer, 503: NO_SIGNING_KEY})
+    def get(self, request: Request) -> Response:
+        key = _signing_key_or_503()
+        return Response({"pem": key.pem, "fingerprint": key.fingerprint})
 
 
 class LineageView(APIView):

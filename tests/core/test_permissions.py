@@ -264,6 +264,18 @@ MATRIX = {
         "/api/v1/audit/events/",
         {ADMIN: 200, DS: 403, DEV: 403, CO: 200},
     ),
+    "api_audit_export": (
+        "API: export the audit log, signed (`POST /api/v1/audit/export.csv`, `.jsonl`, `.pdf`)",
+        "post",
+        "/api/v1/audit/export.jsonl",
+        {ADMIN: 200, DS: 403, DEV: 403, CO: 200},
+    ),
+    "api_audit_public_key": (
+        "API: the audit signing key's public half and fingerprint (`GET /api/v1/audit/public-key`)",
+        "get",
+        "/api/v1/audit/public-key",
+        {ADMIN: 200, DS: 403, DEV: 403, CO: 200},
+    ),
     "metrics": (
         "Read Prometheus metrics (`GET /metrics`)",
         "get",

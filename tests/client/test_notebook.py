@@ -1,0 +1,17 @@
+"""docs/notebooks/walkthrough.ipynb is committed without outputs. (Running it against the
+live box with nbclient is still to do: the first attempt hung in the kernel.)"""
+
+from __future__ import annotations
+
+import json
+
+from tests.client.conftest import ROOT
+
+NOTEBOOK = ROOT / "docs" / "notebooks" / "walkthrough.ipynb"
+
+
+def test_the_notebook_is_committed_without_outputs():
+    notebook = json.loads(NOTEBOOK.read_text())
+    for cell in notebook["cells"]:
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None
