@@ -21,7 +21,7 @@ from celery import Celery
 from celery.app.utils import find_app
 from celery.bin.celery import celery as celery_cli
 from django.conf import settings
-from django.core.management import get_commands
+from django.core.management import CommandError, get_commands, load_command_class
 
 from apps.finetune.services import TRAINING_QUEUE
 
@@ -110,7 +110,14 @@ def check_program(name: str, argv: list[str], *, ports: Iterable[str]) -> None:
             f"{name}: python runs only `manage.py <command>` here, not {argv[1:]}"
         )
         assert (ROOT / "manage.py").is_file(), f"{name}: manage.py is missing"
-        assert argv[2] in get_commands(), f"{name}: {argv[2]!r} is not a Django management command"
+        commands = get_commands()
+        assert argv[2] in commands, f"{name}: {argv[2]!r} is not a Django management command"
+        parser = load_command_class(commands[argv[2]], argv[2]).create_parser("manage.py", argv[2])
+        try:
+            _, unknown = parser.parse_known_args(argv[3:])
+        except (CommandError, SystemExit) as exc:
+            pytest.fail(f"{name}: manage.py {argv[2]} refuses {argv[3:]}: {exc}")
+        assert not unknown, f"{name}: manage.py {argv[2]} has no options {unknown}"
     elif program == "celery":
         app_name, sub, args = celery_parts(name, argv)
         importlib.import_module("aibox.celery")
