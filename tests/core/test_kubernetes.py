@@ -543,7 +543,7 @@ def test_pods_run_unprivileged_with_a_read_only_root(workloads):
             assert context.get("capabilities", {}).get("drop") == ["ALL"], f"{where}: capabilities"
             assert context.get("readOnlyRootFilesystem") is True, f"{where}: writable root"
             if workload.is_aibox:
-                assert writable_mount("/tmp", mounts(workload, container)), (
+                assert writable_mount("/tmp", mounts(workload, container)), (  # noqa: S108
                     f"{where}: no writable /tmp"
                 )
             resources = container.get("resources") or {}
