@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from celery.app.utils import find_app
 from django.conf import settings
 
 from tests.core.deploy_checks import (
@@ -21,6 +22,7 @@ from tests.core.deploy_checks import (
     check_program,
     check_queues,
     command_steps,
+    option_values,
 )
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -217,3 +219,70 @@ def test_dockerfile_copies_the_code_that_exists():
     assert not missing, f"Dockerfile copies {missing}, which do not exist"
     needed = {"pyproject.toml", "manage.py", "aibox", "apps", "workers", "templates", "static"}
     assert needed <= set(sources), f"Dockerfile does not copy {sorted(needed - set(sources))}"
+
+
+REMOTE_WORKER_FILE = ROOT / "deploy" / "compose" / "remote-worker.yml"
+EXPOSE_FILE = ROOT / "deploy" / "compose" / "expose-services.yml"
+
+
+@pytest.fixture(scope="module")
+def remote() -> dict[str, Any]:
+    return yaml.safe_load(REMOTE_WORKER_FILE.read_text())
+
+
+def test_remote_worker_runs_a_serving_worker_against_the_first_host(remote):
+    """deploy/compose/remote-worker.yml: checked like the services above; its database,
+    Redis and artifact store are the first host's."""
+    workers = remote["services"]
+    assert workers, "remote-worker.yml has no services"
+    for name, service in workers.items():
+        build = service["build"] if isinstance(service["build"], dict) else {}
+        context = REMOTE_WORKER_FILE.parent / (build.get("context") or service["build"])
+        assert (context / "Dockerfile").is_file(), f"{name}: builds from {context}, no Dockerfile"
+        declared = set(re.findall(r"^\s*ARG\s+(\w+)", (context / "Dockerfile").read_text(), re.M))
+        assert set(build.get("args") or {}) <= declared, f"{name}: undeclared build args"
+        argvs = steps(name, service)
+        for argv in argvs:
+            check_program(name, argv, ports=())
+            assert argv[0] == "celery", f"{name}: runs {argv[0]}, not a Celery worker"
+        env = environment(service)
+        unknown = sorted(set(env) - set(settings.ENVIRONMENT_VARIABLES))
+        assert not unknown, f"{name}: {unknown} are not in settings.ENVIRONMENT_VARIABLES"
+        missing = [v for v in REQUIRED_ENV if not env.get(v)]
+        assert not missing, f"{name}: does not set {missing}"
+        for variable, scheme, port in (
+            ("DATABASE_URL", "postgres", 5432),
+            ("REDIS_URL", "redis", 6379),
+        ):
+            url = urlsplit(without_interpolation(env[variable]))
+            assert url.scheme == scheme and url.port == port, f"{name}: {variable} {url.geturl()}"
+            assert "${AIBOX_MAIN_HOST:?" in env[variable], (
+                f"{name}: {variable} should point at the first host (AIBOX_MAIN_HOST)"
+            )
+        user = urlsplit(without_interpolation(env["DATABASE_URL"])).username
+        assert user == settings.DATABASE_APP_ROLE, f"{name} connects as {user}"
+        assert "POSTGRES_PASSWORD" not in str(service), f"{name} holds the owner's password"
+        # Without the first host's keys and audit volumes it must not take the default
+        # queue, which runs the signed audit checkpoint.
+        default_queue = find_app("aibox").conf.task_default_queue
+        for argv in argvs:
+            queues = {q for v in option_values(argv, "-Q", "--queues") for q in v.split(",")}
+            assert queues and default_queue not in queues, f"{name}: takes the queues {queues}"
+        root = env["AIBOX_ARTIFACT_ROOT"]
+        assert volume_mounts(service).get("artifacts") == root, (
+            f"{name}: the artifacts volume is not mounted at AIBOX_ARTIFACT_ROOT ({root})"
+        )
+    artifacts = remote["volumes"]["artifacts"]["driver_opts"]
+    assert artifacts["type"] == "nfs" and "${AIBOX_MAIN_HOST:?" in artifacts["o"], (
+        "remote-worker.yml: the artifact store is not the first host's, over NFS"
+    )
+
+
+def test_expose_services_publishes_what_remote_workers_reach(services):
+    exposed = yaml.safe_load(EXPOSE_FILE.read_text())["services"]
+    assert set(exposed) == {"postgres", "redis"} <= set(services)
+    for name, port in (("postgres", "5432"), ("redis", "6379")):
+        (published,) = exposed[name]["ports"]
+        # Only on the private address given, never on every interface.
+        assert published.startswith("${AIBOX_PRIVATE_ADDRESS:?"), f"{name}: published {published}"
+        assert published.endswith(f":{port}:{port}"), f"{name}: published {published}"
