@@ -576,7 +576,7 @@ def test_selectors_match_their_pods(built):
                 for p in c.get("ports") or []
                 for v in (p["containerPort"], p.get("name"))
             }
-            for port in obj["spec"]["ports"]:
+            for port in obj["spec"].get("ports") or []:
                 assert port.get("targetPort", port["port"]) in ports, (
                     f"Service {obj['metadata']['name']}: no container port {port.get('targetPort')}"
                 )
@@ -604,3 +604,17 @@ def test_web_probes_ask_the_health_endpoints(aibox, config_maps, secrets):
         "liveness must not depend on the database: a restart cannot fix it"
     )
     assert web["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+def test_serving_workers_keep_their_names(aibox, config_maps, secrets):
+    """A worker is named after its pod (``cpu@%h``); a restarted worker reloads the
+    replicas placed on its name, so serving workers need stable pod names."""
+    for name, workload in aibox.items():
+        container = main_container(workload)
+        env = environment(container, config_maps, secrets)
+        argv = command_steps(name, container["command"])[-1]
+        serving = argv[:1] == ["celery"] and "worker" in argv
+        if serving and env.get("AIBOX_WORKER_SERVING", ("", "true"))[1] != "false":
+            assert workload.manifest["kind"] == "StatefulSet", (
+                f"{name}: a serving worker in a {workload.manifest['kind']} changes name"
+            )
