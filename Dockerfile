@@ -69,8 +69,10 @@ RUN AIBOX_SECRET_KEY="${COLLECTSTATIC_SECRET_KEY}" python manage.py collectstati
 
 # Non-root at run time. It may write var/ (first-run admin credentials, the beat
 # schedule) and the artifact root; the code and the virtual environment stay root-owned.
-RUN groupadd --system aibox \
-    && useradd --system --gid aibox --home-dir /app --no-create-home --shell /usr/sbin/nologin aibox \
+# A fixed uid and gid (999, what --system gave on both bases), so that Kubernetes'
+# runAsUser and the owners of existing volumes agree (deploy/kubernetes/).
+RUN groupadd --system --gid 999 aibox \
+    && useradd --system --uid 999 --gid aibox --home-dir /app --no-create-home --shell /usr/sbin/nologin aibox \
     && mkdir -p /app/var /var/lib/aibox/artifacts /var/lib/aibox/keys /var/lib/aibox/audit \
     && chown aibox:aibox /app/var /var/lib/aibox/artifacts /var/lib/aibox/keys /var/lib/aibox/audit
 USER aibox

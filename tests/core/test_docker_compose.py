@@ -7,37 +7,32 @@ typo surfaces in the test suite and not on the production host.
 
 from __future__ import annotations
 
-import importlib
-import os
 import re
-import shlex
-import sys
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import click
 import pytest
 import yaml
-from celery import Celery
 from celery.app.utils import find_app
-from celery.bin.celery import celery as celery_cli
 from django.conf import settings
-from django.core.management import get_commands
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.core.deploy_checks import (
+    REQUIRED_ENV,
+    ROOT,
+    check_program,
+    check_queues,
+    command_steps,
+    option_values,
+)
+
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-# The virtual environment the tests run in is the project's.
-VENV_BIN = Path(sys.executable).parent
 
-SERVICES = ("postgres", "redis", "migrate", "web", "worker", "worker-gpu", "beat")
-AIBOX_SERVICES = ("migrate", "web", "worker", "worker-gpu", "beat")
+SERVICES = ("postgres", "redis", "migrate", "web", "worker", "worker-train", "worker-gpu", "beat")
+AIBOX_SERVICES = ("migrate", "web", "worker", "worker-train", "worker-gpu", "beat")
 # Services that run the app, as the app's database role (apps/core/database.py).
 APP_SERVICES = ("web", "worker", "worker-train", "worker-gpu", "beat")
 # Services that read or write artifacts; beat only enqueues.
-ARTIFACT_SERVICES = ("web", "worker", "worker-gpu")
-REQUIRED_ENV = ("AIBOX_SECRET_KEY", "DATABASE_URL", "REDIS_URL", "AIBOX_ARTIFACT_ROOT")
-QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+ARTIFACT_SERVICES = ("web", "worker", "worker-train", "worker-gpu")
 
 
 @pytest.fixture(scope="module")
@@ -51,22 +46,7 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def steps(name: str, service: dict[str, Any]) -> list[list[str]]:
-    """The service's command as argv lists: one per ``&&`` step of an ``sh -c`` script."""
-    assert service.get("command"), f"{name}: no command"
-    command = service["command"]
-    argv = shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
-    if argv[:2] != ["sh", "-c"]:
-        return [argv]
-    assert len(argv) == 3, f"{name}: `sh -c` takes exactly one script argument"
-    result: list[list[str]] = [[]]
-    for token in shlex.split(argv[2]):
-        if token == "&&":
-            result.append([])
-        else:
-            assert token not in {";", "||", "|", "&"}, f"{name}: chain steps with && only"
-            result[-1].append(token)
-    # `exec` hands PID 1 to the last program, so it gets the container's signals.
-    return [s[1:] if s[:1] == ["exec"] else s for s in result]
+    return command_steps(name, service.get("command"))
 
 
 def environment(service: dict[str, Any]) -> dict[str, str]:
@@ -91,48 +71,6 @@ def volume_mounts(service: dict[str, Any]) -> dict[str, str]:
         elif entry.get("type", "volume") == "volume":
             mounts[entry["source"]] = entry["target"]
     return mounts
-
-
-def click_options(*commands: click.Command) -> set[str]:
-    return {
-        opt
-        for command in commands
-        for param in command.params
-        for opt in (*param.opts, *param.secondary_opts)
-        if opt.startswith("-")
-    }
-
-
-def option_values(argv: list[str], *names: str) -> list[str]:
-    """Values of an option given as ``--name value``, ``--name=value`` or ``-X value``."""
-    values = []
-    for i, token in enumerate(argv):
-        flag, eq, inline = token.partition("=")
-        if flag in names:
-            values.append(inline if eq else argv[i + 1])
-    return values
-
-
-def unknown_options(argv: list[str], known: set[str]) -> list[str]:
-    return [t.split("=")[0] for t in argv if t.startswith("-") and t.split("=")[0] not in known]
-
-
-def celery_parts(name: str, argv: list[str]) -> tuple[str, str, list[str]]:
-    """(app, subcommand, the subcommand's arguments) of ``celery -A app <sub> ...``."""
-    apps = option_values(argv, "-A", "--app")
-    assert apps, f"{name}: celery without -A/--app"
-    flags = {
-        opt
-        for param in celery_cli.params
-        if getattr(param, "is_flag", False)
-        for opt in (*param.opts, *param.secondary_opts)
-    }
-    rest = argv[1:]
-    i = 0
-    while i < len(rest) and rest[i].startswith("-"):
-        i += 1 if "=" in rest[i] or rest[i] in flags else 2
-    assert i < len(rest), f"{name}: celery without a subcommand"
-    return apps[0], rest[i], rest[i + 1 :]
 
 
 def all_steps(services: dict[str, dict[str, Any]]) -> dict[str, list[list[str]]]:
@@ -164,93 +102,14 @@ def test_service_has_an_image_or_a_buildable_context(services, name):
 
 @pytest.mark.parametrize("name", AIBOX_SERVICES)
 def test_command_programs_are_installed_and_their_targets_exist(services, name):
+    published = [str(p).rsplit(":", 1)[-1] for p in services[name].get("ports") or []]
     for argv in steps(name, services[name]):
-        program = argv[0]
-        executable = VENV_BIN / program
-        assert executable.is_file() and os.access(executable, os.X_OK), (
-            f"{name}: {program!r} is not installed in the virtual environment ({VENV_BIN})"
-        )
-        if program == "python":
-            assert argv[1:2] == ["manage.py"] and len(argv) > 2, (
-                f"{name}: python runs only `manage.py <command>` here, not {argv[1:]}"
-            )
-            assert (ROOT / "manage.py").is_file(), f"{name}: manage.py is missing"
-            assert argv[2] in get_commands(), (
-                f"{name}: {argv[2]!r} is not a Django management command"
-            )
-        elif program == "celery":
-            app_name, sub, args = celery_parts(name, argv)
-            importlib.import_module("aibox.celery")
-            try:
-                app = find_app(app_name)
-            except (ImportError, AttributeError) as exc:
-                pytest.fail(f"{name}: -A {app_name} does not import: {exc}")
-            assert isinstance(app, Celery), f"{name}: -A {app_name} is not a Celery app"
-            assert sub in {"worker", "beat"}, f"{name}: celery {sub!r} is not a service"
-            bad = unknown_options(args, click_options(celery_cli, celery_cli.commands[sub]))
-            assert not bad, f"{name}: celery {sub} has no options {bad}"
-        elif program == "uvicorn":
-            module_name, _, attribute = argv[1].partition(":")
-            assert attribute, f"{name}: uvicorn target {argv[1]!r} is not module:attribute"
-            application = getattr(importlib.import_module(module_name), attribute, None)
-            assert callable(application), f"{name}: {argv[1]} is not an ASGI callable"
-            # `uvicorn.main` the attribute is the function; the module holds the click command.
-            uvicorn_cli = importlib.import_module("uvicorn.main").main
-            bad = unknown_options(argv[2:], click_options(uvicorn_cli))
-            assert not bad, f"{name}: uvicorn has no options {bad}"
-            assert option_values(argv, "--host") == ["0.0.0.0"], (  # noqa: S104 - in a container
-                f"{name}: uvicorn must listen on 0.0.0.0 inside a container"
-            )
-            port = option_values(argv, "--port")
-            published = [str(p).rsplit(":", 1)[-1] for p in services[name].get("ports") or []]
-            assert port and port[0] in published, (
-                f"{name}: uvicorn's port {port} is not among the published ports {published}"
-            )
-        else:
-            pytest.fail(f"{name}: no check for the program {program!r}; add one to this test")
+        check_program(name, argv, ports=published)
 
 
 def test_workers_consume_the_routed_and_default_queues(services):
-    consumed_by_default: set[str] = set()  # by services that start without a profile
-    consumed: set[str] = set()
-    hostnames: dict[str, str] = {}
-    beats = []
-    for name, argvs in all_steps(services).items():
-        for argv in argvs:
-            if argv[0] != "celery":
-                continue
-            _, sub, args = celery_parts(name, argv)
-            if sub == "beat":
-                beats.append(name)
-                continue
-            queues = [
-                q for value in option_values(args, "-Q", "--queues") for q in value.split(",")
-            ]
-            assert queues, f"{name}: a worker should name its queues (--queues)"
-            bad = [q for q in queues if not QUEUE_NAME.match(q)]
-            assert not bad, f"{name}: odd queue names {bad}"
-            consumed |= set(queues)
-            if not services[name].get("profiles"):
-                consumed_by_default |= set(queues)
-            for hostname in option_values(args, "-n", "--hostname"):
-                assert hostname not in hostnames, (
-                    f"{name}: worker node name {hostname!r} is also {hostnames[hostname]}'s"
-                )
-                hostnames[hostname] = name
-    # Tasks without a route go to the default queue: a default `up` must consume it.
-    default_queue = find_app("aibox").conf.task_default_queue
-    assert default_queue in consumed_by_default, (
-        f"no worker started by default consumes the default queue {default_queue!r}"
-    )
-    routes = getattr(settings, "CELERY_TASK_ROUTES", None) or {}
-    routed = (
-        {r["queue"] for r in routes.values() if isinstance(r, dict) and "queue" in r}
-        if isinstance(routes, dict)
-        else set()
-    )
-    assert routed <= consumed, f"queues {sorted(routed - consumed)} have routes but no worker"
-    # Two beats would enqueue every periodic task twice.
-    assert len(beats) == 1, f"exactly one service should run celery beat, not {beats}"
+    started_by_default = {name for name in AIBOX_SERVICES if not services[name].get("profiles")}
+    check_queues(all_steps(services), started_by_default=started_by_default)
 
 
 @pytest.mark.parametrize("name", AIBOX_SERVICES)
@@ -360,3 +219,70 @@ def test_dockerfile_copies_the_code_that_exists():
     assert not missing, f"Dockerfile copies {missing}, which do not exist"
     needed = {"pyproject.toml", "manage.py", "aibox", "apps", "workers", "templates", "static"}
     assert needed <= set(sources), f"Dockerfile does not copy {sorted(needed - set(sources))}"
+
+
+REMOTE_WORKER_FILE = ROOT / "deploy" / "compose" / "remote-worker.yml"
+EXPOSE_FILE = ROOT / "deploy" / "compose" / "expose-services.yml"
+
+
+@pytest.fixture(scope="module")
+def remote() -> dict[str, Any]:
+    return yaml.safe_load(REMOTE_WORKER_FILE.read_text())
+
+
+def test_remote_worker_runs_a_serving_worker_against_the_first_host(remote):
+    """deploy/compose/remote-worker.yml: checked like the services above; its database,
+    Redis and artifact store are the first host's."""
+    workers = remote["services"]
+    assert workers, "remote-worker.yml has no services"
+    for name, service in workers.items():
+        build = service["build"] if isinstance(service["build"], dict) else {}
+        context = REMOTE_WORKER_FILE.parent / (build.get("context") or service["build"])
+        assert (context / "Dockerfile").is_file(), f"{name}: builds from {context}, no Dockerfile"
+        declared = set(re.findall(r"^\s*ARG\s+(\w+)", (context / "Dockerfile").read_text(), re.M))
+        assert set(build.get("args") or {}) <= declared, f"{name}: undeclared build args"
+        argvs = steps(name, service)
+        for argv in argvs:
+            check_program(name, argv, ports=())
+            assert argv[0] == "celery", f"{name}: runs {argv[0]}, not a Celery worker"
+        env = environment(service)
+        unknown = sorted(set(env) - set(settings.ENVIRONMENT_VARIABLES))
+        assert not unknown, f"{name}: {unknown} are not in settings.ENVIRONMENT_VARIABLES"
+        missing = [v for v in REQUIRED_ENV if not env.get(v)]
+        assert not missing, f"{name}: does not set {missing}"
+        for variable, scheme, port in (
+            ("DATABASE_URL", "postgres", 5432),
+            ("REDIS_URL", "redis", 6379),
+        ):
+            url = urlsplit(without_interpolation(env[variable]))
+            assert url.scheme == scheme and url.port == port, f"{name}: {variable} {url.geturl()}"
+            assert "${AIBOX_MAIN_HOST:?" in env[variable], (
+                f"{name}: {variable} should point at the first host (AIBOX_MAIN_HOST)"
+            )
+        user = urlsplit(without_interpolation(env["DATABASE_URL"])).username
+        assert user == settings.DATABASE_APP_ROLE, f"{name} connects as {user}"
+        assert "POSTGRES_PASSWORD" not in str(service), f"{name} holds the owner's password"
+        # Without the first host's keys and audit volumes it must not take the default
+        # queue, which runs the signed audit checkpoint.
+        default_queue = find_app("aibox").conf.task_default_queue
+        for argv in argvs:
+            queues = {q for v in option_values(argv, "-Q", "--queues") for q in v.split(",")}
+            assert queues and default_queue not in queues, f"{name}: takes the queues {queues}"
+        root = env["AIBOX_ARTIFACT_ROOT"]
+        assert volume_mounts(service).get("artifacts") == root, (
+            f"{name}: the artifacts volume is not mounted at AIBOX_ARTIFACT_ROOT ({root})"
+        )
+    artifacts = remote["volumes"]["artifacts"]["driver_opts"]
+    assert artifacts["type"] == "nfs" and "${AIBOX_MAIN_HOST:?" in artifacts["o"], (
+        "remote-worker.yml: the artifact store is not the first host's, over NFS"
+    )
+
+
+def test_expose_services_publishes_what_remote_workers_reach(services):
+    exposed = yaml.safe_load(EXPOSE_FILE.read_text())["services"]
+    assert set(exposed) == {"postgres", "redis"} <= set(services)
+    for name, port in (("postgres", "5432"), ("redis", "6379")):
+        (published,) = exposed[name]["ports"]
+        # Only on the private address given, never on every interface.
+        assert published.startswith("${AIBOX_PRIVATE_ADDRESS:?"), f"{name}: published {published}"
+        assert published.endswith(f":{port}:{port}"), f"{name}: published {published}"
