@@ -17,12 +17,11 @@ from apps.audit import exports, signing
 from apps.audit.chain import HASHED_FIELDS, format_timestamp
 from apps.audit.models import AuditEvent, Outcome
 from apps.audit.selectors import audit_event_list
-from apps.audit.services import audit_export_begin
 from apps.provenance.bom import bom_file_name
 from apps.provenance.forms import filter_form
 from apps.provenance.lineage import version_lineage
 from apps.provenance.selectors import AUDIT_READER_ROLES
-from apps.provenance.services import model_version_bom
+from apps.provenance.services import audit_export_start, model_version_bom
 from apps.provenance.views import version_or_404
 from apps.registry.api import READERS as REGISTRY_READERS
 
@@ -136,7 +135,7 @@ class AuditExportView(APIView):
         form, filters = filter_form({k: str(v) for k, v in params.items()})
         if filters is None:
             raise ValidationError(form.errors)
-        plan = audit_export_begin(actor=request.user, filters=filters, fmt=self.fmt)
+        plan = audit_export_start(actor=request.user, filters=filters, fmt=self.fmt)
         return exports.streamed_download(
             request,
             exports.stream_export(plan),
