@@ -1,5 +1,5 @@
-"""docs/notebooks/walkthrough.ipynb is committed without outputs. (Running it against the
-live box with nbclient is still to do: the first attempt hung in the kernel.)"""
+"""docs/notebooks/walkthrough.ipynb is committed without outputs (tests/client/test_workflow.py
+runs it against the live box with nbclient)."""
 
 from __future__ import annotations
 
