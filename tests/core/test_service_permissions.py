@@ -82,4 +82,6 @@ def test_audit_documents_are_for_admins_and_compliance_officers(users, role):
 
 def test_only_admins_reverify_stored_files(users):
     refused(artifact_reverify, actor=users[Role.DATA_SCIENTIST], limit=10)
-    assert artifact_reverify(actor=system_user(), limit=10).checked == 0
+    # An admin (and beat, as the system user) may; a batch of none re-hashes nothing.
+    assert artifact_reverify(actor=users[Role.ADMIN], limit=0).checked == 0
+    assert artifact_reverify(actor=system_user(), limit=0).checked == 0
