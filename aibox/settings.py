@@ -460,6 +460,8 @@ SPECTACULAR_SETTINGS = {
         "DeploymentStateEnum": "apps.deployments.models.State",
         "FineTuneJobStateEnum": "apps.finetune.models.JobState",
         "OptimiseOperationEnum": "apps.optimise.models.Operation",
+        "AuditOutcomeEnum": "apps.audit.models.Outcome",
+        "UsageOutcomeEnum": "apps.inference.models.Outcome",
     },
 }
 

@@ -8,7 +8,7 @@ import threading
 import time
 
 from apps.audit.models import AuditEvent
-from apps.deployments import selectors, services
+from apps.deployments import lifecycle, selectors, services
 from apps.deployments.models import Deployment, State
 from apps.inference.models import Outcome, UsageRecord
 from tests.serving.conftest import wait_for_state, wait_until
@@ -32,7 +32,7 @@ def _record(request_id: str) -> UsageRecord:
 
 def _unload(stack, deployment: Deployment) -> None:
     # The beat task's service, with the clock moved past the idle period.
-    assert services.deployments_idle_unload(now=time.time() + 61) == [NAME]
+    assert lifecycle.deployments_idle_unload(now=time.time() + 61) == [NAME]
     wait_for_state(deployment, State.IDLE)
     wait_until(lambda: not _held(stack), what=f"{stack.worker} unloading {NAME}", timeout=30)
     wait_until(
@@ -52,7 +52,7 @@ def test_an_idle_deployment_unloads_and_the_next_requests_load_it(stack, openai_
     deployment = stack.deploy(NAME, context_length=512, preset="precise", idle_unload_seconds=60)
     assert _held(stack)
     # Just loaded: not idle yet.
-    assert services.deployments_idle_unload() == []
+    assert lifecycle.deployments_idle_unload() == []
 
     _unload(stack, deployment)
     assert deployment.running

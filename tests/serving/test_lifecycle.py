@@ -194,7 +194,7 @@ def _offline(hostname: str) -> bool:
 def test_two_replicas_on_two_workers_share_the_requests_and_outlive_one_of_them(stack):
     spares = [f"pair-{uuid.uuid4().hex[:6]}@localhost" for _ in range(2)]
     processes = dict(zip(spares, (stack.start_worker(name) for name in spares), strict=True))
-    deployment = stack.deploy("gemma-pair", context_length=512, replicas=2)
+    deployment = stack.deploy("gemma-spread", context_length=512, replicas=2)
     holders = set(deployment.replica_set.values_list("worker", flat=True))
     assert len(holders) == 2, "the two replicas went to the same worker"
     # Ready as soon as one replica is: wait for both workers to say they hold theirs.
@@ -205,7 +205,7 @@ def test_two_replicas_on_two_workers_share_the_requests_and_outlive_one_of_them(
     )
 
     def complete(_: int) -> httpx.Response:
-        body = {"model": "gemma-pair", "prompt": "Once upon a time", "max_tokens": 24}
+        body = {"model": "gemma-spread", "prompt": "Once upon a time", "max_tokens": 24}
         return _post(stack, "/v1/completions", body)
 
     # Requests in flight together go to the replica with fewer in flight: both serve.
@@ -213,7 +213,7 @@ def test_two_replicas_on_two_workers_share_the_requests_and_outlive_one_of_them(
         replies = list(pool.map(complete, range(4)))
     assert [r.status_code for r in replies] == [200] * 4
     served = set(
-        UsageRecord.objects.filter(deployment_name="gemma-pair").values_list("worker", flat=True)
+        UsageRecord.objects.filter(deployment_name="gemma-spread").values_list("worker", flat=True)
     )
     assert served == holders
 
@@ -224,16 +224,16 @@ def test_two_replicas_on_two_workers_share_the_requests_and_outlive_one_of_them(
     processes[victim].send_signal(signal.SIGKILL)
     processes[victim].wait(timeout=10)
     wait_until(lambda: _offline(victim), what=f"{victim} going offline", timeout=OFFLINE_AFTER + 10)
-    before = UsageRecord.objects.filter(deployment_name="gemma-pair").count()
+    before = UsageRecord.objects.filter(deployment_name="gemma-spread").count()
     assert [complete(i).status_code for i in range(3)] == [200] * 3
-    after = UsageRecord.objects.filter(deployment_name="gemma-pair").order_by("-created_at")[:3]
+    after = UsageRecord.objects.filter(deployment_name="gemma-spread").order_by("-created_at")[:3]
     assert {r.worker for r in after} == {survivor}
-    assert UsageRecord.objects.filter(deployment_name="gemma-pair").count() == before + 3
+    assert UsageRecord.objects.filter(deployment_name="gemma-spread").count() == before + 3
 
     lost = deployment.replica_set.get(worker=victim)
-    moves = [m for m in lifecycle.replicas_rehome() if m.startswith("gemma-pair#")]
+    moves = [m for m in lifecycle.replicas_rehome() if m.startswith("gemma-spread#")]
     lost.refresh_from_db()
-    assert moves == [f"gemma-pair#{lost.index}: {victim} -> {lost.worker}"]
+    assert moves == [f"gemma-spread#{lost.index}: {victim} -> {lost.worker}"]
     assert lost.worker not in (victim, survivor)  # the other live worker: still spread
     assert lost.generation == 2
     moved = AuditEvent.objects.get(action="replica.moved", target_id=str(deployment.pk))
@@ -244,7 +244,7 @@ def test_two_replicas_on_two_workers_share_the_requests_and_outlive_one_of_them(
         what="the moved replica serving",
         timeout=120,
     )
-    assert not [m for m in lifecycle.replicas_rehome() if m.startswith("gemma-pair#")]
+    assert not [m for m in lifecycle.replicas_rehome() if m.startswith("gemma-spread#")]
 
     # A replica removed while its worker could not be told (here: its row deleted) is
     # unloaded from that worker at the next run.
