@@ -18,8 +18,8 @@ from apps.deployments.models import Deployment, Replica, Revision, RevisionState
 from apps.deployments.placement import (
     PlacementError,
     deployment_state_refresh,
-    replica_load_send,
     replica_place_again,
+    replica_reload,
     replicas_place,
     replicas_retire,
     worker_task_send,
@@ -126,12 +126,7 @@ def worker_online(*, hostname: str) -> int:
             .exclude(state=State.STOPPED)
         )
         for replica in replicas:
-            replica.generation += 1
-            replica.state = State.PENDING
-            replica.state_reason = ""
-            replica.updated_at = timezone.now()
-            replica.save()
-            replica_load_send(replica)
+            replica_reload(replica)
             deployment_state_refresh(replica.deployment)
             sent += 1
         waiting = Deployment.objects.select_for_update().filter(running=True, state=State.PENDING)

@@ -242,6 +242,16 @@ def replica_unload_send(replica: Replica, reason: str) -> None:
     transaction.on_commit(lambda: worker_task_send(protocol.REPLICA_UNLOAD, worker, args))
 
 
+def replica_reload(replica: Replica) -> None:
+    """Start a new generation of ``replica`` where its row says (pending, no reason) and
+    send its worker the load, once the transaction commits."""
+    replica.generation += 1
+    replica.state, replica.state_reason = State.PENDING, ""
+    replica.updated_at = timezone.now()
+    replica.save()
+    replica_load_send(replica)
+
+
 def replicas_place(deployment: Deployment, revision: Revision | None = None) -> list[Replica]:
     """Give each wanted replica of ``revision`` (the serving one unless given) a worker and
     send it a load; raise PlacementError if one does not fit. Already-placed replicas
@@ -262,15 +272,9 @@ def replicas_place(deployment: Deployment, revision: Revision | None = None) -> 
         taken.add(hostname)
         if replica is None:
             replica = Replica(deployment=deployment, revision=revision, index=index, generation=0)
-        replica.worker = hostname
-        replica.gpu_index = gpu_index
-        replica.generation += 1
-        replica.state = State.PENDING
-        replica.state_reason = ""
+        replica.worker, replica.gpu_index = hostname, gpu_index
         replica.memory_estimate_bytes = estimate
-        replica.updated_at = timezone.now()
-        replica.save()
-        replica_load_send(replica)
+        replica_reload(replica)
         placed.append(replica)
     return placed
 
@@ -288,12 +292,8 @@ def replica_place_again(replica: Replica) -> tuple[str, int | None]:
     avoid = frozenset(siblings.values_list("worker", flat=True))
     hostname, gpu_index = _choose_worker(target, estimate, _reserved_memory(), avoid)
     replica.worker, replica.gpu_index = hostname, gpu_index
-    replica.generation += 1
-    replica.state, replica.state_reason = State.PENDING, ""
     replica.memory_estimate_bytes = estimate
-    replica.updated_at = timezone.now()
-    replica.save()
-    replica_load_send(replica)
+    replica_reload(replica)
     return hostname, gpu_index
 
 
