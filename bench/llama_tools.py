@@ -54,7 +54,6 @@ def source_dir() -> Path:
                 "--no-binary",
                 ":all:",
                 "--no-deps",
-                "--no-build-isolation",
                 f"llama-cpp-python=={version}",
                 "-d",
                 str(HOME),

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django import forms
 
-from apps.deployments.models import Deployment, KvCacheType
+from apps.deployments.models import Deployment, KvCacheType, ServingMode
 from apps.registry.models import Format, ModelVersion, State
 
 LOAD_TIMEOUT_DEFAULT = Deployment._meta.get_field("load_timeout_seconds").default
@@ -43,6 +43,7 @@ class DeploymentForm(forms.ModelForm):
             "embeddings",
             "kv_cache_type",
             "flash_attention",
+            "serving_mode",
             "stream_interval_ms",
             "logging_level",
             "queue_size",
@@ -63,9 +64,13 @@ class DeploymentForm(forms.ModelForm):
         self.fields["load_timeout_seconds"].required = False
         # Scripts that post the form from before KV cache types keep getting f16.
         self.fields["kv_cache_type"].required = False
+        self.fields["serving_mode"].required = False
 
     def clean_kv_cache_type(self) -> str:
         return self.cleaned_data.get("kv_cache_type") or KvCacheType.F16
+
+    def clean_serving_mode(self) -> str:
+        return self.cleaned_data.get("serving_mode") or ServingMode.IDENTICAL
 
     def clean_load_timeout_seconds(self) -> int:
         value = self.cleaned_data.get("load_timeout_seconds")

@@ -52,6 +52,24 @@ class KvCacheType(models.TextChoices):
     Q4_0 = "q4_0", "q4_0 (a quarter of the memory, some loss)"
 
 
+class ServingMode(models.TextChoices):
+    """What a replica's llama.cpp runs for: the same answer whatever runs beside a
+    request, or the most tokens per second (docs/serving.md has the measurements)."""
+
+    IDENTICAL = "identical", "Identical answers (alone or batched)"
+    FASTEST = "fastest", "Fastest (repacked weights; answers may vary with the batch)"
+
+
+# What each serving mode costs or gains, as measured (docs/serving.md), for the
+# deployment page.
+SERVING_MODE_TRADEOFF = {
+    ServingMode.IDENTICAL: "measured on a 2-core CPU (bench/batching.py), as fast as "
+    "fastest mode for one stream, 16 % faster at 8 streams and 3 % slower at 16",
+    ServingMode.FASTEST: "measured on a 2-core CPU (bench/batching.py), no faster than "
+    "identical answers for one stream, 14 % slower at 8 streams and 3 % faster at 16",
+}
+
+
 # Bytes per stored element of each KV cache type (q8_0 and q4_0 store 32 values in 34
 # and 18 bytes).
 KV_CACHE_BYTES: dict[str, float] = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
@@ -101,6 +119,14 @@ class RuntimeSettings(models.Model):
         default=True,
         help_text="Fused attention: faster with several slots; needed by a quantised KV cache.",
     )
+    serving_mode = models.CharField(
+        max_length=12,
+        choices=ServingMode.choices,
+        default=ServingMode.IDENTICAL,
+        help_text="Identical answers: a greedy request gives the same text alone or among "
+        "others. Fastest: llama.cpp's repacked weights and no pad rows, more tokens per "
+        "second on a CPU, but an answer may change with what runs beside it.",
+    )
     stream_interval_ms = models.PositiveSmallIntegerField(
         "Stream interval (ms)",
         default=100,
@@ -128,6 +154,7 @@ RUNTIME_FIELDS = (
     "gpu_layers",
     "kv_cache_type",
     "flash_attention",
+    "serving_mode",
     "embeddings",
     "stream_interval_ms",
     "preset",

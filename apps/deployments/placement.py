@@ -218,6 +218,7 @@ def replica_spec(replica: Replica) -> ReplicaSpec:
         embeddings=deployment.embeddings,
         kv_cache_type=deployment.kv_cache_type,
         flash_attention=deployment.flash_attention,
+        serving_mode=deployment.serving_mode,
         chat_template=deployment.chat_template,
         has_chat_template=version.has_chat_template,
         queue_size=deployment.queue_size,

@@ -12,6 +12,7 @@ from apps.deployments.forms import DeploymentForm, LoadOnDemandForm, ScaleForm
 from apps.deployments.models import (
     INFERENCE_ROLES,
     MANAGER_ROLES,
+    SERVING_MODE_TRADEOFF,
     Deployment,
     RevisionState,
     State,
@@ -89,6 +90,7 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
         "deployment": deployment,
         "replicas": _replicas(deployment, workers),
         "estimate": estimate,
+        "serving_mode_tradeoff": SERVING_MODE_TRADEOFF,
         "can_manage": request.user.has_role(*MANAGER_ROLES),
         "can_use": request.user.has_role(*INFERENCE_ROLES),
         "scale_form": ScaleForm(initial={"replicas": deployment.replicas}),

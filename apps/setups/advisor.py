@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from apps.deployments.models import KvCacheType, Preset
+from apps.deployments.models import KvCacheType, Preset, ServingMode
 from apps.deployments.placement import HEADROOM_BYTES, MIB, memory_estimate
 from apps.deployments.selectors import WorkerStatus
 from apps.registry.models import ModelVersion
@@ -274,6 +274,8 @@ def _settings(version: ModelVersion, use_case: str, experience: str) -> tuple[di
         "gpu_layers": -1,
         "kv_cache_type": kv,
         "flash_attention": True,
+        # Identical answers whatever the traffic; "fastest" is an admin's explicit choice.
+        "serving_mode": ServingMode.IDENTICAL,
         "embeddings": use_case == UseCase.SEARCH,
         "stream_interval_ms": interval,
         "preset": preset,
@@ -355,6 +357,7 @@ def _same_shape(trial: Trial, version: ModelVersion, settings: dict[str, Any]) -
         and setup.parallel_slots == settings["parallel_slots"]
         and setup.kv_cache_type == settings["kv_cache_type"]
         and setup.flash_attention == settings["flash_attention"]
+        and setup.serving_mode == settings["serving_mode"]
         and setup.threads == settings["threads"]
     )
 

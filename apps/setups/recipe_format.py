@@ -15,7 +15,7 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 
-from apps.deployments.models import KvCacheType, Preset
+from apps.deployments.models import KvCacheType, Preset, ServingMode
 from apps.setups.models import SETUP_NAME, SETUP_SETTINGS, Experience, UseCase
 from workers.hub import HubError, check_filename, check_repo_id, check_revision
 
@@ -32,6 +32,9 @@ MAX_DEPTH = 12
 # The adapter and its scale travel in the recipe's ``adapter`` section, as a file with
 # its own sha256: an adapter's id on one box means nothing on another.
 RECIPE_SETTINGS = tuple(name for name in SETUP_SETTINGS if name not in ("adapter", "adapter_scale"))
+# Settings added after the first recipes were shared: a recipe without one gets the
+# setting's default (the behaviour those recipes were measured with).
+RECIPE_SETTINGS_ADDED = ("serving_mode",)
 MODEL_KEYS = (
     "sha256",
     "file_name",
@@ -159,7 +162,7 @@ def document_check(document: Any) -> None:
 
 
 def _check_settings(settings: Any) -> None:
-    settings = _mapping(settings, "settings", RECIPE_SETTINGS)
+    settings = _mapping(settings, "settings", RECIPE_SETTINGS, optional=RECIPE_SETTINGS_ADDED)
     _integer(settings, "context_length", "settings", low=128, high=1_048_576)
     _integer(settings, "parallel_slots", "settings", low=1, high=64)
     _integer(settings, "batch_size", "settings", low=8, high=8192)
@@ -167,6 +170,8 @@ def _check_settings(settings: Any) -> None:
     _integer(settings, "gpu_layers", "settings", low=-1)
     _choice(settings, "kv_cache_type", "settings", KvCacheType.values)
     _boolean(settings, "flash_attention", "settings")
+    if "serving_mode" in settings:
+        _choice(settings, "serving_mode", "settings", ServingMode.values)
     _boolean(settings, "embeddings", "settings")
     _integer(settings, "stream_interval_ms", "settings", low=0, high=1000)
     _choice(settings, "preset", "settings", Preset.values)
@@ -264,7 +269,9 @@ def kind_of(value: Any) -> str:
     return names.get(type(value), f"a {type(value).__name__} value")
 
 
-def keys_check(value: dict[str, Any], keys: tuple[str, ...], path: str) -> None:
+def keys_check(
+    value: dict[str, Any], keys: tuple[str, ...], path: str, optional: tuple[str, ...] = ()
+) -> None:
     unknown = [key for key in value if key not in keys]
     if unknown:
         raise RecipeError(
@@ -273,15 +280,17 @@ def keys_check(value: dict[str, Any], keys: tuple[str, ...], path: str) -> None:
             f"{', '.join(repr(key) for key in unknown)}"
             f"{' in ' + path if path else ''}; expected only {', '.join(keys)}",
         )
-    missing = [key for key in keys if key not in value]
+    missing = [key for key in keys if key not in value and key not in optional]
     if missing:
         raise RecipeError(_join(path, missing[0]), "missing")
 
 
-def _mapping(value: Any, path: str, keys: tuple[str, ...]) -> dict[str, Any]:
+def _mapping(
+    value: Any, path: str, keys: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise RecipeError(path, f"must be a mapping of {', '.join(keys)}, not {kind_of(value)}")
-    keys_check(value, keys, path)
+    keys_check(value, keys, path, optional)
     return value
 
 

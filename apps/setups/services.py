@@ -194,6 +194,7 @@ def _trial_spec(trial: Trial, gpu_index: int | None) -> dict[str, Any]:
         parallel_slots=setup.parallel_slots,
         kv_cache_type=setup.kv_cache_type,
         flash_attention=setup.flash_attention,
+        serving_mode=setup.serving_mode,
         chat_template=setup.chat_template,
         has_chat_template=version.has_chat_template,
         queue_size=max(8, setup.parallel_slots * 2),

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from django.test import Client
 
 from apps.deployments import selectors
 from apps.deployments.models import Deployment
@@ -187,3 +188,37 @@ def test_a_cancelled_request_frees_its_slot_for_the_next(stack):
         deployment_name="gemma-pair", outcome=Outcome.CANCELLED
     ).exists()
     assert Deployment.objects.get(pk=deployment.pk).state == "ready"
+
+
+def test_a_fastest_deployment_serves_and_its_page_says_which_mode(stack):
+    """ "Fastest" mode (repacked weights, no pad rows) serves the same API; the replica
+    reports the mode it loaded with and the deployment page names it."""
+    deployment = stack.deploy(
+        "gemma-fastest", context_length=512, parallel_slots=2, serving_mode="fastest"
+    )
+    headers = {"Authorization": f"Bearer {stack.key()}"}
+    replies = [
+        httpx.post(
+            f"{stack.url}/v1/completions",
+            headers=headers,
+            json={"model": "gemma-fastest", "prompt": prompt, "max_tokens": 12, "temperature": 0},
+            timeout=120,
+        )
+        for prompt in PROMPTS[:2]
+    ]
+    for reply in replies:
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["choices"][0]["text"].strip()
+        assert 0 < body["usage"]["completion_tokens"] <= 12
+    worker = selectors.worker_get(stack.worker)
+    held = [r for r in worker.replicas if r["deployment"] == "gemma-fastest"]
+    assert [r["serving_mode"] for r in held] == ["fastest"]
+
+    browser = Client()
+    browser.force_login(stack.admin)
+    page = browser.get(f"/deployments/{deployment.name}/").content.decode()
+    assert 'data-serving-mode="fastest"' in page
+    assert "Fastest (repacked weights" in page
+    page = browser.get("/deployments/gemma/").content.decode()
+    assert 'data-serving-mode="identical"' in page

@@ -48,6 +48,7 @@ def settings(**changes) -> dict:
         "gpu_layers": -1,
         "kv_cache_type": "q8_0",
         "flash_attention": True,
+        "serving_mode": "identical",
         "embeddings": False,
         "stream_interval_ms": 100,
         "preset": "balanced",
@@ -142,6 +143,19 @@ def resigned(doc: dict) -> bytes:
 
 
 # Writing ------------------------------------------------------------------------------
+
+
+def test_a_recipe_from_before_serving_modes_reads_as_identical_answers():
+    """Recipes shared before ``serving_mode`` existed have no such key: they still load,
+    and the setup made from them serves identical answers, as they were measured."""
+    doc = document()
+    del doc["settings"]["serving_mode"]
+    recipe = load(resigned(doc), (own_fingerprint(),))
+    assert "serving_mode" not in recipe.document["settings"]
+    doc = document()
+    doc["settings"]["serving_mode"] = "turbo"
+    error = refused(resigned(doc))
+    assert error.field == "settings.serving_mode" and "turbo" in str(error)
 
 
 def test_document_has_the_documented_order_and_leaves_out_what_does_not_travel():

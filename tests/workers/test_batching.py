@@ -258,6 +258,81 @@ def test_the_shortlist_chooses_what_the_whole_vocabulary_would(scheduler, monkey
     assert runs[0] == runs[1]
 
 
+class CheckedScheduler(batching.Scheduler):
+    """Asks llama.cpp's own chain, penalties sampler included, for every choice the
+    scheduler makes without a grammar, and records whether the two agree."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.choices: list[tuple[int, int]] = []
+        self._array = (llama_cpp.llama_token_data * self.n_vocab)()
+
+    def _sample_plain(self, sequence):
+        # The chain's state now (its draws so far), before the scheduler's choice moves it.
+        rest = llama_cpp.llama_sampler_clone(sequence._sampler)
+        window = (sequence.prompt + sequence.generated)[-batching.PENALTY_LAST_N :]
+        sampling = sequence.sampling
+        penalties = llama_cpp.llama_sampler_init_penalties(
+            self.n_vocab,
+            batching.PENALTY_LAST_N,
+            sampling.repeat_penalty,
+            sampling.frequency_penalty,
+            sampling.presence_penalty,
+        )
+        for token in window:
+            llama_cpp.llama_sampler_accept(penalties, token)
+        logits = self._logits(sequence)
+        for i in range(self.n_vocab):
+            self._array[i].id, self._array[i].logit, self._array[i].p = i, logits[i], 0.0
+        array = llama_cpp.llama_token_data_array(
+            data=self._array, size=self.n_vocab, selected=-1, sorted=False
+        )
+        llama_cpp.llama_sampler_apply(penalties, ctypes.byref(array))
+        llama_cpp.llama_sampler_apply(rest, ctypes.byref(array))
+        expected = int(self._array[array.selected].id)
+        llama_cpp.llama_sampler_free(penalties)
+        llama_cpp.llama_sampler_free(rest)
+        chosen = super()._sample_plain(sequence)
+        self.choices.append((chosen, expected))
+        return chosen
+
+
+def test_penalties_choose_what_llama_cpps_penalties_sampler_chooses(scheduler):
+    """The scheduler applies repetition penalties to the recent tokens' logits itself and
+    takes greedy's argmax (cheaper than llama.cpp's samplers over the whole vocabulary);
+    every choice is the one llama.cpp's own chain makes, greedy and sampled, and the
+    logits read afterwards are the model's own."""
+    checked = CheckedScheduler(scheduler.model, scheduler.ctx, context_length=1024)
+    settings = [
+        {"temperature": 0, "repeat_penalty": 1.3},
+        {"temperature": 0, "repeat_penalty": 1.1, "frequency_penalty": 0.5},
+        {"temperature": 0.8, "repeat_penalty": 1.2, "presence_penalty": 0.4, "seed": 3},
+        {"temperature": 0},
+    ]
+    sequences = [
+        _sequence(checked, f"p{i}", prompt, 40, **sampling)
+        for i, (sampling, prompt) in enumerate(
+            zip(
+                settings,
+                ["def fibonacci(n):", "la la la la la", LONG, "Once upon a time"],
+                strict=True,
+            )
+        )
+    ]
+    sequences[0].top_logprobs = 0
+    try:
+        texts, _ = _run(checked, {0: sequences})
+    finally:
+        checked.close()
+    assert len(checked.choices) > 100
+    assert all(chosen == expected for chosen, expected in checked.choices)
+    # Penalised greedy differs from plain greedy on the repetitive prompt: the penalties
+    # did apply.
+    plain = _sequence(scheduler, "plain", "la la la la la", 40, temperature=0)
+    plain_text, _ = _run(scheduler, {0: [plain]})
+    assert plain_text["plain"] != texts["p1"]
+
+
 def test_a_grammar_that_does_not_parse_is_refused_at_admission(scheduler):
     sequence = batching.Sequence(
         key="bad", prompt=[2, 3], max_tokens=4, sampling=batching.Sampling(), grammar="root ::= ("

@@ -155,7 +155,8 @@ class Replica:
         spec = self.spec
         # llama.cpp logs through llama-cpp-python's logger; errors only, as Llama(verbose=False).
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
-        model_params = batching.model_params(spec.gpu_layers)
+        invariant = spec.serving_mode != protocol.FASTEST
+        model_params = batching.model_params(spec.gpu_layers, invariant=invariant)
         if spec.gpu_index is not None and spec.gpu_layers != 0:
             model_params.main_gpu = spec.gpu_index
             model_params.split_mode = llama_cpp.LLAMA_SPLIT_MODE_NONE
@@ -200,6 +201,7 @@ class Replica:
             spec.context_length,
             spec.batch_size,
             prompt_cache=spec.prompt_cache,
+            invariant=invariant,
         )
 
     def _close_native(self) -> None:
@@ -270,6 +272,7 @@ class Replica:
             "cancelled": self._counters.cancelled,
             "cancelled_at_tokens": self._counters.cancelled_at_tokens,
             "threads": self._threads,
+            "serving_mode": self.spec.serving_mode,
             "chat_template": self.template.source if self.template else "",
         }
 

@@ -28,6 +28,10 @@ REPLICA_RETIRE = "deployments.replica_retire"
 INFERENCE_SUBMIT = "inference.submit"
 REPLICA_REPORT = "deployments.replica_report"
 
+# A replica's serving modes (ReplicaSpec.serving_mode; the deployment's ServingMode).
+IDENTICAL = "identical"
+FASTEST = "fastest"
+
 
 @dataclass(frozen=True)
 class ReplicaSpec:
@@ -50,6 +54,8 @@ class ReplicaSpec:
     # needs flash attention.
     kv_cache_type: str = "f16"
     flash_attention: bool = True
+    # "identical" (plain weights, pad rows: batch-invariant answers) or "fastest".
+    serving_mode: str = "identical"
     chat_template: str = ""
     has_chat_template: bool = False
     queue_size: int = 8

@@ -264,6 +264,7 @@ def run_trial(
             "context_length": n_ctx,
             "kv_cache_type": setup.kv_cache_type,
             "flash_attention": setup.flash_attention,
+            "serving_mode": setup.serving_mode,
             "gpu_layers": setup.gpu_layers,
             "gpu_index": setup.gpu_index,
             # Other work on the machine slows llama.cpp's threads many times over (they
