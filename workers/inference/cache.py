@@ -175,7 +175,13 @@ class ModelCache:
                 f"Could not reach the control plane at {self.remote.url} to pull the model "
                 f"file {sha256[:12]}…: {exc}"
             ) from exc
-        self._check_status(response, sha256, (200,))
+        if response.status_code != 200:
+            # A HEAD's refusal has no body: ask again with a GET for the message.
+            with client.stream("GET", url, headers=headers) as refusal:
+                if refusal.status_code >= 300:
+                    refusal.read()
+                    self._check_status(refusal, sha256, (200,))
+            self._check_status(response, sha256, (200,))
         return int(response.headers["Content-Length"])
 
     def _check_status(self, response: httpx.Response, sha256: str, ok: tuple[int, ...]) -> None:
