@@ -11,6 +11,7 @@ The tests share that worker and run in file order; the last revokes its credenti
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import shutil
 import socket
@@ -104,10 +105,8 @@ class ArtifactProxy:
 
 def _close(*sockets: socket.socket) -> None:
     for sock in sockets:
-        try:
+        with contextlib.suppress(OSError):
             sock.close()
-        except OSError:
-            pass
 
 
 @dataclass

@@ -203,7 +203,7 @@ def server() -> Iterator[ArtifactServer]:
     instance.server_close()
 
 
-def remote_cache(tmp_path: Path, server: ArtifactServer, token: str = "aibw_test") -> ModelCache:
+def remote_cache(tmp_path: Path, server: ArtifactServer, token: str = "aibw_test") -> ModelCache:  # noqa: S107
     url = f"http://127.0.0.1:{server.server_address[1]}"
     return ModelCache(tmp_path / "cache", remote=RemoteSource(url, token))
 
