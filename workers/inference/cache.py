@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import re
 import shutil
 import threading
@@ -30,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 
@@ -64,6 +66,56 @@ class RemoteSource:
 
     def __repr__(self) -> str:  # never print the token
         return f"RemoteSource(url={self.url!r})"
+
+
+class _HashingWriter:
+    """Writes and hashes received chunks on a thread of its own, so that the next chunk
+    is received meanwhile (file writes and hashing release the GIL). At most
+    ``QUEUED_CHUNKS`` chunks wait: memory stays flat whatever the file's size."""
+
+    QUEUED_CHUNKS = 8
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.digest = hashlib.sha256()
+        self.error: BaseException | None = None
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=self.QUEUED_CHUNKS)
+        self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            chunk = self._queue.get()
+            try:
+                if chunk is None:
+                    return
+                if self.error is None:
+                    self.out.write(chunk)
+                    self.digest.update(chunk)
+            except BaseException as exc:  # noqa: BLE001 - raised in the receiving thread
+                self.error = exc
+            finally:
+                self._queue.task_done()
+
+    def put(self, chunk: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self._queue.put(chunk)
+
+    def restart(self) -> None:
+        """Drop what was written: the file starts again from byte 0."""
+        self._queue.join()
+        self.out.seek(0)
+        self.out.truncate()
+        self.digest = hashlib.sha256()
+
+    def close(self) -> str:
+        """Wait for the queued chunks; the hex sha256 of everything written."""
+        self._queue.put(None)
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.digest.hexdigest()
 
 
 class ModelCache:
@@ -212,46 +264,47 @@ class ModelCache:
     ) -> str:
         """Stream the file into ``part``, hashing as it goes, resuming a dropped
         connection from where it stopped; return the hex sha256 of what arrived."""
-        digest = hashlib.sha256()
         written = 0
         drops = 0
         with part.open("wb") as out:
-            while written < size:
-                request_headers = dict(headers)
-                if written:
-                    request_headers["Range"] = f"bytes={written}-"
-                try:
-                    with client.stream("GET", url, headers=request_headers) as response:
-                        if written and response.status_code == 200:
-                            # The server ignored the range: start again from byte 0.
-                            out.seek(0)
-                            out.truncate()
-                            digest, written = hashlib.sha256(), 0
-                        elif response.status_code not in (200, 206):
-                            response.read()
-                            self._check_status(response, sha256, (200, 206))
-                        for chunk in response.iter_raw(CHUNK):
-                            out.write(chunk)
-                            digest.update(chunk)
-                            written += len(chunk)
-                    if written < size:
-                        raise httpx.RemoteProtocolError("the body ended early")
-                except httpx.TransportError as exc:
-                    drops += 1
-                    if drops > RESUME_TRIES:
-                        raise CacheError(
-                            f"Pulling the model file {sha256[:12]}… from {self.remote.url} "
-                            f"failed: the connection dropped {drops} times (last: {exc})."
-                        ) from exc
-                    log.warning(
-                        "pulling %s… dropped at %d of %d bytes (%s); resuming",
-                        sha256[:12],
-                        written,
-                        size,
-                        exc,
-                    )
-                    time.sleep(RESUME_BACKOFF_SECONDS * drops)
-        return digest.hexdigest()
+            sink = _HashingWriter(out)
+            try:
+                while written < size:
+                    request_headers = dict(headers)
+                    if written:
+                        request_headers["Range"] = f"bytes={written}-"
+                    try:
+                        with client.stream("GET", url, headers=request_headers) as response:
+                            if written and response.status_code == 200:
+                                # The server ignored the range: start again from byte 0.
+                                sink.restart()
+                                written = 0
+                            elif response.status_code not in (200, 206):
+                                response.read()
+                                self._check_status(response, sha256, (200, 206))
+                            for chunk in response.iter_raw(CHUNK):
+                                sink.put(chunk)
+                                written += len(chunk)
+                        if written < size:
+                            raise httpx.RemoteProtocolError("the body ended early")
+                    except httpx.TransportError as exc:
+                        drops += 1
+                        if drops > RESUME_TRIES:
+                            raise CacheError(
+                                f"Pulling the model file {sha256[:12]}… from {self.remote.url} "
+                                f"failed: the connection dropped {drops} times (last: {exc})."
+                            ) from exc
+                        log.warning(
+                            "pulling %s… dropped at %d of %d bytes (%s); resuming",
+                            sha256[:12],
+                            written,
+                            size,
+                            exc,
+                        )
+                        time.sleep(RESUME_BACKOFF_SECONDS * drops)
+            finally:
+                digest = sink.close()
+        return digest
 
     # --- size limit -------------------------------------------------------------------
 
