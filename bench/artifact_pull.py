@@ -138,7 +138,7 @@ def pull_plain(url: str, target: Path) -> dict:
 
 
 def _in_fresh_process(args: list[str], env: dict[str, str]) -> dict:
-    output = subprocess.run(
+    output = subprocess.run(  # noqa: S603 - this script, by its own path
         [sys.executable, __file__, *args], env=env, check=True, capture_output=True, text=True
     ).stdout
     return json.loads(output.strip().splitlines()[-1])
@@ -174,7 +174,7 @@ def main() -> None:
         sha256, secret = prepare(store, args.size_mib)
         env = {**os.environ, "AIBOX_ARTIFACT_ROOT": str(store), "AIBOX_LOG_LEVEL": "WARNING"}
         aibox_port, plain_port = _free_port(), _free_port()
-        uvicorn = subprocess.Popen(
+        uvicorn = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
             [
                 sys.executable,
                 "-m",
@@ -194,7 +194,7 @@ def main() -> None:
         )
         processes.append(uvicorn)
         served = store / "sha256" / sha256[:2]
-        plain = subprocess.Popen(
+        plain = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
             [sys.executable, "-m", "http.server", str(plain_port), "--bind", "127.0.0.1"],
             cwd=served,
             env=env,
