@@ -73,8 +73,8 @@ RUN AIBOX_SECRET_KEY="${COLLECTSTATIC_SECRET_KEY}" python manage.py collectstati
 # runAsUser and the owners of existing volumes agree (deploy/kubernetes/).
 RUN groupadd --system --gid 999 aibox \
     && useradd --system --uid 999 --gid aibox --home-dir /app --no-create-home --shell /usr/sbin/nologin aibox \
-    && mkdir -p /app/var /var/lib/aibox/artifacts /var/lib/aibox/keys /var/lib/aibox/audit \
-    && chown aibox:aibox /app/var /var/lib/aibox/artifacts /var/lib/aibox/keys /var/lib/aibox/audit
+    && mkdir -p /app/var /var/lib/aibox/artifacts /var/lib/aibox/model-cache /var/lib/aibox/keys /var/lib/aibox/audit \
+    && chown aibox:aibox /app/var /var/lib/aibox/artifacts /var/lib/aibox/model-cache /var/lib/aibox/keys /var/lib/aibox/audit
 USER aibox
 
 EXPOSE 8000

@@ -33,12 +33,24 @@ class InferenceRuntime(bootsteps.StartStopStep):
         from django.conf import settings
 
         from workers.inference import runtime
+        from workers.inference.cache import RemoteSource
 
         pool = getattr(worker.pool_cls, "__module__", str(worker.pool_cls)).rsplit(".", 1)[-1]
         # A training worker (AIBOX_WORKER_SERVING=false) never holds a deployment.
         serving = pool in ("thread", "solo") and settings.WORKER_SERVING
         if serving:
-            runtime.configure(settings.REDIS_URL, settings.MODEL_CACHE_DIR)
+            # A worker on another host pulls artifacts over HTTP with its credential.
+            remote = (
+                RemoteSource(settings.CONTROL_PLANE_URL, settings.WORKER_TOKEN)
+                if settings.CONTROL_PLANE_URL and settings.WORKER_TOKEN
+                else None
+            )
+            runtime.configure(
+                settings.REDIS_URL,
+                settings.MODEL_CACHE_DIR,
+                remote=remote,
+                cache_max_bytes=settings.MODEL_CACHE_MAX_BYTES,
+            )
         self.heartbeat = runtime.Heartbeat(
             settings.REDIS_URL, worker.hostname, pool=pool, serving=serving
         )

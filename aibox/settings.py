@@ -56,6 +56,9 @@ ENVIRONMENT_VARIABLES = (
     "AIBOX_ARTIFACT_REVERIFY_BATCH",
     "AIBOX_ARTIFACT_REVERIFY_EVERY",
     "AIBOX_MODEL_CACHE_DIR",
+    "AIBOX_MODEL_CACHE_MAX_BYTES",
+    "AIBOX_CONTROL_PLANE_URL",
+    "AIBOX_WORKER_TOKEN",
     "AIBOX_WORKER_OFFLINE_AFTER",
     "AIBOX_WORKER_SERVING",
     "AIBOX_USAGE_RETENTION_DAYS",
@@ -170,6 +173,26 @@ ARTIFACT_REVERIFY_EVERY = env.float("AIBOX_ARTIFACT_REVERIFY_EVERY", default=360
 MODEL_CACHE_DIR = Path(
     env.str("AIBOX_MODEL_CACHE_DIR", default=str(BASE_DIR / "var" / "model-cache"))
 )
+# The cache's size limit in bytes (0: none): least recently used files that no loaded
+# replica holds are evicted to make room for a new one.
+MODEL_CACHE_MAX_BYTES = env.int("AIBOX_MODEL_CACHE_MAX_BYTES", default=0)
+if MODEL_CACHE_MAX_BYTES < 0:
+    raise ImproperlyConfigured("AIBOX_MODEL_CACHE_MAX_BYTES must be 0 (no limit) or more.")
+# A serving worker on another host pulls artifacts over HTTP from the control plane
+# (/internal/v1/artifacts/<sha256>) with its worker credential; with neither set it opens
+# them in the artifact store (a shared filesystem). The token is never logged.
+CONTROL_PLANE_URL = env.str("AIBOX_CONTROL_PLANE_URL", default="").rstrip("/")
+WORKER_TOKEN = env.str("AIBOX_WORKER_TOKEN", default="")
+if CONTROL_PLANE_URL and not CONTROL_PLANE_URL.startswith(("http://", "https://")):
+    raise ImproperlyConfigured(
+        "AIBOX_CONTROL_PLANE_URL must be an http:// or https:// address, "
+        f"not {CONTROL_PLANE_URL!r}."
+    )
+if bool(CONTROL_PLANE_URL) != bool(WORKER_TOKEN):
+    raise ImproperlyConfigured(
+        "Set both AIBOX_CONTROL_PLANE_URL and AIBOX_WORKER_TOKEN (a worker on another host "
+        "pulls artifacts with its credential), or neither."
+    )
 # A worker whose last heartbeat is older than this is offline; its replicas unavailable.
 WORKER_SERVING = env.bool("AIBOX_WORKER_SERVING", default=True)
 WORKER_OFFLINE_AFTER = env.float("AIBOX_WORKER_OFFLINE_AFTER", default=10.0)

@@ -4,6 +4,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from apps.accounts import api as accounts_api
 from apps.datasets import api as datasets_api
 from apps.deployments import api as deployments_api
+from apps.deployments import internal as deployments_internal
 from apps.finetune import api as finetune_api
 from apps.inference import api as inference_api
 from apps.inference import views as inference_views
@@ -138,6 +139,16 @@ api_v1 = [
         name="deployment_load_on_demand",
     ),
     path("workers/", deployments_api.WorkerListView.as_view(), name="workers"),
+    path(
+        "workers/credentials/",
+        deployments_api.WorkerCredentialListView.as_view(),
+        name="worker_credentials",
+    ),
+    path(
+        "workers/credentials/<int:pk>/revoke",
+        deployments_api.WorkerCredentialRevokeView.as_view(),
+        name="worker_credential_revoke",
+    ),
     path("registry/versions/<int:pk>/", registry_api.VersionDetailView.as_view(), name="version"),
     path(
         "registry/versions/<int:pk>/approve",
@@ -223,6 +234,12 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="api_schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api_schema"), name="api_docs"),
     path("v1/", include(("apps.inference.urls", "openai"))),
+    # Serving workers on other hosts pull model files here, with a worker credential.
+    path(
+        "internal/v1/artifacts/<str:sha256>",
+        deployments_internal.artifact_pull,
+        name="internal_artifact",
+    ),
 ]
 
 handler403 = "apps.core.errors.forbidden"

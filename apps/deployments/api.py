@@ -12,12 +12,13 @@ from rest_framework.views import APIView
 
 from apps.accounts.models import Role, Scope
 from apps.accounts.permissions import role_and_scope
-from apps.deployments import selectors, services
-from apps.deployments.models import MANAGER_ROLES, Deployment
+from apps.deployments import credentials, selectors, services
+from apps.deployments.models import MANAGER_ROLES, Deployment, WorkerCredential
 from apps.registry.models import ModelVersion
 
 READERS = role_and_scope(*Role, scopes=(Scope.REGISTRY_READ, Scope.INFERENCE))
 MANAGERS = role_and_scope(*MANAGER_ROLES, scopes=(Scope.ADMIN,))
+ADMINS = role_and_scope(Role.ADMIN, scopes=(Scope.ADMIN,))
 
 
 class ReplicaSerializer(serializers.Serializer):
@@ -264,3 +265,64 @@ class WorkerListView(APIView):
             for w in selectors.worker_list()
         ]
         return Response(WorkerSerializer(workers, many=True).data)
+
+
+class WorkerCredentialSerializer(serializers.ModelSerializer):
+    created_by = serializers.CharField(source="created_by.username", default=None, read_only=True)
+    status = serializers.CharField(read_only=True)
+
+    class Meta:
+        model = WorkerCredential
+        fields = ["id", "name", "status", "created_by", "created_at", "revoked_at", "last_used_at"]
+        read_only_fields = fields
+
+
+class WorkerCredentialIssueSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=200)
+
+
+class IssuedWorkerCredentialSerializer(WorkerCredentialSerializer):
+    secret = serializers.CharField(read_only=True, help_text="Shown once; never stored.")
+
+    class Meta(WorkerCredentialSerializer.Meta):
+        fields = [*WorkerCredentialSerializer.Meta.fields, "secret"]
+        read_only_fields = fields
+
+
+class WorkerCredentialListView(APIView):
+    """Credentials of workers on other hosts (admins): list, and issue one (its secret
+    is in the answer once)."""
+
+    permission_classes = [ADMINS]
+
+    @extend_schema(
+        operation_id="worker_credentials_list", responses=WorkerCredentialSerializer(many=True)
+    )
+    def get(self, request: Request) -> Response:
+        return Response(
+            WorkerCredentialSerializer(selectors.worker_credential_list(), many=True).data
+        )
+
+    @extend_schema(
+        request=WorkerCredentialIssueSerializer, responses={201: IssuedWorkerCredentialSerializer}
+    )
+    def post(self, request: Request) -> Response:
+        serializer = WorkerCredentialIssueSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        issued = credentials.worker_credential_issue(
+            actor=request.user, name=serializer.validated_data["name"]
+        )
+        data = {**WorkerCredentialSerializer(issued.credential).data, "secret": issued.secret}
+        return Response(data, status=status.HTTP_201_CREATED)
+
+
+class WorkerCredentialRevokeView(APIView):
+    permission_classes = [ADMINS]
+
+    @extend_schema(request=None, responses=WorkerCredentialSerializer)
+    def post(self, request: Request, pk: int) -> Response:
+        credential = selectors.worker_credential_list().filter(pk=pk).first()
+        if credential is None:
+            raise Http404("No such worker credential.")
+        credential = credentials.worker_credential_revoke(actor=request.user, credential=credential)
+        return Response(WorkerCredentialSerializer(credential).data)

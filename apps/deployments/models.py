@@ -314,3 +314,45 @@ class Replica(models.Model):
 
     def __str__(self) -> str:
         return f"{self.deployment.name}#{self.index}@{self.worker}"
+
+
+class WorkerCredentialQuerySet(models.QuerySet):
+    def active(self) -> WorkerCredentialQuerySet:
+        return self.filter(revoked_at__isnull=True)
+
+
+class WorkerCredential(models.Model):
+    """What a worker on another host presents to fetch artifacts over HTTP.
+
+    Only a SHA-256 of the secret is kept (the secret is 256 random bits, so a plain hash
+    is enough and makes it a lookup). A name is held by one active credential at a time;
+    revoking it frees the name for the worker's next credential.
+    """
+
+    name = models.CharField(max_length=200)
+    secret_hash = models.CharField(max_length=64, unique=True)
+    created_by = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    objects = WorkerCredentialQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["name", "-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["name"],
+                condition=models.Q(revoked_at__isnull=True),
+                name="worker_credential_active_name",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def status(self) -> str:
+        return "revoked" if self.revoked_at else "active"

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
+from django.db.models import QuerySet
 
 from aibox.redis_clients import sync_client
 from apps.accounts.models import User
-from apps.deployments.models import Deployment, Replica, State
+from apps.deployments.models import Deployment, Replica, State, WorkerCredential
 from workers import redis_keys
 
 
@@ -158,3 +159,8 @@ def deployment_activity(*, deployment_ids: Iterable[int]) -> dict[int, Activity]
         )
         for i, pk in enumerate(ids)
     }
+
+
+def worker_credential_list() -> QuerySet[WorkerCredential]:
+    """Every worker credential, active and revoked, with who issued it."""
+    return WorkerCredential.objects.select_related("created_by")

@@ -17,6 +17,7 @@ from celery import current_app, shared_task
 from apps.deployments.models import State
 from workers.artifacts import IntegrityError
 from workers.inference import protocol
+from workers.inference.cache import CacheError
 from workers.inference.engine import LoadError
 from workers.inference.protocol import ReplicaSpec, RequestSpec
 from workers.inference.runtime import runtime
@@ -46,7 +47,7 @@ def replica_load(spec: dict[str, Any]) -> None:
         replica = runtime().load(replica_spec)
     except IntegrityError as exc:
         _report(*ident, State.FAILED, str(exc), integrity_failure=True)
-    except LoadError as exc:
+    except (LoadError, CacheError) as exc:
         _report(*ident, State.FAILED, str(exc))
     except Exception as exc:
         log.exception("loading replica %s failed", replica_spec.replica_id)

@@ -16,6 +16,7 @@ from celery import current_app, shared_task
 from apps.setups.models import TrialState
 from workers.artifacts import IntegrityError
 from workers.hardware import inventory
+from workers.inference.cache import CacheError
 from workers.inference.engine import LoadError
 from workers.inference.runtime import runtime
 from workers.setups.trial import TrialError, TrialSpec, run_trial
@@ -53,7 +54,7 @@ def trial_run(spec: dict[str, Any]) -> None:
             cpu_cores=inventory().cpu_cores,
             progress=progress,
         )
-    except (IntegrityError, LoadError, TrialError) as exc:
+    except (IntegrityError, CacheError, LoadError, TrialError) as exc:
         _report(trial_id, TrialState.FAILED, reason=str(exc))
     except Exception as exc:
         log.exception("trial %s failed", trial_id)

@@ -206,6 +206,12 @@ MATRIX = {
         "/api/v1/deployments/{deployment}/load-on-demand",
         {ADMIN: 200, DS: 403, DEV: 403, CO: 403},
     ),
+    "worker_credentials": (
+        "Issue, list and revoke worker credentials (workers on other hosts)",
+        "get",
+        "/api/v1/workers/credentials/",
+        {ADMIN: 200, DS: 403, DEV: 403, CO: 403},
+    ),
     "setups_view": (
         "View setups, trials and recipes; ask the setup advisor",
         "get",

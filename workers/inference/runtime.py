@@ -1,7 +1,8 @@
 """The inference runtime of one worker process: its resident replicas and their events.
 
 One ``Runtime`` per worker process (``runtime()``), configured once at worker start
-with the Redis URL and the local cache directory. Celery task bridges call
+with the Redis URL, the local cache directory and its limit, and, for a worker on
+another host, where it pulls artifacts from (``RemoteSource``). Celery task bridges call
 ``load``/``unload``/``submit``; the heartbeat reads ``snapshot``.
 """
 
@@ -23,7 +24,7 @@ import redis
 from workers import redis_keys
 from workers.hardware import inventory
 from workers.inference import protocol
-from workers.inference.cache import ModelCache
+from workers.inference.cache import ModelCache, RemoteSource
 from workers.inference.engine import LoadError, Replica
 from workers.inference.protocol import ReplicaSpec, RequestSpec
 from workers.probe import probe
@@ -116,12 +117,23 @@ RETIRE_POLL_SECONDS = 0.05
 
 
 class Runtime:
-    def __init__(self, redis_url: str, cache_dir: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        cache_dir: str | os.PathLike[str],
+        *,
+        remote: RemoteSource | None = None,
+        cache_max_bytes: int = 0,
+    ) -> None:
         self.redis = redis.Redis.from_url(redis_url)
         self.sink = RedisSink(self.redis)
-        self.cache = ModelCache(cache_dir)
+        self.cache = ModelCache(
+            cache_dir, remote=remote, max_bytes=cache_max_bytes, in_use=self.files_in_use
+        )
         self._replicas: dict[int, Replica] = {}
         self._lock = threading.Lock()
+        # Files of loads in progress (sha256 -> count): not evicted while they load.
+        self._loading_files: dict[str, int] = {}
         # Highest generation of each replica that was unloaded: a load of that generation
         # (or older) still in progress when the unload came is dropped once it finishes.
         self._unloaded: dict[int, int] = {}
@@ -140,14 +152,19 @@ class Runtime:
             if current is not None and current.spec.generation >= spec.generation:
                 return current  # a duplicate delivery of the same load
             self.unload(spec.replica_id, reason="The deployment is restarting.")
-            path = self.cache.fetch(spec.sha256, Path(spec.source_path))
-            adapter = (
-                self.cache.fetch(spec.adapter_sha256, Path(spec.adapter_source_path))
-                if spec.adapter_sha256
-                else None
-            )
-            replica = Replica(spec, path, self.sink, self._cpu_cores, adapter_path=adapter)
-            replica.load()
+            files = [sha for sha in (spec.sha256, spec.adapter_sha256) if sha]
+            self._pin(files, 1)
+            try:
+                path = self.cache.fetch(spec.sha256, Path(spec.source_path))
+                adapter = (
+                    self.cache.fetch(spec.adapter_sha256, Path(spec.adapter_source_path))
+                    if spec.adapter_sha256
+                    else None
+                )
+                replica = Replica(spec, path, self.sink, self._cpu_cores, adapter_path=adapter)
+                replica.load()
+            finally:
+                self._pin(files, -1)
             with self._lock:
                 if self._unloaded.get(spec.replica_id, 0) >= spec.generation:
                     cancelled = True
@@ -159,6 +176,26 @@ class Runtime:
                 raise LoadError("The deployment was stopped while it was loading.")
             self._changed()
             return replica
+
+    def _pin(self, files: list[str], delta: int) -> None:
+        with self._lock:
+            for sha256 in files:
+                count = self._loading_files.get(sha256, 0) + delta
+                if count > 0:
+                    self._loading_files[sha256] = count
+                else:
+                    self._loading_files.pop(sha256, None)
+
+    def files_in_use(self) -> set[str]:
+        """The sha256s of the files that loaded or loading replicas hold (the cache
+        never evicts them)."""
+        with self._lock:
+            held = set(self._loading_files)
+            for replica in self._replicas.values():
+                held.add(replica.spec.sha256)
+                if replica.spec.adapter_sha256:
+                    held.add(replica.spec.adapter_sha256)
+        return held
 
     def unload(
         self,
@@ -244,10 +281,16 @@ class Runtime:
 _runtime: Runtime | None = None
 
 
-def configure(redis_url: str, cache_dir: str | os.PathLike[str]) -> Runtime:
+def configure(
+    redis_url: str,
+    cache_dir: str | os.PathLike[str],
+    *,
+    remote: RemoteSource | None = None,
+    cache_max_bytes: int = 0,
+) -> Runtime:
     global _runtime
     if _runtime is None:
-        _runtime = Runtime(redis_url, cache_dir)
+        _runtime = Runtime(redis_url, cache_dir, remote=remote, cache_max_bytes=cache_max_bytes)
     return _runtime
 
 
