@@ -212,7 +212,9 @@ class ModelCache:
                     )
             finally:
                 part.unlink(missing_ok=True)
-        raise IntegrityError(
+        # The transfer, not the stored file, is at fault (the control plane serves what it
+        # verified): a CacheError fails this load without marking the artifact as damaged.
+        raise CacheError(
             f"The model file {sha256[:12]}… arrived corrupted {PULL_TRIES} times in a row from "
             f"{remote.url} (its sha256 never matched); refusing to load it."
         )
