@@ -7,7 +7,9 @@ import re
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader, GGUFWriter, Keys
+from gguf import GGUFWriter, Keys
+
+from workers.gguf_meta import read_header
 
 
 def write_lora(
@@ -47,8 +49,8 @@ def write_random_lora(
     """Write a LoRA adapter for the GGUF model at ``base_path`` that adapts every
     ``blk.N.<target>.weight`` with normal random A and B of standard deviation
     ``magnitude`` (the delta, alpha / rank × B @ A, grows with its square)."""
-    reader = GGUFReader(base_path)
-    architecture = str(reader.fields["general.architecture"].contents())
+    reader = read_header(base_path)  # names and shapes only: quick on a large vocabulary
+    architecture = str(reader.fields["general.architecture"])
     pattern = re.compile(rf"^blk\.\d+\.(?:{'|'.join(map(re.escape, targets))})\.weight$")
     rng = np.random.default_rng(seed)
     pairs = {}

@@ -16,6 +16,7 @@ import os
 
 import jsonschema
 import llama_cpp
+import numpy as np
 import pytest
 from llama_cpp import _internals
 
@@ -266,6 +267,7 @@ class CheckedScheduler(batching.Scheduler):
         super().__init__(*args, **kwargs)
         self.choices: list[tuple[int, int]] = []
         self._array = (llama_cpp.llama_token_data * self.n_vocab)()
+        self._view = np.ctypeslib.as_array(self._array)
 
     def _sample_plain(self, sequence):
         # The chain's state now (its draws so far), before the scheduler's choice moves it.
@@ -281,9 +283,9 @@ class CheckedScheduler(batching.Scheduler):
         )
         for token in window:
             llama_cpp.llama_sampler_accept(penalties, token)
-        logits = self._logits(sequence)
-        for i in range(self.n_vocab):
-            self._array[i].id, self._array[i].logit, self._array[i].p = i, logits[i], 0.0
+        self._view["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        self._view["logit"] = self._logits(sequence)
+        self._view["p"] = 0.0
         array = llama_cpp.llama_token_data_array(
             data=self._array, size=self.n_vocab, selected=-1, sorted=False
         )

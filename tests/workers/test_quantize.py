@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from workers.artifacts import file_sha256
-from workers.gguf_meta import read_metadata
+from workers.gguf_meta import read_header, read_metadata
 from workers.optimise.quantize import QuantizeError, quantize, read_imatrix
 
 
@@ -70,11 +70,11 @@ def test_a_quantised_source_is_refused_unless_requantising_is_asked_for(gemma, t
 def _write_imatrix(gemma: Path, path: Path, weight: float) -> None:
     """An importance matrix in llama-imatrix's GGUF layout: per weight, the sums of
     squared activations per input column and the token count they were summed over."""
-    from gguf import GGUFReader, GGUFWriter
+    from gguf import GGUFWriter
 
     writer = GGUFWriter(path, arch="imatrix")
     rng = np.random.default_rng(0)
-    for tensor in GGUFReader(gemma).tensors:
+    for tensor in read_header(gemma).tensors:
         if len(tensor.shape) < 2 or not tensor.name.startswith("blk."):
             continue
         n_in = int(tensor.shape[0])

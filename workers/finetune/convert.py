@@ -109,7 +109,7 @@ def _convert(gguf_path: Path, sha256: str, out: Path, *, log: Callable[[str], No
 
 
 def _gguf_chat_template(path: Path) -> str | None:
-    from gguf import GGUFReader
+    from workers.gguf_meta import read_header
 
-    field = GGUFReader(path, "r").fields.get("tokenizer.chat_template")
-    return str(field.contents()) if field is not None else None
+    template = read_header(path).fields.get("tokenizer.chat_template")
+    return str(template) if template is not None else None

@@ -32,8 +32,10 @@ _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>
 
 def export_gguf_lora(peft_dir: Path, *, base_gguf_path: Path, out_path: Path) -> Path:
     """Write ``out_path`` (atomically) from a PEFT adapter directory; return it."""
-    from gguf import GGUFReader, GGUFWriter, Keys, TensorNameMap
+    from gguf import GGUFWriter, Keys, TensorNameMap
     from safetensors.numpy import load_file
+
+    from workers.gguf_meta import read_header
 
     config = json.loads((peft_dir / "adapter_config.json").read_text())
     if config.get("peft_type") != "LORA":
@@ -43,12 +45,13 @@ def export_gguf_lora(peft_dir: Path, *, base_gguf_path: Path, out_path: Path) ->
             # llama.cpp applies one alpha / rank scale to every tensor of an adapter.
             raise FinetuneError(f"llama.cpp cannot apply a LoRA adapter that uses {option}.")
 
-    reader = GGUFReader(base_gguf_path, "r")
-    arch = str(reader.fields["general.architecture"].contents())
+    # The header only (names and shapes): the base's tensors are not read.
+    header = read_header(base_gguf_path)
+    arch = str(header.fields["general.architecture"])
     if arch not in SUPPORTED_ARCHITECTURES:
         raise FinetuneError(f"Exporting a LoRA adapter for '{arch}' models is not supported.")
-    blocks = int(reader.fields[f"{arch}.block_count"].contents())
-    base_shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}
+    blocks = int(header.fields[f"{arch}.block_count"])
+    base_shapes = {t.name: list(t.shape) for t in header.tensors}
     names = TensorNameMap(_model_arch(arch), blocks)
 
     pairs: dict[str, dict[str, np.ndarray]] = {}

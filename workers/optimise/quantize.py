@@ -102,7 +102,16 @@ def read_imatrix(path: Path) -> dict[str, np.ndarray]:
     the number of tokens they were summed over (per expert for mixture-of-experts)."""
     from gguf import GGUFReader
 
+    from workers.gguf_meta import read_header
+
+    no_matrix = QuantizeError(
+        "The file holds no importance matrix (no '.in_sum2' tensors): make it with "
+        "llama.cpp's llama-imatrix."
+    )
     try:
+        # The header first: a model file given by mistake is refused without reading it.
+        if not any(t.name.endswith(".in_sum2") for t in read_header(path).tensors):
+            raise no_matrix
         reader = GGUFReader(path, "r")
     except (ValueError, OSError) as exc:
         raise QuantizeError(f"The importance matrix is not a readable GGUF file: {exc}") from exc
@@ -114,10 +123,7 @@ def read_imatrix(path: Path) -> dict[str, np.ndarray]:
         elif tensor.name.endswith(".counts"):
             counts[tensor.name.removesuffix(".counts")] = np.asarray(tensor.data, np.float32)
     if not sums:
-        raise QuantizeError(
-            "The file holds no importance matrix (no '.in_sum2' tensors): make it with "
-            "llama.cpp's llama-imatrix."
-        )
+        raise no_matrix
     matrix = {}
     for name, total in sums.items():
         count = counts.get(name)
