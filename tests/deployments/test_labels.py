@@ -15,11 +15,12 @@ from django.conf import settings
 from rest_framework.test import APIClient
 
 from apps.accounts.models import Role
-from apps.deployments import lifecycle, services
+from apps.deployments import lifecycle, selectors, services
 from apps.deployments.models import Deployment, State
 from tests.conftest import client_for
 from tests.deployments.conftest import deployment_form
 from workers import redis_keys
+from workers.inference.runtime import Heartbeat
 
 Beat = Callable[..., str]
 
@@ -249,3 +250,23 @@ def test_the_workers_page_and_api_show_each_workers_labels(users, beat):
     assert 'data-labels="gpu=nvidia,spot"' in page
     workers = _api(users).get("/api/v1/workers/").json()
     assert next(w for w in workers if w["hostname"] == name)["labels"] == ["gpu=nvidia", "spot"]
+
+
+def test_a_workers_heartbeat_carries_its_labels_and_an_old_one_has_none():
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    name = "beating@labels-test"
+    heartbeat = Heartbeat(
+        settings.REDIS_URL, name, pool="threads", serving=True, labels=["gpu=a100", "spot"]
+    )
+    try:
+        heartbeat.beat()
+        assert selectors.worker_get(name).labels == ["gpu=a100", "spot"]
+        heartbeat.stop()  # the last beat keeps them, shown while it is offline
+        assert selectors.worker_get(name).labels == ["gpu=a100", "spot"]
+        old = json.loads(client.get(redis_keys.heartbeat_key(name)))
+        del old["labels"]
+        assert selectors.parse_heartbeat(json.dumps(old)).labels == []
+    finally:
+        client.delete(redis_keys.heartbeat_key(name))
+        client.srem(redis_keys.WORKERS_SET, name)
+        client.close()
