@@ -52,7 +52,11 @@ class InferenceRuntime(bootsteps.StartStopStep):
                 cache_max_bytes=settings.MODEL_CACHE_MAX_BYTES,
             )
         self.heartbeat = runtime.Heartbeat(
-            settings.REDIS_URL, worker.hostname, pool=pool, serving=serving
+            settings.REDIS_URL,
+            worker.hostname,
+            pool=pool,
+            serving=serving,
+            labels=settings.WORKER_LABELS,
         )
         self.heartbeat.start()
         if serving:

@@ -13,6 +13,8 @@ import environ
 from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
 
+from workers.labels import labels_parse
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
@@ -61,6 +63,7 @@ ENVIRONMENT_VARIABLES = (
     "AIBOX_WORKER_TOKEN",
     "AIBOX_WORKER_OFFLINE_AFTER",
     "AIBOX_WORKER_SERVING",
+    "AIBOX_WORKER_LABELS",
     "AIBOX_USAGE_RETENTION_DAYS",
     "AIBOX_PROMPT_RETENTION_DAYS",
     "AIBOX_METRICS_ALLOWED_NETWORKS",
@@ -196,6 +199,12 @@ if bool(CONTROL_PLANE_URL) != bool(WORKER_TOKEN):
 # A worker whose last heartbeat is older than this is offline; its replicas unavailable.
 WORKER_SERVING = env.bool("AIBOX_WORKER_SERVING", default=True)
 WORKER_OFFLINE_AFTER = env.float("AIBOX_WORKER_OFFLINE_AFTER", default=10.0)
+# What this worker says about itself in its heartbeat (``gpu=a100,zone=b,spot``): a
+# deployment's placement_labels and exclude_labels choose workers by them.
+try:
+    WORKER_LABELS = labels_parse(env.str("AIBOX_WORKER_LABELS", default=""))
+except ValueError as exc:
+    raise ImproperlyConfigured(f"AIBOX_WORKER_LABELS: {exc}") from exc
 
 # Recipes (apps/setups): fingerprints of other boxes' Ed25519 keys whose recipes import
 # without a warning (this box's own key is always trusted).

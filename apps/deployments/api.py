@@ -13,7 +13,12 @@ from rest_framework.views import APIView
 from apps.accounts.models import Role, Scope
 from apps.accounts.permissions import role_and_scope
 from apps.deployments import credentials, selectors, services
-from apps.deployments.models import MANAGER_ROLES, Deployment, WorkerCredential
+from apps.deployments.models import (
+    MANAGER_ROLES,
+    Deployment,
+    WorkerCredential,
+    labels_validator,
+)
 from apps.registry.models import ModelVersion
 
 READERS = role_and_scope(*Role, scopes=(Scope.REGISTRY_READ, Scope.INFERENCE))
@@ -44,8 +49,22 @@ class RevisionSerializer(serializers.Serializer):
     activated_at = serializers.DateTimeField(allow_null=True)
 
 
+def _labels_field(help_text: str) -> serializers.ListField:
+    return serializers.ListField(
+        child=serializers.CharField(),
+        required=False,
+        validators=[labels_validator],
+        help_text=help_text,
+    )
+
+
 class DeploymentSerializer(serializers.ModelSerializer):
     model_version = serializers.PrimaryKeyRelatedField(queryset=ModelVersion.objects.all())
+    placement_labels = _labels_field(
+        "Run only on workers with all of these labels (AIBOX_WORKER_LABELS): "
+        '["gpu=a100", "zone=b"]; a bare word matches any value. At most 16.'
+    )
+    exclude_labels = _labels_field('Never run on a worker with any of these: ["spot"]. At most 16.')
     model = serializers.CharField(source="model_version.repo.name", read_only=True)
     sha256 = serializers.CharField(source="model_version.sha256", read_only=True)
     replica_states = ReplicaSerializer(source="replica_set", many=True, read_only=True)
@@ -252,6 +271,9 @@ class WorkerSerializer(serializers.Serializer):
     ram_available_mib = serializers.IntegerField()
     gpus = serializers.ListField(child=serializers.DictField())
     replicas = serializers.ListField(child=serializers.DictField())
+    labels = serializers.ListField(
+        child=serializers.CharField(), help_text="AIBOX_WORKER_LABELS: gpu=a100, spot, ..."
+    )
     probe = serializers.DictField(child=serializers.FloatField())
 
 

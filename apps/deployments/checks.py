@@ -1,6 +1,7 @@
 """What must hold before a model runs as a deployment: an approved GGUF model whose file
-verifies and whose licence allows it, a LoRA adapter made for it, and settings it takes.
-Deployments, setups and trials all ask here before they load anything."""
+verifies and whose licence allows it, a LoRA adapter made for it, settings it takes, and
+worker labels some worker could have. Deployments, setups and trials all ask here before
+they load anything."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 
-from apps.deployments.models import KvCacheType
+from apps.deployments.models import KvCacheType, labels_validator
 from apps.registry.models import Format, ModelVersion
 from apps.registry.models import State as VersionState
 from apps.registry.services import model_version_deploy_check
+from workers.labels import labels_match
 
 
 def deployable_check(version: ModelVersion) -> None:
@@ -50,8 +52,28 @@ def _check_adapter(version: ModelVersion, adapter: ModelVersion | None) -> None:
         )
 
 
+def _check_labels(values: dict[str, Any]) -> None:
+    """Wanted and unwanted worker labels: well formed, and not excluding every worker
+    that has the wanted ones (``gpu`` wanted and ``gpu`` unwanted)."""
+    for field in ("placement_labels", "exclude_labels"):
+        try:
+            labels_validator(values.get(field, []))
+        except ValidationError as exc:
+            raise ValidationError({field: exc.messages}) from exc
+    wanted, unwanted = values.get("placement_labels", []), values.get("exclude_labels", [])
+    # The barest worker with every wanted label: if even it is excluded, every one is.
+    if wanted and not labels_match(wanted, wanted=wanted, unwanted=unwanted):
+        raise ValidationError(
+            {
+                "exclude_labels": f"Excluding {', '.join(unwanted)} rules out every worker "
+                f"with {', '.join(wanted)}: no worker could match."
+            }
+        )
+
+
 def _check_settings(version: ModelVersion, values: dict[str, Any]) -> None:
     _check_adapter(version, values.get("adapter"))
+    _check_labels(values)
     kv_type = values.get("kv_cache_type", KvCacheType.F16)
     if kv_type != KvCacheType.F16 and not values.get("flash_attention", True):
         raise ValidationError(

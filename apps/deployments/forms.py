@@ -1,11 +1,26 @@
 from __future__ import annotations
 
 from django import forms
+from django.core.exceptions import ValidationError
 
-from apps.deployments.models import Deployment, KvCacheType, ServingMode
+from apps.deployments.models import LABELS_MAX, Deployment, KvCacheType, ServingMode
 from apps.registry.models import Format, ModelVersion, State
+from workers.labels import labels_parse
 
 LOAD_TIMEOUT_DEFAULT = Deployment._meta.get_field("load_timeout_seconds").default
+
+
+class LabelsField(forms.CharField):
+    """Worker labels typed as one line (``gpu=a100, zone=b``), cleaned to a list."""
+
+    def to_python(self, value: object) -> list[str]:
+        try:
+            return labels_parse(super().to_python(value), limit=LABELS_MAX)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from exc
+
+    def prepare_value(self, value: object) -> object:
+        return ", ".join(value) if isinstance(value, list) else value
 
 
 class DeploymentForm(forms.ModelForm):
@@ -24,6 +39,17 @@ class DeploymentForm(forms.ModelForm):
         empty_label="None",
         label="LoRA adapter",
         help_text="An approved GGUF LoRA adapter trained on this model (from a fine-tune).",
+    )
+    placement_labels = LabelsField(
+        required=False,
+        label="Worker labels wanted",
+        help_text="Comma-separated (gpu=a100, zone=b): only workers with all of them "
+        "(AIBOX_WORKER_LABELS). A bare word matches any value.",
+    )
+    exclude_labels = LabelsField(
+        required=False,
+        label="Worker labels excluded",
+        help_text="Comma-separated (spot): never a worker with any of them.",
     )
 
     class Meta:
@@ -52,6 +78,8 @@ class DeploymentForm(forms.ModelForm):
             "load_timeout_seconds",
             "placement_worker",
             "placement_gpu",
+            "placement_labels",
+            "exclude_labels",
             "chat_template",
         ]
         labels = {"name": "Public name (the 'model' clients send)"}

@@ -1,16 +1,32 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 from django.utils import timezone
 
 from apps.accounts.models import Role, User
+from workers.labels import labels_check
 
 DEPLOYMENT_NAME = RegexValidator(
     r"^[a-zA-Z0-9][a-zA-Z0-9._:-]{0,99}$",
     "Use letters, digits, '.', '_', ':' and '-' (up to 100), starting with a letter or digit.",
 )
+
+# A deployment's wanted or unwanted worker labels: at most this many of each.
+LABELS_MAX = 16
+
+
+def labels_validator(value: object) -> None:
+    """A list of at most LABELS_MAX worker labels (``gpu=a100``, ``spot``), each key once."""
+    if not isinstance(value, list):
+        raise ValidationError("Give a list of labels.")
+    try:
+        labels_check(value, limit=LABELS_MAX)
+    except ValueError as exc:
+        raise ValidationError(str(exc)) from exc
+
 
 MANAGER_ROLES = (Role.ADMIN,)
 # Roles that may call the inference endpoint (and so see what they can call).
@@ -185,6 +201,20 @@ class Deployment(RuntimeSettings):
     )
     placement_gpu = models.PositiveSmallIntegerField(
         null=True, blank=True, help_text="Run only on this GPU index (needs a GPU worker)."
+    )
+    # Worker labels (AIBOX_WORKER_LABELS): a replica goes only to a worker with every one
+    # of placement_labels and none of exclude_labels (workers.labels says how they match).
+    placement_labels = models.JSONField(
+        default=list,
+        blank=True,
+        validators=[labels_validator],
+        help_text="Run only on workers with all of these labels (gpu=a100, zone=b).",
+    )
+    exclude_labels = models.JSONField(
+        default=list,
+        blank=True,
+        validators=[labels_validator],
+        help_text="Never run on a worker with any of these labels (spot).",
     )
     logging_level = models.CharField(
         max_length=16, choices=LoggingLevel.choices, default=LoggingLevel.METADATA

@@ -33,6 +33,7 @@ from apps.registry.artifacts import artifact_store
 from apps.registry.models import ModelVersion
 from workers.inference import protocol
 from workers.inference.protocol import ReplicaSpec
+from workers.labels import labels_match
 
 MIB = 1024 * 1024
 # llama.cpp's scratch buffers and runtime overhead beyond weights and KV cache.
@@ -46,7 +47,8 @@ class PlacementError(ValidationError):
 
 
 class NoWorkerOnline(PlacementError):
-    """No worker is online at all: a deployment can wait for one rather than fail."""
+    """No worker is online at all, or none with the labels the deployment asks for: a
+    deployment can wait for one rather than fail."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,16 @@ def _uses_gpu(deployment: Deployment, worker: selectors.WorkerStatus) -> bool:
     return bool(worker.gpus) and deployment.gpu_layers != 0
 
 
+def labels_wanted(deployment: Deployment) -> str:
+    """The worker a deployment's labels ask for, in words ("" when it asks for none)."""
+    parts = []
+    if deployment.placement_labels:
+        parts.append(f"the labels {', '.join(deployment.placement_labels)}")
+    if deployment.exclude_labels:
+        parts.append(f"none of {', '.join(deployment.exclude_labels)}")
+    return " and ".join(parts)
+
+
 def _choose_worker(
     deployment: Deployment,
     needed: int,
@@ -128,6 +140,8 @@ def _choose_worker(
     preferring one not in ``avoid`` (the workers that hold the deployment's other
     replicas: spread over hosts, one dying takes one replica) when such a one fits.
 
+    Only workers with the deployment's ``placement_labels`` and none of its
+    ``exclude_labels`` are considered; when none is online, NoWorkerOnline names them.
     ``reserved`` holds memory promised to replicas not yet loaded (the heartbeat does
     not show them yet), keyed by (worker, GPU index or None for RAM).
     """
@@ -138,8 +152,26 @@ def _choose_worker(
             raise PlacementError(
                 f"The worker '{deployment.placement_worker}' is not online and serving."
             )
+    wanted = labels_wanted(deployment)
     if not workers:
-        raise NoWorkerOnline("No worker is online to serve models.")
+        raise NoWorkerOnline(
+            f"No worker with {wanted} is online to serve models."
+            if wanted
+            else "No worker is online to serve models."
+        )
+    if wanted:
+        workers = [
+            w
+            for w in workers
+            if labels_match(
+                w.labels, wanted=deployment.placement_labels, unwanted=deployment.exclude_labels
+            )
+        ]
+        if not workers:
+            # A node pool may be scaled up later: it waits, like a box with no worker.
+            raise NoWorkerOnline(
+                f"Waiting for a worker with {wanted}: no online worker that serves models has them."
+            )
     options: list[tuple[int, str, int | None]] = []
     for worker in workers:
         if _uses_gpu(deployment, worker):

@@ -38,6 +38,8 @@ class WorkerStatus:
     ram_available_mib: int
     gpus: list[dict[str, Any]] = field(default_factory=list)
     replicas: list[dict[str, Any]] = field(default_factory=list)
+    # AIBOX_WORKER_LABELS (``gpu=a100``, ``spot``): what deployments are placed by.
+    labels: list[str] = field(default_factory=list)
     # Memory bandwidth and matrix throughput measured when the worker started.
     probe: dict[str, float] = field(default_factory=dict)
 
@@ -74,6 +76,7 @@ def parse_heartbeat(raw: bytes | str | None, *, now: float | None = None) -> Wor
         ram_available_mib=data.get("ram_available_mib", 0),
         gpus=data.get("gpus", []),
         replicas=data.get("replicas", []) if online else [],
+        labels=data.get("labels", []),  # a worker from before labels has none
         probe=data.get("probe", {}),
     )
 

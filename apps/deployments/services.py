@@ -36,6 +36,7 @@ from apps.deployments.placement import (
     PlacementError,
     deployment_state_refresh,
     estimate_for,
+    labels_wanted,
     replica_unload_send,
     replicas_place,
     replicas_retire,
@@ -57,6 +58,8 @@ SETTINGS_FIELDS = (
     "replicas",
     "placement_worker",
     "placement_gpu",
+    "placement_labels",
+    "exclude_labels",
     "logging_level",
     "queue_size",
     "queue_timeout_seconds",
@@ -129,8 +132,10 @@ def _place_or_wait(deployment: Deployment) -> None:
         deployment.save(update_fields=["idle_unloaded_at"])
     try:
         replicas_place(deployment)
-    except NoWorkerOnline:
-        deployment.state_reason = "Waiting for a worker to come online."
+    except NoWorkerOnline as exc:
+        deployment.state_reason = (
+            exc.message if labels_wanted(deployment) else "Waiting for a worker to come online."
+        )
     deployment_state_refresh(deployment)
 
 

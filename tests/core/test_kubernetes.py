@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import kubernetes_validate
 import pytest
 import yaml
+from celery.app.utils import find_app
 from django.conf import settings
 from django.urls import Resolver404, resolve
 
@@ -30,7 +31,9 @@ from tests.core.deploy_checks import (
     check_program,
     check_queues,
     command_steps,
+    option_values,
 )
+from workers.labels import labels_parse
 
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 # The oldest Kubernetes release the manifests are checked against (docs/kubernetes.md).
@@ -54,6 +57,7 @@ SECRET_VARIABLES = {
     "AIBOX_USAGE_HASH_KEY",
     "AIBOX_HF_TOKEN",
     "AIBOX_OIDC_CLIENT_SECRET",
+    "AIBOX_WORKER_TOKEN",
 }
 # The paths each component writes (settings that name a file or directory): they must lie
 # on a writable volume, since the root filesystem is read-only.
@@ -65,18 +69,14 @@ WRITES = {
         "AIBOX_AUDIT_CHECKPOINT_FILE",
     ),
     # The default queue runs the audit checkpoint, which signs with the key.
-    "aibox-worker-cpu": (
+    "aibox-worker-jobs": (
         "AIBOX_ARTIFACT_ROOT",
-        "AIBOX_MODEL_CACHE_DIR",
         "AIBOX_AUDIT_SIGNING_KEY_FILE",
         "AIBOX_AUDIT_CHECKPOINT_FILE",
     ),
-    "aibox-worker-gpu": (
-        "AIBOX_ARTIFACT_ROOT",
-        "AIBOX_MODEL_CACHE_DIR",
-        "AIBOX_AUDIT_SIGNING_KEY_FILE",
-        "AIBOX_AUDIT_CHECKPOINT_FILE",
-    ),
+    # Serving workers pull model files over HTTP into their own cache: nothing shared.
+    "aibox-worker-cpu": ("AIBOX_MODEL_CACHE_DIR",),
+    "aibox-worker-gpu": ("AIBOX_MODEL_CACHE_DIR",),
     "aibox-worker-train": (
         "AIBOX_ARTIFACT_ROOT",
         "AIBOX_FINETUNE_WORK_DIR",
@@ -84,6 +84,17 @@ WRITES = {
     ),
     "aibox-beat": (),
 }
+# Serving workers reach only Redis and the web (issue 21): no database, no shared claim.
+SERVING_WORKERS = ("aibox-worker-cpu", "aibox-worker-gpu")
+SERVING_REQUIRED_ENV = (
+    "AIBOX_SECRET_KEY",
+    "REDIS_URL",
+    "AIBOX_CONTROL_PLANE_URL",
+    "AIBOX_WORKER_TOKEN",
+    "AIBOX_MODEL_CACHE_DIR",
+    "AIBOX_MODEL_CACHE_MAX_BYTES",
+    "AIBOX_WORKER_LABELS",
+)
 # Files a command names with an option: they too must be writable.
 PATH_OPTIONS = ("--credentials-file", "--schedule")
 # What serves the probes (apps/core/urls.py).
@@ -252,6 +263,10 @@ def main_container(workload: Workload) -> dict[str, Any]:
     return container
 
 
+def name_serves(name: str) -> bool:
+    return name in SERVING_WORKERS
+
+
 def uid_in_dockerfile() -> int:
     match = re.search(r"useradd\b[^\n]*--uid (\d+)", (ROOT / "Dockerfile").read_text())
     assert match, "the Dockerfile does not fix the aibox user's uid (useradd --uid)"
@@ -377,7 +392,8 @@ def test_environment_names_are_settings_variables(aibox, config_maps, secrets):
             env = environment(container, config_maps, secrets)
             unknown = sorted(set(env) - set(settings.ENVIRONMENT_VARIABLES))
             assert not unknown, f"{where}: {unknown} are not in settings.ENVIRONMENT_VARIABLES"
-            missing = [v for v in REQUIRED_ENV if not env.get(v, ("", ""))[1]]
+            required = SERVING_REQUIRED_ENV if name_serves(workload.name) else REQUIRED_ENV
+            missing = [v for v in required if not env.get(v, ("", ""))[1]]
             assert not missing, f"{where}: does not set {missing}"
             inline = sorted(
                 v for v in SECRET_VARIABLES & set(env) if not env[v][0].startswith("Secret")
@@ -425,7 +441,7 @@ def test_example_secrets_hold_placeholders_that_fit_together(secrets, workloads)
 def test_settings_accept_the_configuration(aibox, config_maps, secrets):
     """aibox/settings.py starts with the ConfigMap and the example Secrets (it checks
     booleans, the single sign-on combination, the database engine...)."""
-    for name in ("aibox-web", "aibox-worker-train"):
+    for name in ("aibox-web", "aibox-worker-jobs", "aibox-worker-train", *SERVING_WORKERS):
         env = environment(main_container(aibox[name]), config_maps, secrets)
         clean = {"PATH": os.environ["PATH"], **{k: v for k, (_, v) in env.items()}}
         result = subprocess.run(
@@ -459,6 +475,8 @@ def test_only_the_migrate_job_connects_as_the_tables_owner(aibox, config_maps, s
         if name == "aibox-migrate":
             continue
         assert "aibox-migrate" not in str(workload.manifest), f"{name} reads the owner's Secret"
+        if name_serves(name):
+            continue  # no database at all (test_serving_workers_pull_models_over_http)
         for container in workload.containers:
             env = environment(container, config_maps, secrets)
             user = urlsplit(env["DATABASE_URL"][1]).username
@@ -618,3 +636,69 @@ def test_serving_workers_keep_their_names(aibox, config_maps, secrets):
             assert workload.manifest["kind"] == "StatefulSet", (
                 f"{name}: a serving worker in a {workload.manifest['kind']} changes name"
             )
+
+
+def size_bytes(quantity: str) -> int:
+    """A Kubernetes quantity such as ``64Gi`` or ``500M``, in bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9}
+    for unit, factor in units.items():
+        if quantity.endswith(unit):
+            return int(quantity.removesuffix(unit)) * factor
+    return int(quantity)
+
+
+def test_serving_workers_pull_models_over_http(aibox, built, config_maps, secrets):
+    """The serving workers (CPU and GPU) mount no artifact store nor any other shared
+    claim and hold no database URL: they pull model files from the web's Service with a
+    credential from a Secret of their own, into a bounded cache, and say their labels."""
+    services = {
+        obj["metadata"]["name"]: obj["spec"]
+        for objects in built.values()
+        for _, obj in objects
+        if obj["kind"] == "Service"
+    }
+    default_queue = find_app("aibox").conf.task_default_queue
+    for name in SERVING_WORKERS:
+        workload = aibox[name]
+        claims = [v for v in workload.pod.get("volumes") or [] if "persistentVolumeClaim" in v]
+        assert not claims, f"{name}: mounts the claims {[v['name'] for v in claims]}"
+        assert "aibox-artifacts" not in str(workload.manifest), f"{name}: names the store"
+        for container in workload.containers:
+            where = f"{name}/{container['name']}"
+            env = environment(container, config_maps, secrets)
+            assert "DATABASE_URL" not in env, f"{where}: holds a database URL"
+            whole = [
+                e["secretRef"]["name"] for e in container.get("envFrom") or [] if "secretRef" in e
+            ]
+            assert not whole, f"{where}: reads every key of the Secrets {whole}"
+        container = main_container(workload)
+        env = environment(container, config_maps, secrets)
+        token = next(e for e in container["env"] if e["name"] == "AIBOX_WORKER_TOKEN")
+        secret = token["valueFrom"]["secretKeyRef"]["name"]
+        assert secret != "aibox", f"{name}: its credential should be in a Secret of its own"
+        key = next(e for e in container["env"] if e["name"] == "AIBOX_SECRET_KEY")
+        assert key["valueFrom"]["secretKeyRef"]["name"] == secret, (
+            f"{name}: should have a secret key of its own, not the web's"
+        )
+        url = urlsplit(env["AIBOX_CONTROL_PLANE_URL"][1])
+        assert url.hostname in services, f"{name}: {url.geturl()} is no Service of these"
+        assert url.port in [p["port"] for p in services[url.hostname]["ports"]], (
+            f"{name}: {url.geturl()}: the Service {url.hostname} has no port {url.port}"
+        )
+        allowed = env["AIBOX_ALLOWED_HOSTS"][1].split(",")
+        assert url.hostname in allowed, f"{name}: the web refuses the Host {url.hostname}"
+        assert resolve(f"{url.path}/internal/v1/artifacts/{'0' * 64}").view_name, (
+            f"{name}: the web serves no artifacts under {url.geturl()}"
+        )
+        cache = writable_mount(env["AIBOX_MODEL_CACHE_DIR"][1], mounts(workload, container))
+        limit = int(env["AIBOX_MODEL_CACHE_MAX_BYTES"][1])
+        assert cache and 0 < limit <= size_bytes(cache["emptyDir"]["sizeLimit"]), (
+            f"{name}: AIBOX_MODEL_CACHE_MAX_BYTES {limit} does not fit its cache volume"
+        )
+        for argv in command_steps(name, container["command"]):
+            queues = {q for v in option_values(argv, "-Q", "--queues") for q in v.split(",")}
+            assert default_queue not in queues, f"{name}: takes the default queue"
+        labels = labels_parse(env["AIBOX_WORKER_LABELS"][1])
+        assert labels, f"{name}: declares no labels"
+    gpu = environment(main_container(aibox["aibox-worker-gpu"]), config_maps, secrets)
+    assert "gpu=nvidia" in labels_parse(gpu["AIBOX_WORKER_LABELS"][1])

@@ -306,13 +306,16 @@ def runtime() -> Runtime:
     return _runtime
 
 
-def heartbeat_payload(hostname: str, *, pool: str, serving: bool) -> dict[str, Any]:
+def heartbeat_payload(
+    hostname: str, *, pool: str, serving: bool, labels: list[str] | None = None
+) -> dict[str, Any]:
     payload = inventory().as_dict()
     payload.update(
         probe=probe(),
         hostname=hostname,
         pool=pool,
         serving=serving,
+        labels=list(labels or []),
         pid=os.getpid(),
         sent_at=time.time(),
         replicas=_runtime.snapshot() if _runtime is not None else [],
@@ -323,11 +326,21 @@ def heartbeat_payload(hostname: str, *, pool: str, serving: bool) -> dict[str, A
 class Heartbeat:
     """Rewrites this worker's heartbeat key every few seconds from a daemon thread."""
 
-    def __init__(self, redis_url: str, hostname: str, *, pool: str, serving: bool) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        hostname: str,
+        *,
+        pool: str,
+        serving: bool,
+        labels: list[str] | None = None,
+    ) -> None:
         self.redis = redis.Redis.from_url(redis_url)
         self.hostname = hostname
         self.pool = pool
         self.serving = serving
+        # AIBOX_WORKER_LABELS, checked by the settings: placement matches deployments by them.
+        self.labels = list(labels or [])
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -336,7 +349,9 @@ class Heartbeat:
         self._thread.start()
 
     def beat(self) -> None:
-        payload = heartbeat_payload(self.hostname, pool=self.pool, serving=self.serving)
+        payload = heartbeat_payload(
+            self.hostname, pool=self.pool, serving=self.serving, labels=self.labels
+        )
         pipe = self.redis.pipeline(transaction=False)
         # Kept for a day so the UI can say since when a worker is offline.
         pipe.set(redis_keys.heartbeat_key(self.hostname), json.dumps(payload), ex=86400)
@@ -354,7 +369,9 @@ class Heartbeat:
         """A last beat that says the worker left, so it shows offline at once."""
         self._stop.set()
         self.serving = False
-        payload = heartbeat_payload(self.hostname, pool=self.pool, serving=False)
+        payload = heartbeat_payload(
+            self.hostname, pool=self.pool, serving=False, labels=self.labels
+        )
         payload.update(stopped=True, replicas=[])
         with contextlib.suppress(redis.RedisError):
             self.redis.set(redis_keys.heartbeat_key(self.hostname), json.dumps(payload), ex=86400)
