@@ -152,6 +152,7 @@ def _parse(view: memoryview) -> GGUFHeader:
     for _ in range(n_fields):
         key = cursor.string()
         header.fields[key] = cursor.value(cursor.unpack("I"))
+    offsets = []
     for _ in range(n_tensors):
         name = cursor.string()
         n_dims = cursor.unpack("I")
@@ -159,9 +160,30 @@ def _parse(view: memoryview) -> GGUFHeader:
             raise ValueError(f"tensor {name!r} has {n_dims} dimensions")
         shape = tuple(cursor.unpack("Q") for _ in range(n_dims))
         ggml_type = cursor.unpack("I")
-        cursor.unpack("Q")  # the data's offset
+        offsets.append(cursor.unpack("Q"))  # where its data starts, in the data section
         header.tensors.append(TensorInfo(name, shape, ggml_type))
+    _data_check(header, offsets, cursor.offset, len(view))
     return header
+
+
+def _data_check(header: GGUFHeader, offsets: list[int], header_end: int, size: int) -> None:
+    """Every tensor's data lies inside the file (a truncated download or copy does not),
+    as llama.cpp requires before it loads one."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    alignment = int(header.fields.get("general.alignment", 32))
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise ValueError(f"the alignment {alignment} is not a power of two")
+    data_start = -(-header_end // alignment) * alignment
+    for tensor, offset in zip(header.tensors, offsets, strict=True):
+        try:
+            block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(tensor.ggml_type)]
+        except (ValueError, KeyError):
+            raise ValueError(
+                f"tensor {tensor.name!r} has an unknown type {tensor.ggml_type}"
+            ) from None
+        if data_start + offset + tensor.n_elements // block * block_bytes > size:
+            raise ValueError(f"tensor {tensor.name!r} runs past the end of the file")
 
 
 class InvalidGGUF(Exception):

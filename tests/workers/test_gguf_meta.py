@@ -135,3 +135,20 @@ def test_a_string_length_beyond_the_file_is_refused(tmp_path):
     )
     with pytest.raises(InvalidGGUF, match="past the end"):
         read_metadata(forged)
+
+
+def test_a_file_cut_inside_its_tensor_data_is_refused(tmp_path):
+    """The header is whole but the last tensor's data is not (an interrupted copy):
+    llama.cpp could not load it, so it is not a usable GGUF."""
+    path = tmp_path / "whole.gguf"
+    writer = GGUFWriter(path, arch="llama")
+    writer.add_tensor("blk.0.w", np.ones((64, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert read_header(path).tensors[0].shape == (64, 64)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(InvalidGGUF, match="'blk.0.w' runs past the end"):
+        read_metadata(cut)
