@@ -312,7 +312,6 @@ def fastest_deployment(deployment, wait_seconds: int = 300):
             sys.exit("No admin user to create the fastest deployment with.")
         values = {f: getattr(deployment, f) for f in services.SETTINGS_FIELDS}
         values.update(serving_mode=ServingMode.FASTEST, replicas=1)
-        values["placement_worker"] = deployment.placement_worker
         print(f"creating the deployment {name} (serving mode: fastest)", flush=True)
         fastest = services.deployment_create(
             actor=admin, name=name, model_version=deployment.model_version, **values

@@ -90,6 +90,19 @@ def test_the_api_lists_issues_and_revokes_for_admins_only(users):
     assert admin.post("/api/v1/workers/credentials/999999/revoke").status_code == 404
 
 
+@pytest.mark.parametrize("role", [Role.DATA_SCIENTIST, Role.APP_DEVELOPER, Role.COMPLIANCE_OFFICER])
+def test_no_other_role_issues_lists_or_revokes_through_the_api(users, issued, role):
+    caller = APIClient()
+    caller.force_login(users[role])
+    assert caller.get("/api/v1/workers/credentials/").status_code == 403
+    answer = caller.post("/api/v1/workers/credentials/", {"name": "sneaky"}, format="json")
+    assert answer.status_code == 403
+    assert not WorkerCredential.objects.filter(name="sneaky").exists()
+    pk = issued.credential.pk
+    assert caller.post(f"/api/v1/workers/credentials/{pk}/revoke").status_code == 403
+    assert WorkerCredential.objects.get(pk=pk).revoked_at is None
+
+
 def test_the_management_command_issues_lists_and_revokes(db):
     out = StringIO()
     call_command("worker_credential", "issue", "remote-a", stdout=out, stderr=StringIO())
