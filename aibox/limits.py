@@ -32,6 +32,8 @@ from django.http import parse_cookie
 from django.urls import Resolver404, resolve
 
 from apps.accounts.services import ApiKeyRejected, api_key_authenticate
+from apps.deployments.credentials import SECRET_PREFIX as WORKER_SECRET_PREFIX
+from apps.deployments.credentials import CredentialRejected, worker_credential_authenticate
 
 UPLOAD = "upload"
 INFERENCE = "inference"
@@ -66,9 +68,16 @@ def route_body_kind(path: str) -> str | None:
 
 
 def has_credentials(headers: dict[bytes, bytes]) -> bool:
-    """Whether the request carries a valid API key or the cookie of a signed-in session."""
+    """Whether the request carries a valid API key, a worker credential (a training
+    worker sending back its adapters) or the cookie of a signed-in session."""
     try:
         scheme, _, raw_key = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        if scheme.lower() == "bearer" and raw_key.strip().startswith(WORKER_SECRET_PREFIX):
+            try:
+                worker_credential_authenticate(authorization=f"Bearer {raw_key.strip()}")
+            except CredentialRejected:
+                return False
+            return True
         if scheme.lower() == "bearer":
             try:
                 api_key_authenticate(raw_key=raw_key.strip())

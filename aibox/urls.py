@@ -5,6 +5,7 @@ from apps.accounts import api as accounts_api
 from apps.datasets import api as datasets_api
 from apps.deployments import api as deployments_api
 from apps.deployments import internal as deployments_internal
+from apps.deployments import internal_training
 from apps.finetune import api as finetune_api
 from apps.inference import api as inference_api
 from apps.inference import views as inference_views
@@ -239,6 +240,27 @@ urlpatterns = [
         "internal/v1/artifacts/<str:sha256>",
         deployments_internal.artifact_pull,
         name="internal_artifact",
+    ),
+    # Training workers on other hosts run fine-tunes through these (no database access).
+    path(
+        "internal/v1/finetune/<int:job_id>",
+        internal_training.finetune_status,
+        name="internal_finetune_status",
+    ),
+    path(
+        "internal/v1/finetune/<int:job_id>/claim",
+        internal_training.finetune_claim,
+        name="internal_finetune_claim",
+    ),
+    path(
+        "internal/v1/finetune/<int:job_id>/attempts/<int:attempt>/files/<str:name>",
+        internal_training.finetune_file,
+        name="internal_finetune_file",
+    ),
+    path(
+        "internal/v1/finetune/<int:job_id>/attempts/<int:attempt>/finish",
+        internal_training.finetune_finish,
+        name="internal_finetune_finish",
     ),
 ]
 

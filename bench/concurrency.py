@@ -25,6 +25,14 @@ p50/p99 per level, AIBox's ratios against llama-server, and a PNG plot.
     .venv/bin/python bench/concurrency.py
     .venv/bin/python bench/concurrency.py --clients 1,8 --rounds 1 --client openai
     .venv/bin/python bench/concurrency.py --targets aibox,llama-server --png /tmp/c.png
+    .venv/bin/python bench/concurrency.py --targets aibox --replicas 2 --clients 8,16
+
+With ``--replicas N`` the target ``aibox-xN`` joins: the deployment's model and settings
+in N replicas (each with its threads), which placement puts on N different serving
+workers; the bench starts workers on this host (``bench<i>@<host>``, each on its own
+queue) when fewer than N are online. Its figures are read against ``aibox``, the same
+model in one replica. On one host the replicas share its cores; across hosts (start the
+workers there, as docs/operator-guide.md says, before the bench) they add theirs.
 
 Readers (--client): ``lean`` (httpx and ``json.loads``, bench/sse.py) or ``openai`` (the
 official client, as most apps read a stream; its pydantic objects cost about 0.8 ms of
@@ -297,36 +305,88 @@ def llama_server_command(deployment, path: Path, threads: int, port: int) -> lis
     ]
 
 
-def fastest_deployment(deployment, wait_seconds: int = 300):
-    """``<name>-fastest``: the deployment's model and settings in "fastest" mode, created
+def variant_deployment(deployment, suffix: str, wait_seconds: int = 300, **changes):
+    """``<name>-<suffix>``: the deployment's model and settings with ``changes``, created
     (as the first admin) and started if missing; returned once it is ready."""
     from apps.accounts.models import Role, User
     from apps.deployments import services
-    from apps.deployments.models import Deployment, ServingMode, State
+    from apps.deployments.models import Deployment, State
 
-    name = f"{deployment.name}-fastest"
-    fastest = Deployment.objects.filter(name=name).first()
+    name = f"{deployment.name}-{suffix}"
+    variant = Deployment.objects.filter(name=name).first()
     admin = User.objects.filter(role=Role.ADMIN, is_active=True).order_by("pk").first()
-    if fastest is None:
-        if admin is None:
-            sys.exit("No admin user to create the fastest deployment with.")
+    if admin is None:
+        sys.exit(f"No admin user to create or start {name} with.")
+    if variant is None:
         values = {f: getattr(deployment, f) for f in services.SETTINGS_FIELDS}
-        values.update(serving_mode=ServingMode.FASTEST, replicas=1)
-        print(f"creating the deployment {name} (serving mode: fastest)", flush=True)
-        fastest = services.deployment_create(
+        values.update(replicas=1, **changes)
+        shown = ", ".join(f"{k}={v}" for k, v in changes.items())
+        print(f"creating the deployment {name} ({shown})", flush=True)
+        variant = services.deployment_create(
             actor=admin, name=name, model_version=deployment.model_version, **values
         )
-    elif not fastest.running:
-        services.deployment_start(actor=admin, deployment=fastest)
+    elif not variant.running:
+        services.deployment_start(actor=admin, deployment=variant)
     deadline = time.monotonic() + wait_seconds
     while time.monotonic() < deadline:
-        fastest.refresh_from_db()
-        if fastest.state == State.READY:
-            return fastest
-        if fastest.state == State.FAILED:
-            sys.exit(f"{name} failed: {fastest.state_reason}")
+        variant.refresh_from_db()
+        ready = variant.replica_set.filter(state=State.READY).count()
+        if variant.state == State.READY and ready >= variant.replicas:
+            return variant
+        if variant.state == State.FAILED:
+            sys.exit(f"{name} failed: {variant.state_reason}")
         time.sleep(1)
-    sys.exit(f"{name} was not ready after {wait_seconds} s ({fastest.state})")
+    sys.exit(f"{name} was not ready after {wait_seconds} s ({variant.state})")
+
+
+def serving_workers_online() -> list[str]:
+    from apps.deployments.selectors import worker_list
+
+    return [w.hostname for w in worker_list() if w.serving]
+
+
+def start_serving_workers(wanted: int, log_dir: Path, wait_seconds: int = 120) -> list:
+    """Start serving workers on this host until ``wanted`` are online (none when enough
+    already are, on this host or others); each takes only its own queue, as a worker on
+    another host does. Returns the processes started."""
+    started = []
+    online = serving_workers_online()
+    for index in range(wanted - len(online)):
+        # A stable name: started again by a later run, it reloads the replicas it held.
+        name = f"bench{index + 1}@{socket.gethostname()}"
+        print(f"starting the serving worker {name}", flush=True)
+        log = (log_dir / f"worker-{name.split('@')[0]}.log").open("wb")
+        started.append(
+            subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "aibox",
+                    "worker",
+                    "--pool",
+                    "threads",
+                    "--concurrency",
+                    "8",
+                    "--hostname",
+                    name,
+                    "--queues",
+                    name.split("@")[0],
+                    "--without-mingle",
+                    "--without-gossip",
+                ],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    deadline = time.monotonic() + wait_seconds
+    while len(serving_workers_online()) < wanted:
+        if time.monotonic() > deadline:
+            sys.exit(f"only {len(serving_workers_online())} of {wanted} serving workers came up")
+        time.sleep(1)
+    return started
 
 
 def main() -> None:
@@ -343,10 +403,20 @@ def main() -> None:
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--client", choices=sorted(READERS), default="lean")
     parser.add_argument("--png", default=str(ROOT / "var" / "bench" / "concurrency.png"))
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="with N > 1, add the target aibox-xN: the model in N replicas on N serving "
+        "workers (started here if fewer are online)",
+    )
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     chosen = [name.strip() for name in args.targets.split(",") if name.strip()]
-    unknown = set(chosen) - set(TARGETS)
+    replicated = f"aibox-x{args.replicas}"
+    if args.replicas > 1 and replicated not in chosen:
+        chosen.insert(1, replicated)
+    unknown = set(chosen) - set(TARGETS) - {replicated}
     if unknown:
         parser.error(f"unknown target(s) {', '.join(sorted(unknown))}; known: {', '.join(TARGETS)}")
     reader = READERS[args.client]
@@ -388,6 +458,7 @@ def main() -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     targets: dict[str, dict] = {}
     servers = []
+    stop_after = []
 
     def target(name: str, url: str, model: str, headers: dict) -> dict:
         import openai
@@ -424,8 +495,17 @@ def main() -> None:
             if name == "aibox":
                 targets[name] = target(name, args.url, args.model, auth)
             elif name == "aibox-fastest":
-                fastest = fastest_deployment(deployment)
+                fastest = variant_deployment(deployment, "fastest", serving_mode="fastest")
                 targets[name] = target(name, args.url, fastest.name, auth)
+            elif name == replicated:
+                started = start_serving_workers(args.replicas, log_dir)
+                servers.extend(started)
+                spread = variant_deployment(deployment, f"x{args.replicas}", replicas=args.replicas)
+                hosts = sorted(r.worker for r in spread.replica_set.all())
+                print(f"{spread.name}: replicas on {', '.join(hosts)}", flush=True)
+                targets[name] = target(name, args.url, spread.name, auth)
+                if started:  # its replicas would move onto the workers left: stop it after
+                    stop_after.append(spread)
             else:
                 port = free_port()
                 command = (
@@ -458,6 +538,10 @@ def main() -> None:
                     flush=True,
                 )
     finally:
+        for variant in stop_after:
+            from apps.deployments import services
+
+            services.deployment_stop(actor=variant.created_by, deployment=variant)
         for server in servers:
             server.terminate()
             server.wait(timeout=30)
@@ -491,6 +575,19 @@ def report(
                 f"{tpot[0]:6.1f}ms {tpot[1]:6.1f}ms {level.errors:6}"
             )
     print()
+    for name in [n for n in results if n.startswith("aibox-x") and "aibox" in results]:
+        # Replicas on several workers against the one-replica deployment, per repeat.
+        for clients in levels:
+            ours, one = results[name][clients], results["aibox"][clients]
+            ratio = statistics.median(
+                a / b for a, b in zip(ours.rates, one.rates, strict=True) if b
+            )
+            ttft = [f"{percentile(level.ttft, q):.2f}" for q in (50, 95) for level in (ours, one)]
+            print(
+                f"{name:13} {clients:2} clients: {ratio:.2f}x one replica's tokens/s "
+                f"({ours.rate:.1f} against {one.rate:.1f}); TTFT p50 {ttft[0]} s against "
+                f"{ttft[1]} s, p95 {ttft[2]} s against {ttft[3]} s"
+            )
     reference = results.get("llama-server")
     if reference is None:
         return

@@ -239,7 +239,7 @@ class TrainingWorker:
             log=self.logs / f"{self.name.split('@')[0]}.log",
             pool="solo",
             concurrency=1,
-            queues="training",
+            queues="training,optimise",
         )
 
     def kill(self) -> None:

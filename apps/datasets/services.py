@@ -8,7 +8,6 @@ and derivations run as Celery jobs that stream the file once through ``workers.d
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -251,20 +250,9 @@ def dataset_version_canonical(
     if target.exists():
         return target
     path = artifact_store().verify(version.sha256)
-    out = work_dir / f"{name}-tmp"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    (derived,) = data.transform(
-        path,
-        data.FileFormat(version.format),
-        reading_options(version, tokenize=False),
-        "filter",
-        {"drop_invalid": True, "drop_pii": False},
-        out,
+    return data.canonical(
+        path, data.FileFormat(version.format), reading_options(version, tokenize=False), target
     )
-    Path(derived.path).rename(target)
-    shutil.rmtree(out, ignore_errors=True)
-    return target
 
 
 def _rejection_reason(report: data.Report) -> str:

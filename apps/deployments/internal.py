@@ -1,4 +1,5 @@
-"""The internal artifact endpoint: serving workers on other hosts pull model files here.
+"""The internal artifact endpoint: workers on other hosts pull model files here (and
+training workers the dataset files of the fine-tunes they run).
 
 ``GET``/``HEAD /internal/v1/artifacts/<sha256>``, authenticated only by a worker
 credential (``Authorization: Bearer aibw_…``, ``credentials.py``): not a session, not an
@@ -22,15 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asgiref.sync import sync_to_async
+from django.db.models import Q
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from apps.datasets.models import DatasetVersion
 from apps.deployments.credentials import (
     CredentialRejected,
     artifact_pull_record,
     worker_credential_authenticate,
 )
 from apps.deployments.models import WorkerCredential
+from apps.finetune.models import FineTuneJob, JobState
 from apps.registry.artifacts import artifact_store
 from apps.registry.models import ModelVersion
 
@@ -57,7 +61,13 @@ def _artifact_for(sha256: str) -> _Artifact:
         raise _Refused(404, "No such artifact.")
     version = ModelVersion.objects.select_related("artifact").filter(artifact_id=sha256).first()
     if version is None:
-        raise _Refused(404, f"No registered model version has the sha256 {sha256}.")
+        version = _training_data(sha256)
+    if version is None:
+        raise _Refused(
+            404,
+            f"No registered model version, nor dataset of a waiting or running fine-tune, "
+            f"has the sha256 {sha256}.",
+        )
     if version.artifact.integrity_failed_at is not None:
         raise _Refused(404, f"The artifact {sha256[:12]}… failed verification; it is not served.")
     path = artifact_store().path_for(sha256)
@@ -66,6 +76,17 @@ def _artifact_for(sha256: str) -> _Artifact:
     except OSError:
         raise _Refused(404, f"The artifact {sha256[:12]}… is missing from the store.") from None
     return _Artifact(sha256=sha256, path=path, size=size)
+
+
+def _training_data(sha256: str) -> DatasetVersion | None:
+    """A dataset version that a queued or running fine-tune trains or validates on: a
+    training worker pulls those, and no other dataset."""
+    wanted = FineTuneJob.objects.filter(state__in=(JobState.QUEUED, JobState.RUNNING)).filter(
+        Q(dataset_version__artifact_id=sha256) | Q(validation_version__artifact_id=sha256)
+    )
+    if not wanted.exists():
+        return None
+    return DatasetVersion.objects.select_related("artifact").filter(artifact_id=sha256).first()
 
 
 def _authorise(authorization: str, sha256: str) -> tuple[WorkerCredential, _Artifact]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,19 +24,15 @@ from django.utils import timezone
 from apps.accounts.services import system_user
 from apps.audit.models import Outcome
 from apps.audit.services import audit_record
-from apps.datasets.services import dataset_version_canonical
+from apps.datasets.models import DatasetVersion
 from apps.finetune import progress
 from apps.finetune.models import FineTuneJob, JobState
 from apps.finetune.services import licence_of
 from apps.registry.artifacts import artifact_store
 from apps.registry.models import ModelRepo, ModelVersion, SourceKind
-from apps.registry.services import (
-    model_repo_create,
-    model_version_ingest,
-    model_version_verify,
-)
+from apps.registry.services import model_repo_create, model_version_ingest
 from workers.artifacts import Staged
-from workers.finetune.spec import TrainSpec
+from workers.finetune.order import DataRef, TrainingOrder
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +177,7 @@ def finetune_job_finish(
     state: JobState,
     reason: str = "",
     result: dict[str, Any] | None = None,
-    peft_dir: Path | None = None,
-    gguf_path: Path | None = None,
+    outputs: AdapterFiles | None = None,
     attempt: int | None = None,
 ) -> FineTuneJob:
     """Record how a job ended; on success register both adapters with provenance.
@@ -209,7 +205,7 @@ def finetune_job_finish(
     adapter = peft = None
     if state == JobState.SUCCEEDED:
         try:
-            adapter, peft = _register_outputs(job, result, peft_dir, gguf_path)
+            adapter, peft = _register_outputs(job, result, outputs)
         except (ValidationError, OSError) as exc:
             state = JobState.FAILED
             reason = "Training finished but its adapter could not be registered: " + (
@@ -266,15 +262,33 @@ def provenance(job: FineTuneJob, result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _stage(path: Path) -> Staged:
+@dataclass(frozen=True)
+class AdapterFiles:
+    """A run's outputs as the control plane receives them: the llama.cpp LoRA adapter,
+    the PEFT weights and their config. ``staged``: the files sit in the artifact store's
+    staging folder (uploaded by a worker on another host) and are moved in, not copied."""
 
-    return artifact_store().stage_copy(path, max_bytes=settings.UPLOAD_MAX_BYTES)
+    gguf: Path
+    safetensors: Path
+    peft_config: dict[str, Any]
+    staged: bool = False
+
+    @classmethod
+    def from_peft_dir(cls, peft_dir: Path, gguf_path: Path) -> AdapterFiles:
+        config = json.loads((peft_dir / "adapter_config.json").read_text())
+        return cls(gguf_path, peft_dir / "adapter_model.safetensors", config)
+
+    def stage(self, path: Path) -> Staged:
+        store = artifact_store()
+        if self.staged:
+            return store.stage_in_place(path)
+        return store.stage_copy(path, max_bytes=settings.UPLOAD_MAX_BYTES)
 
 
 def _register_outputs(
-    job: FineTuneJob, result: dict[str, Any], peft_dir: Path | None, gguf_path: Path | None
+    job: FineTuneJob, result: dict[str, Any], outputs: AdapterFiles | None
 ) -> tuple[ModelVersion, ModelVersion]:
-    if peft_dir is None or gguf_path is None:
+    if outputs is None:
         raise ValidationError("The run produced no adapter files.")
     datasets = [job.dataset_version] + ([job.validation_version] if job.validation_version else [])
     actor = job.created_by or system_user()
@@ -291,49 +305,46 @@ def _register_outputs(
     gguf = model_version_ingest(
         actor=actor,
         repo=repo,
-        staged=_stage(gguf_path),
+        staged=outputs.stage(outputs.gguf),
         file_name=f"{job.output_repo}-job{job.pk}.gguf",
         source_kind=SourceKind.FINE_TUNE,
         source=source,
         parents=[job.base_model],
     ).version
-    config_path = peft_dir / "adapter_config.json"
     peft = model_version_ingest(
         actor=actor,
         repo=repo,
-        staged=_stage(peft_dir / "adapter_model.safetensors"),
+        staged=outputs.stage(outputs.safetensors),
         file_name=f"{job.output_repo}-job{job.pk}.safetensors",
         source_kind=SourceKind.FINE_TUNE,
         source=source | {"gguf_adapter_sha256": gguf.sha256},
         parents=[job.base_model],
-        peft_config=json.loads(config_path.read_text()),
+        peft_config=outputs.peft_config,
     ).version
     return gguf, peft
 
 
-def train_spec(job: FineTuneJob, *, work_dir: Path, report) -> TrainSpec:
-    """The runner's spec: verified inputs on local disk, canonical JSON Lines data."""
-
-    base_path = model_version_verify(actor=system_user(), version=job.base_model)
-    work_dir.mkdir(parents=True, exist_ok=True)
-
-    report({"event": "log", "message": f"Preparing {job.dataset_version} for training."})
-    train_path = dataset_version_canonical(job.dataset_version, work_dir, name="train")
-    validation_path = (
-        dataset_version_canonical(job.validation_version, work_dir, name="validation")
-        if job.validation_version
-        else None
+def _data_ref(version: DatasetVersion) -> DataRef:
+    return DataRef(
+        sha256=version.sha256,
+        format=version.format,
+        label=str(version),
+        declared_shape=version.declared_shape or None,
+        column_mapping=dict(version.column_mapping),
     )
-    return TrainSpec(
-        job_id=str(job.pk),
-        base_model_path=base_path,
+
+
+def training_order(job: FineTuneJob) -> TrainingOrder:
+    """What a training worker needs for a claimed job, as plain values: inputs by
+    sha256, how to read the data, the parameters (``workers.finetune.order``)."""
+    return TrainingOrder(
+        job_id=job.pk,
+        attempt=job.attempts,
         base_sha256=job.base_model.sha256,
-        train_path=train_path,
-        validation_path=validation_path,
+        base_label=str(job.base_model),
+        train=_data_ref(job.dataset_version),
+        validation=_data_ref(job.validation_version) if job.validation_version else None,
         shape=job.dataset_version.shape,
-        work_dir=work_dir,
-        cache_dir=Path(settings.FINETUNE_CACHE_DIR),
         chat_template=job.chat_template or None,
-        device=settings.FINETUNE_DEVICE,
-        **job.params,
+        params=dict(job.params),
     )

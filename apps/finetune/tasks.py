@@ -6,24 +6,43 @@ stream and ``finetune.progress`` (on the control queue) applies them to the row.
 While it runs, the job's heartbeat (progress.Heartbeat) says its worker is alive;
 ``finetune.reap`` (Celery beat) fails running jobs whose heartbeat expired.
 
+A training worker reaches the control plane through a channel: ``LocalChannel`` when it
+has the database and the shared artifact store (one host), ``RemoteChannel`` over HTTP
+when it runs on another host with only Redis and a worker credential
+(``AIBOX_CONTROL_PLANE_URL``; ``workers/finetune/channel.py``). Either way the worker
+claims the job, gets a ``TrainingOrder`` (inputs by sha256, plain parameters), fetches
+and checks its inputs, trains, and hands back the outcome with the adapters, which the
+control plane registers.
+
 A run outlives a Redis restart: reports wait in the Reporter until Redis is back, a
 request to apply them that cannot be sent is left to the next one, and the cancel flag
-is read from the job's row while Redis is away.
+is read from the control plane (the job's row) while Redis is away.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import redis
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from kombu.exceptions import OperationalError
 
 from apps.finetune import progress, runs, selectors, services
-from apps.finetune.models import FineTuneJob, JobState
+from apps.finetune.models import JobState
+from apps.registry.artifacts import artifact_store
+from workers.artifacts import ArtifactError
+from workers.datasets import DatasetError
+from workers.finetune import channel
+from workers.finetune.order import TrainingOrder, prepare
+from workers.finetune.spec import TrainResult
+from workers.inference.cache import ModelCache, RemoteSource
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +72,13 @@ def _send_progress(job_id: int) -> None:
 )
 def finetune_run(self, job_id: int) -> None:
     worker = self.request.hostname or ""
-    job = runs.finetune_job_claim(job_id=job_id, worker=worker)
-    if job is None:
+    channel = _channel()
+    order = channel.claim(job_id, worker)
+    if order is None:
         return  # cancelled while queued, or another delivery has it
     # The heartbeat lives as long as the run, the recording of its outcome included.
     with progress.Heartbeat(job_id, worker):
-        _run(job_id, attempt=job.attempts)
+        _run(channel, order)
 
 
 @shared_task(name="finetune.reap")
@@ -69,66 +89,138 @@ def finetune_reap() -> None:
     services.finetune_queue_restore()
 
 
-def _run(job_id: int, *, attempt: int) -> None:
-    job = FineTuneJob.objects.get(pk=job_id)
+class LocalChannel:
+    """The line to the control plane of a training worker that has the database and the
+    shared artifact store (one host, or a shared filesystem): the same calls as
+    ``workers.finetune.channel.RemoteChannel``, made in process."""
+
+    def claim(self, job_id: int, worker: str) -> TrainingOrder | None:
+        job = runs.finetune_job_claim(job_id=job_id, worker=worker)
+        return runs.training_order(job) if job is not None else None
+
+    def fetch(self, order: TrainingOrder) -> Callable[[str], Path]:
+        # Hashed where they are in the store: never copied.
+        return lambda sha256: artifact_store().verify(sha256)
+
+    def cancel_requested(self, job_id: int) -> bool:
+        return selectors.finetune_job_cancel_requested(job_id=job_id)
+
+    def stream_position(self, job_id: int) -> str:
+        return selectors.finetune_job_stream_position(job_id=job_id)
+
+    def finish(self, order: TrainingOrder, outcome: Outcome) -> str:
+        """Record the outcome; returns the job's state after it (a registration that
+        fails makes it "failed")."""
+        return runs.finetune_job_finish(
+            job_id=order.job_id,
+            attempt=order.attempt,
+            state=JobState(outcome.state),
+            reason=outcome.reason,
+            result=outcome.result.as_dict() if outcome.result else None,
+            outputs=runs.AdapterFiles.from_peft_dir(
+                outcome.result.peft_dir, outcome.result.gguf_path
+            )
+            if outcome.state == JobState.SUCCEEDED
+            else None,
+        ).state
+
+
+class RemoteChannel(channel.RemoteChannel):
+    """A training worker on another host: no database, no shared disk. Inputs are pulled
+    by sha256 into its cache, the outcome and the adapters are sent back over HTTP."""
+
+    def fetch(self, order: TrainingOrder) -> Callable[[str], Path]:
+        inputs = {order.base_sha256, order.train.sha256}
+        if order.validation is not None:
+            inputs.add(order.validation.sha256)
+        # The host's model cache (serving workers there keep models in it too, by sha256).
+        # Its size limit evicts the least recently used files but this job's inputs; a
+        # replica that loaded an evicted file keeps it open, and a later load pulls again.
+        cache = ModelCache(
+            settings.MODEL_CACHE_DIR,
+            remote=RemoteSource(self.url, self.token),
+            max_bytes=settings.MODEL_CACHE_MAX_BYTES,
+            in_use=lambda: inputs,
+        )
+        return lambda sha256: cache.fetch(sha256, Path(os.devnull))
+
+    def cancel_requested(self, job_id: int) -> bool:
+        try:
+            return progress.cancel_requested(job_id)
+        except redis.RedisError:
+            return bool(self.status(job_id)["cancel_requested"])
+
+    def stream_position(self, job_id: int) -> str:
+        return str(self.status(job_id)["stream_pos"])
+
+    def finish(self, order: TrainingOrder, outcome: Outcome) -> str:
+        return self.send_outcome(order, outcome.state, outcome.reason, outcome.result)
+
+
+def _channel() -> LocalChannel | RemoteChannel:
+    if settings.CONTROL_PLANE_URL:
+        return RemoteChannel(settings.CONTROL_PLANE_URL, settings.WORKER_TOKEN)
+    return LocalChannel()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: str
+    reason: str = ""
+    result: TrainResult | None = None
+
+
+def _run(line: LocalChannel | RemoteChannel, order: TrainingOrder) -> None:
+    job_id = order.job_id
     reporter = progress.Reporter(
-        job_id,
-        apply=_send_progress,
-        applied=lambda: selectors.finetune_job_stream_position(job_id=job_id),
+        job_id, apply=_send_progress, applied=lambda: line.stream_position(job_id)
     )
     work_dir = Path(settings.FINETUNE_WORK_DIR) / f"job-{job_id}"
+    outcome = _train(line, order, reporter, work_dir)
+    # The adapters are in the registry now; checkpoints are no longer needed.
+    if line.finish(order, outcome) == JobState.SUCCEEDED:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _train(
+    line: LocalChannel | RemoteChannel,
+    order: TrainingOrder,
+    reporter: progress.Reporter,
+    work_dir: Path,
+) -> Outcome:
+    job_id = order.job_id
     try:
         from workers.finetune import FinetuneError, ParamError, train
         from workers.finetune.data import DataError
 
-        spec = runs.train_spec(job, work_dir=work_dir, report=reporter)
-        result = train(
-            spec,
+        spec = prepare(
+            order,
+            fetch=line.fetch(order),
+            work_dir=work_dir,
+            cache_dir=Path(settings.FINETUNE_CACHE_DIR),
+            device=settings.FINETUNE_DEVICE,
             report=reporter,
-            should_stop=lambda: selectors.finetune_job_cancel_requested(job_id=job_id),
         )
-    except (FinetuneError, ParamError, DataError) as exc:
+        result = train(spec, report=reporter, should_stop=lambda: line.cancel_requested(job_id))
+    except (FinetuneError, ParamError, DataError, ArtifactError, DatasetError) as exc:
         reporter.flush()
-        runs.finetune_job_finish(
-            job_id=job_id, attempt=attempt, state=JobState.FAILED, reason=str(exc)
-        )
-        return
+        return Outcome(JobState.FAILED, str(exc))
     except SoftTimeLimitExceeded:
-        runs.finetune_job_finish(
-            job_id=job_id,
-            attempt=attempt,
-            state=JobState.FAILED,
-            reason=f"Stopped after {TRAINING_TIME_LIMIT // 3600} hours; retry to resume.",
+        return Outcome(
+            JobState.FAILED, f"Stopped after {TRAINING_TIME_LIMIT // 3600} hours; retry to resume."
         )
-        return
     except Exception as exc:  # the job fails with its reason; the worker goes on
         log.exception("fine-tune %s failed", job_id)
-        runs.finetune_job_finish(
-            job_id=job_id,
-            attempt=attempt,
-            state=JobState.FAILED,
-            reason=f"The run failed unexpectedly ({type(exc).__name__}: {exc}); see the "
+        return Outcome(
+            JobState.FAILED,
+            f"The run failed unexpectedly ({type(exc).__name__}: {exc}); see the "
             "worker log. Retrying resumes from the last checkpoint.",
         )
-        return
     reporter.flush()
     if result.state == "cancelled":
-        runs.finetune_job_finish(
-            job_id=job_id,
-            attempt=attempt,
-            state=JobState.CANCELLED,
-            reason=f"Cancelled at step {result.steps}; the last checkpoint is kept.",
-            result=result.as_dict(),
+        return Outcome(
+            JobState.CANCELLED,
+            f"Cancelled at step {result.steps}; the last checkpoint is kept.",
+            result,
         )
-        return
-    runs.finetune_job_finish(
-        job_id=job_id,
-        attempt=attempt,
-        state=JobState.SUCCEEDED,
-        result=result.as_dict(),
-        peft_dir=result.peft_dir,
-        gguf_path=result.gguf_path,
-    )
-    # The adapters are in the artifact store now; checkpoints are no longer needed.
-    if FineTuneJob.objects.filter(pk=job_id, state=JobState.SUCCEEDED).exists():
-        shutil.rmtree(work_dir, ignore_errors=True)
+    return Outcome(JobState.SUCCEEDED, "", result)

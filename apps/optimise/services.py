@@ -42,8 +42,14 @@ TASK_SHAPES = (Shape.PROMPT_COMPLETION, Shape.INSTRUCTION, Shape.CHAT)
 EVALUATION_LIMITS = {"n_ctx": (64, 32768), "max_chunks": (1, 10_000), "max_items": (1, 10_000)}
 
 
+# Their own queue, not the fine-tunes' ``training`` one: these jobs still read their rows
+# and the artifact store directly, so a worker with the database takes them, while a
+# training worker on another host (no database) takes only fine-tunes.
+OPTIMISE_QUEUE = "optimise"
+
+
 def _enqueue(task_name: str, pk: int) -> None:
-    transaction.on_commit(lambda: celery_app.send_task(task_name, args=[pk], queue="training"))
+    transaction.on_commit(lambda: celery_app.send_task(task_name, args=[pk], queue=OPTIMISE_QUEUE))
 
 
 def _check_model(version: ModelVersion, what: str) -> None:

@@ -1,8 +1,9 @@
 """Bridges between optimisation rows and ``workers.optimise``.
 
-Quantise, export and evaluation jobs go to the ``training`` queue: they are long,
-CPU/GPU-heavy and need the model tooling, like fine-tunes, and a training worker runs
-one at a time. ``optimise.reap`` (Celery beat) fails jobs whose worker went silent.
+Quantise, export and evaluation jobs go to the ``optimise`` queue: they are long,
+CPU/GPU-heavy and need the model tooling, like fine-tunes, and a training worker with the
+database (``--queues training,optimise``) runs one at a time. ``optimise.reap`` (Celery
+beat) fails jobs whose worker went silent.
 """
 
 from __future__ import annotations

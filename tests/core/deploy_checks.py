@@ -24,6 +24,7 @@ from django.conf import settings
 from django.core.management import CommandError, get_commands, load_command_class
 
 from apps.finetune.services import TRAINING_QUEUE
+from apps.optimise.services import OPTIMISE_QUEUE
 
 ROOT = Path(__file__).resolve().parents[2]
 # The virtual environment the tests run in is the project's.
@@ -194,7 +195,7 @@ def check_queues(commands: dict[str, list[list[str]]], *, started_by_default: se
         else set()
     )
     # Fine-tunes and optimise jobs are sent to their queue by name, not by a route.
-    routed.add(TRAINING_QUEUE)
+    routed |= {TRAINING_QUEUE, OPTIMISE_QUEUE}
     assert routed <= consumed, f"queues {sorted(routed - consumed)} have routes but no worker"
     # Two beats would enqueue every periodic task twice.
     assert len(beats) == 1, f"exactly one service should run celery beat, not {beats}"

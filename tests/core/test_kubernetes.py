@@ -77,15 +77,20 @@ WRITES = {
     # Serving workers pull model files over HTTP into their own cache: nothing shared.
     "aibox-worker-cpu": ("AIBOX_MODEL_CACHE_DIR",),
     "aibox-worker-gpu": ("AIBOX_MODEL_CACHE_DIR",),
+    # Training workers pull their inputs into their own cache and send adapters back.
     "aibox-worker-train": (
-        "AIBOX_ARTIFACT_ROOT",
+        "AIBOX_MODEL_CACHE_DIR",
         "AIBOX_FINETUNE_WORK_DIR",
         "AIBOX_FINETUNE_CACHE_DIR",
     ),
+    # Optimise jobs still open model files in the store.
+    "aibox-worker-optimise": ("AIBOX_ARTIFACT_ROOT",),
     "aibox-beat": (),
 }
-# Serving workers reach only Redis and the web (issue 21): no database, no shared claim.
+# Serving workers reach only Redis and the web (issue 21): no database, no shared claim;
+# so do training workers, which run fine-tunes over HTTP.
 SERVING_WORKERS = ("aibox-worker-cpu", "aibox-worker-gpu")
+REMOTE_WORKERS = (*SERVING_WORKERS, "aibox-worker-train")
 SERVING_REQUIRED_ENV = (
     "AIBOX_SECRET_KEY",
     "REDIS_URL",
@@ -264,7 +269,8 @@ def main_container(workload: Workload) -> dict[str, Any]:
 
 
 def name_serves(name: str) -> bool:
-    return name in SERVING_WORKERS
+    """A worker that reaches only Redis and the web (serving, or training over HTTP)."""
+    return name in REMOTE_WORKERS
 
 
 def uid_in_dockerfile() -> int:
@@ -441,7 +447,7 @@ def test_example_secrets_hold_placeholders_that_fit_together(secrets, workloads)
 def test_settings_accept_the_configuration(aibox, config_maps, secrets):
     """aibox/settings.py starts with the ConfigMap and the example Secrets (it checks
     booleans, the single sign-on combination, the database engine...)."""
-    for name in ("aibox-web", "aibox-worker-jobs", "aibox-worker-train", *SERVING_WORKERS):
+    for name in ("aibox-web", "aibox-worker-jobs", "aibox-worker-optimise", *REMOTE_WORKERS):
         env = environment(main_container(aibox[name]), config_maps, secrets)
         clean = {"PATH": os.environ["PATH"], **{k: v for k, (_, v) in env.items()}}
         result = subprocess.run(
@@ -476,7 +482,7 @@ def test_only_the_migrate_job_connects_as_the_tables_owner(aibox, config_maps, s
             continue
         assert "aibox-migrate" not in str(workload.manifest), f"{name} reads the owner's Secret"
         if name_serves(name):
-            continue  # no database at all (test_serving_workers_pull_models_over_http)
+            continue  # no database at all (test_serving_and_training_workers_reach_only_redis…)
         for container in workload.containers:
             env = environment(container, config_maps, secrets)
             user = urlsplit(env["DATABASE_URL"][1]).username
@@ -647,10 +653,12 @@ def size_bytes(quantity: str) -> int:
     return int(quantity)
 
 
-def test_serving_workers_pull_models_over_http(aibox, built, config_maps, secrets):
-    """The serving workers (CPU and GPU) mount no artifact store nor any other shared
-    claim and hold no database URL: they pull model files from the web's Service with a
-    credential from a Secret of their own, into a bounded cache, and say their labels."""
+def test_serving_and_training_workers_reach_only_redis_and_the_web(
+    aibox, built, config_maps, secrets
+):
+    """The serving workers (CPU and GPU) and the training worker mount no artifact store
+    nor any other shared claim and hold no database URL: they pull model files from the
+    web's Service with a credential from a Secret of their own, into a bounded cache."""
     services = {
         obj["metadata"]["name"]: obj["spec"]
         for objects in built.values()
@@ -658,7 +666,7 @@ def test_serving_workers_pull_models_over_http(aibox, built, config_maps, secret
         if obj["kind"] == "Service"
     }
     default_queue = find_app("aibox").conf.task_default_queue
-    for name in SERVING_WORKERS:
+    for name in REMOTE_WORKERS:
         workload = aibox[name]
         claims = [v for v in workload.pod.get("volumes") or [] if "persistentVolumeClaim" in v]
         assert not claims, f"{name}: mounts the claims {[v['name'] for v in claims]}"
@@ -698,6 +706,9 @@ def test_serving_workers_pull_models_over_http(aibox, built, config_maps, secret
         for argv in command_steps(name, container["command"]):
             queues = {q for v in option_values(argv, "-Q", "--queues") for q in v.split(",")}
             assert default_queue not in queues, f"{name}: takes the default queue"
+            if name == "aibox-worker-train":
+                # Optimise jobs need the database: they are aibox-worker-optimise's.
+                assert queues == {"training"}, f"{name}: takes {sorted(queues)}"
         labels = labels_parse(env["AIBOX_WORKER_LABELS"][1])
         assert labels, f"{name}: declares no labels"
     gpu = environment(main_container(aibox["aibox-worker-gpu"]), config_maps, secrets)

@@ -95,7 +95,9 @@ def private_box(users, train_version, live_worker, settings, tmp_path):
     # The three start side by side (each spends seconds on its imports).
     with ThreadPoolExecutor() as starter:
         control = starter.submit(worker, "ctl", pool="threads", concurrency=2)
-        training = starter.submit(worker, "train", pool="solo", concurrency=1, queues="training")
+        training = starter.submit(
+            worker, "train", pool="solo", concurrency=1, queues="training,optimise"
+        )
         web = starter.submit(start_web_server, env=env, log=tmp_path / "uvicorn.log")
     started = [
         future.result()[0] if future is web else future.result()

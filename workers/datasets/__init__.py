@@ -9,7 +9,7 @@ from .core import DatasetError, FileFormat, RowError, Shape, ValidationOptions
 from .preview import PreviewRow, read_page
 from .readers import sniff_format
 from .rows import row_text
-from .transform import Derived, csv_safe_cell, export_csv, transform
+from .transform import Derived, canonical, csv_safe_cell, export_csv, transform
 from .validation import Report, validate
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "RowError",
     "Shape",
     "ValidationOptions",
+    "canonical",
     "csv_safe_cell",
     "export_csv",
     "read_page",

@@ -151,6 +151,21 @@ def transform(
     return [w.commit(details) for w in outputs]
 
 
+def canonical(path: Path, fmt: FileFormat, options: ValidationOptions, target: Path) -> Path:
+    """The file's valid rows as canonical JSON Lines at ``target``, the one form every
+    consumer reads (fine-tunes, evaluations). An existing ``target`` is reused, so a
+    resumed job does not convert again; a failed conversion leaves nothing there."""
+    target = Path(target)
+    if target.exists():
+        return target
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}-", dir=target.parent) as out:
+        (derived,) = transform(
+            path, fmt, options, "filter", {"drop_invalid": True, "drop_pii": False}, Path(out)
+        )
+        os.replace(derived.path, target)
+    return target
+
+
 def _tally_invalid(details: dict[str, Any], checked: Checked) -> None:
     details["dropped_invalid"] += 1
     codes = details["dropped_invalid_by_code"]

@@ -1,0 +1,226 @@
+"""The internal fine-tune endpoints: a training worker on another host, with no database
+and no shared disk, runs a job through them (``workers/finetune/channel.py``).
+
+Authenticated only by a worker credential (``Authorization: Bearer aibw_…``, as for
+``/internal/v1/artifacts/``); they live here, beside the credentials, because the
+deployments app is the one that knows workers and sits above ``apps.finetune``.
+
+- ``POST /internal/v1/finetune/<job>/claim`` {"worker"}: take the queued job; 200 with
+  its ``TrainingOrder``, 409 when it was cancelled or taken meanwhile.
+- ``GET /internal/v1/finetune/<job>``: state, attempts, cancel flag, last applied
+  progress entry.
+- ``PUT /internal/v1/finetune/<job>/attempts/<n>/files/<name>``: one output file,
+  streamed into the artifact store's staging folder and checked against the
+  ``X-Content-SHA256`` header; only while attempt n is the running one.
+- ``POST /internal/v1/finetune/<job>/attempts/<n>/finish``: how the attempt ended, the
+  results and the sha256 of each uploaded file; a succeeded run's adapters are
+  registered with their provenance (``runs.finetune_job_finish``), exactly as for a
+  worker with the database.
+
+The inputs (base model, dataset files) come from ``/internal/v1/artifacts/<sha256>``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from apps.deployments.credentials import CredentialRejected, worker_credential_authenticate
+from apps.finetune import runs
+from apps.finetune.models import FineTuneJob, JobState
+from apps.registry.artifacts import artifact_store
+from workers.artifacts import TooLarge, file_sha256
+from workers.finetune.channel import GGUF_ADAPTER, OUTPUT_FILES, PEFT_WEIGHTS
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1024 * 1024
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+ENDED = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+REASON_MAX_CHARS = 4000
+
+
+def _refusal(status: int, message: str) -> JsonResponse:
+    response = JsonResponse({"detail": message}, status=status)
+    if status == 401:
+        response["WWW-Authenticate"] = 'Bearer realm="aibox-worker"'
+    return response
+
+
+def _worker_endpoint(*methods: str) -> Callable:
+    """A view for workers: the method checked, then the worker credential."""
+
+    def decorate(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+        @csrf_exempt
+        @wraps(view)
+        def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            if request.method not in methods:
+                response = _refusal(405, f"Use {' or '.join(methods)}.")
+                response["Allow"] = ", ".join(methods)
+                return response
+            try:
+                worker_credential_authenticate(
+                    authorization=request.headers.get("Authorization", "")
+                )
+            except CredentialRejected as exc:
+                return _refusal(401, str(exc))
+            return view(request, *args, **kwargs)
+
+        return wrapped
+
+    return decorate
+
+
+def _json_body(request: HttpRequest) -> dict[str, Any]:
+    try:
+        body = json.loads(request.body or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise _BadRequest("The body must be a JSON object.") from None
+    if not isinstance(body, dict):
+        raise _BadRequest("The body must be a JSON object.")
+    return body
+
+
+class _BadRequest(Exception):
+    pass
+
+
+def _staged_path(job_id: int, attempt: int, name: str) -> Path:
+    return artifact_store().tmp / f"finetune-{job_id}-{attempt}-{name}"
+
+
+def _current_attempt(job_id: int, attempt: int) -> JsonResponse | None:
+    """None when attempt is the job's running one; else the refusal to send."""
+    job = FineTuneJob.objects.filter(pk=job_id).only("state", "attempts").first()
+    if job is None:
+        return _refusal(404, f"No fine-tune job {job_id}.")
+    if job.state != JobState.RUNNING or job.attempts != attempt:
+        return _refusal(
+            409,
+            f"Attempt {attempt} of fine-tune job {job_id} is no longer running (the job is "
+            f"{job.state}, attempt {job.attempts}); its results are not taken.",
+        )
+    return None
+
+
+@_worker_endpoint("POST")
+def finetune_claim(request: HttpRequest, job_id: int) -> HttpResponse:
+    try:
+        worker = str(_json_body(request).get("worker", "")).strip()[:200]
+    except _BadRequest as exc:
+        return _refusal(400, str(exc))
+    if not worker:
+        return _refusal(400, 'Say which worker claims the job: {"worker": "<hostname>"}.')
+    job = runs.finetune_job_claim(job_id=job_id, worker=worker)
+    if job is None:
+        return _refusal(409, f"Fine-tune job {job_id} is not waiting to run.")
+    job = FineTuneJob.objects.select_related(
+        "base_model__repo", "dataset_version__dataset", "validation_version__dataset"
+    ).get(pk=job.pk)
+    return JsonResponse({"order": runs.training_order(job).as_dict()})
+
+
+@_worker_endpoint("GET")
+def finetune_status(request: HttpRequest, job_id: int) -> HttpResponse:
+    job = (
+        FineTuneJob.objects.filter(pk=job_id)
+        .values("state", "attempts", "cancel_requested", "stream_pos")
+        .first()
+    )
+    if job is None:
+        return _refusal(404, f"No fine-tune job {job_id}.")
+    return JsonResponse(job)
+
+
+@_worker_endpoint("PUT")
+def finetune_file(request: HttpRequest, job_id: int, attempt: int, name: str) -> HttpResponse:
+    if name not in OUTPUT_FILES:
+        return _refusal(404, f"A run sends back {' and '.join(OUTPUT_FILES)}, not {name!r}.")
+    expected = request.headers.get("X-Content-SHA256", "").strip().lower()
+    if not _SHA256.match(expected):
+        return _refusal(400, "Send the file's sha256 (64 hex digits) in X-Content-SHA256.")
+    refused = _current_attempt(job_id, attempt)
+    if refused is not None:
+        return refused
+    store = artifact_store()
+    try:
+        staged = store.stage_chunks(
+            iter(lambda: request.read(CHUNK_BYTES), b""), max_bytes=settings.UPLOAD_MAX_BYTES
+        )
+    except TooLarge as exc:
+        return _refusal(413, str(exc))
+    if staged.sha256 != expected:
+        staged.discard()
+        return _refusal(
+            400,
+            f"{name} arrived with the sha256 {staged.sha256[:12]}…, not {expected[:12]}…; "
+            "send it again.",
+        )
+    os.replace(staged.path, _staged_path(job_id, attempt, name))
+    return JsonResponse({"sha256": staged.sha256, "size": staged.size}, status=201)
+
+
+finetune_file.body_limit = "upload"  # aibox/limits.py: adapters can be gigabytes
+
+
+@_worker_endpoint("POST")
+def finetune_finish(request: HttpRequest, job_id: int, attempt: int) -> HttpResponse:
+    try:
+        outcome = _json_body(request)
+    except _BadRequest as exc:
+        return _refusal(400, str(exc))
+    state = outcome.get("state")
+    if state not in ENDED:
+        return _refusal(400, f"state must be one of {', '.join(ENDED)}, not {state!r}.")
+    result = outcome.get("result") or {}
+    if not isinstance(result, dict):
+        return _refusal(400, "result must be a JSON object.")
+    refused = _current_attempt(job_id, attempt)
+    if refused is not None:
+        return refused
+    paths = {name: _staged_path(job_id, attempt, name) for name in OUTPUT_FILES}
+    try:
+        outputs = None
+        if state == JobState.SUCCEEDED:
+            outputs = _adapter_files(outcome, paths)
+            if isinstance(outputs, JsonResponse):
+                return outputs
+        job = runs.finetune_job_finish(
+            job_id=job_id,
+            attempt=attempt,
+            state=JobState(state),
+            reason=str(outcome.get("reason", ""))[:REASON_MAX_CHARS],
+            result=result,
+            outputs=outputs,
+        )
+    finally:
+        for path in paths.values():  # moved into the store, or no longer wanted
+            path.unlink(missing_ok=True)
+    return JsonResponse({"state": job.state, "reason": job.reason})
+
+
+def _adapter_files(outcome: dict[str, Any], paths: dict[str, Path]) -> Any:
+    """The uploaded adapters, each checked against the sha256 the outcome names; or the
+    refusal to send."""
+    files = outcome.get("files")
+    config = outcome.get("peft_config")
+    if not isinstance(files, dict) or not isinstance(config, dict):
+        return _refusal(400, "A succeeded run names its files and sends its peft_config.")
+    for name, path in paths.items():
+        if not path.is_file():
+            return _refusal(400, f"Upload {name} before reporting the run as succeeded.")
+        if file_sha256(path) != files.get(name):
+            return _refusal(400, f"The uploaded {name} is not the file the outcome names.")
+    return runs.AdapterFiles(
+        gguf=paths[GGUF_ADAPTER], safetensors=paths[PEFT_WEIGHTS], peft_config=config, staged=True
+    )

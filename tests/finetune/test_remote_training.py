@@ -1,0 +1,216 @@
+"""A training worker on "another host": no database, no shared disk, its own credential.
+
+The worker is one more Celery process on the ``training`` queue whose DATABASE_URL
+reaches nothing, whose artifact root is empty, whose model cache starts empty, with its
+own secret key and ``AIBOX_CONTROL_PLANE_URL`` pointing at a uvicorn of the stack. It
+claims the job, pulls the base model and the dataset over HTTP, trains, and sends the
+adapters back; the control plane registers them. (It shares the machine's cache of
+converted checkpoints, ``CONVERT_CACHE``, only so the test does not convert the GGUF
+again: that cache is the worker's own on a real host.)
+
+The session's training worker is stopped for the test, so the job can only go to the
+remote one, and started again afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from apps.accounts.models import Role
+from apps.audit.models import AuditEvent
+from apps.deployments.credentials import worker_credential_issue, worker_credential_revoke
+from apps.finetune.models import FineTuneJob, JobState
+from tests.conftest import CONVERT_CACHE, HEARTBEAT_TTL
+from tests.finetune.test_jobs import launch, wait_for
+from tests.live import process_env, start_celery_worker, start_web_server, stop_processes
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@dataclass
+class ControlPlane:
+    url: str
+    token: str
+    name: str
+
+
+@pytest.fixture
+def control_plane(users, live_worker, tmp_path) -> Iterator[ControlPlane]:
+    """A uvicorn of the stack (on the live worker's artifact store) and a credential."""
+    name = f"trainer-{uuid.uuid4().hex[:6]}@otherhost"
+    issued = worker_credential_issue(actor=users[Role.ADMIN], name=name)
+    process, url = start_web_server(
+        env=process_env(AIBOX_ARTIFACT_ROOT=str(live_worker.artifact_root)),
+        log=tmp_path / "web.log",
+    )
+    try:
+        yield ControlPlane(url=url, token=issued.secret, name=name)
+    finally:
+        stop_processes([process])
+        worker_credential_revoke(actor=users[Role.ADMIN], credential=issued.credential)
+
+
+@dataclass
+class RemoteTrainer:
+    name: str
+    cache: Path
+    work: Path
+    log: Path
+
+
+@pytest.fixture
+def remote_trainer(control_plane, training_worker, tmp_path) -> Iterator[RemoteTrainer]:
+    other_host = tmp_path / "otherhost"
+    cache, work, store = other_host / "model-cache", other_host / "work", other_host / "store"
+    for folder in (cache, work, store):
+        folder.mkdir(parents=True)
+    trainer = RemoteTrainer(
+        name=control_plane.name, cache=cache, work=work, log=tmp_path / "trainer.log"
+    )
+    env = {
+        **process_env(),
+        # Nothing answers there: a training worker needs no database.
+        "DATABASE_URL": "postgres://nobody@127.0.0.1:1/none",
+        "AIBOX_SECRET_KEY": secrets.token_hex(24),
+        "AIBOX_ARTIFACT_ROOT": str(store),
+        "AIBOX_MODEL_CACHE_DIR": str(cache),
+        "AIBOX_FINETUNE_WORK_DIR": str(work),
+        "AIBOX_FINETUNE_CACHE_DIR": str(CONVERT_CACHE),
+        "AIBOX_FINETUNE_DEVICE": "cpu",
+        "AIBOX_FINETUNE_HEARTBEAT_TTL": HEARTBEAT_TTL,
+        "AIBOX_WORKER_SERVING": "false",
+        "AIBOX_CONTROL_PLANE_URL": control_plane.url,
+        "AIBOX_WORKER_TOKEN": control_plane.token,
+    }
+    stop_processes([training_worker.process])
+    process = None
+    try:
+        process = start_celery_worker(
+            env=env,
+            name=trainer.name,
+            log=trainer.log,
+            pool="solo",
+            concurrency=1,
+            queues="training",
+        )
+        yield trainer
+    finally:
+        if process is not None:
+            stop_processes([process])
+        training_worker.start()
+    assert control_plane.token not in trainer.log.read_text(errors="replace"), "token logged"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_training_worker_without_database_access_trains_and_its_adapter_lands(
+    users, gemma, train_version, remote_trainer
+):
+    dana = users[Role.DATA_SCIENTIST]
+    response = launch(dana, gemma, train_version, max_steps=2)
+    assert response.status_code == 201, response.content
+    job = wait_for(response.json()["id"], JobState.SUCCEEDED, JobState.FAILED)
+    assert job.state == JobState.SUCCEEDED, job.reason
+    assert job.worker == remote_trainer.name
+
+    # Progress came through Redis as from any worker.
+    assert [p["step"] for p in job.history if "train_loss" in p] == [1, 2]
+    # The adapters are in the registry with the same provenance as a local run's.
+    adapter, peft = job.adapter, job.peft_adapter
+    assert adapter.source["base_sha256"] == gemma.sha256
+    assert adapter.source["dataset_versions"][0]["sha256"] == train_version.sha256
+    assert list(adapter.parents.all()) == [gemma]
+    assert peft.metadata["adapter_config"]["r"] == 4
+
+    # Its inputs were pulled over HTTP into its own cache, each under its sha256 and
+    # with the bytes that hash to it; each pull is audited under the worker's name.
+    for sha256 in (gemma.sha256, train_version.sha256):
+        cached = remote_trainer.cache / sha256[:2] / sha256
+        assert cached.is_file() and _sha256(cached) == sha256
+    pulls = AuditEvent.objects.filter(
+        action="artifact.pulled", actor_label=f"worker:{remote_trainer.name}"
+    )
+    assert set(pulls.values_list("target_id", flat=True)) == {gemma.sha256, train_version.sha256}
+    # A succeeded job's work directory is removed on the worker.
+    assert not (remote_trainer.work / f"job-{job.pk}").exists()
+
+
+def test_the_internal_training_endpoints_take_only_a_worker_credential_and_the_running_attempt(
+    users, gemma, train_version, control_plane, live_worker
+):
+    job = FineTuneJob.objects.create(
+        name="refusals",
+        created_by=users[Role.DATA_SCIENTIST],
+        base_model=gemma,
+        dataset_version=train_version,
+        output_repo="remote-refusals",
+        params={"max_steps": 1},
+    )
+    base = f"{control_plane.url}/internal/v1/finetune/{job.pk}"
+    worker = {"Authorization": f"Bearer {control_plane.token}"}
+    with httpx.Client(timeout=30) as http:
+        # No credential, or an API-key-shaped one: refused, whatever the route.
+        assert http.post(f"{base}/claim", json={"worker": "x"}).status_code == 401
+        bad = {"Authorization": "Bearer aibw_not-a-real-one"}
+        assert http.get(base, headers=bad).json()["detail"] == "Unknown worker credential."
+
+        # A queued job: the status, then a claim that hands over the order.
+        assert http.get(base, headers=worker).json()["state"] == "queued"
+        claim = http.post(f"{base}/claim", json={"worker": "w1@otherhost"}, headers=worker)
+        assert claim.status_code == 200, claim.text
+        order = claim.json()["order"]
+        assert order["base_sha256"] == gemma.sha256 and order["attempt"] == 1
+        assert order["train"]["sha256"] == train_version.sha256
+        # Taken: a second claim (a duplicate delivery) gets 409.
+        again = http.post(f"{base}/claim", json={"worker": "w2@otherhost"}, headers=worker)
+        assert again.status_code == 409
+
+        # A file whose bytes do not match its declared sha256 is refused and not kept.
+        upload = f"{base}/attempts/1/files/adapter.gguf"
+        wrong = http.put(
+            upload, content=b"GGUF-ish", headers=worker | {"X-Content-SHA256": "0" * 64}
+        )
+        assert wrong.status_code == 400 and "send it again" in wrong.json()["detail"]
+        # Only the two adapter files are taken, and only for the running attempt.
+        body = b"not an adapter"
+        digest = {"X-Content-SHA256": hashlib.sha256(body).hexdigest()}
+        assert (
+            http.put(
+                f"{base}/attempts/1/files/evil.sh", content=body, headers=worker | digest
+            ).status_code
+            == 404
+        )
+        stale = http.put(
+            f"{base}/attempts/2/files/adapter.gguf", content=body, headers=worker | digest
+        )
+        assert stale.status_code == 409 and "no longer running" in stale.json()["detail"]
+
+        # Succeeded without its files: refused, the job still runs.
+        finish = f"{base}/attempts/1/finish"
+        early = http.post(
+            finish, json={"state": "succeeded", "files": {}, "peft_config": {}}, headers=worker
+        )
+        assert early.status_code == 400 and "Upload adapter.gguf" in early.json()["detail"]
+        # A failure is recorded with the worker's reason; the attempt is then over.
+        failed = http.post(
+            finish, json={"state": "failed", "reason": "out of disk"}, headers=worker
+        )
+        assert failed.json() == {"state": "failed", "reason": "out of disk"}
+        assert http.post(finish, json={"state": "failed"}, headers=worker).status_code == 409
+        # Its dataset is no longer pulled by anyone: nothing waits or runs on it.
+        pull = http.get(
+            f"{control_plane.url}/internal/v1/artifacts/{train_version.sha256}", headers=worker
+        )
+        assert pull.status_code == 404
+    job.refresh_from_db()
+    assert job.state == JobState.FAILED and job.reason == "out of disk"
