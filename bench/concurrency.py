@@ -319,7 +319,7 @@ def variant_deployment(deployment, suffix: str, wait_seconds: int = 300, **chang
         sys.exit(f"No admin user to create or start {name} with.")
     if variant is None:
         values = {f: getattr(deployment, f) for f in services.SETTINGS_FIELDS}
-        values.update(replicas=1, **changes)
+        values.update({"replicas": 1, **changes})
         shown = ", ".join(f"{k}={v}" for k, v in changes.items())
         print(f"creating the deployment {name} ({shown})", flush=True)
         variant = services.deployment_create(
@@ -409,6 +409,13 @@ def main() -> None:
         default=1,
         help="with N > 1, add the target aibox-xN: the model in N replicas on N serving "
         "workers (started here if fewer are online)",
+    )
+    parser.add_argument(
+        "--replica-threads",
+        type=int,
+        default=0,
+        help="threads of each of those replicas (default: the deployment's); on one host, "
+        "its cores divided by N keeps the replicas from taking each other's cores",
     )
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
@@ -500,7 +507,12 @@ def main() -> None:
             elif name == replicated:
                 started = start_serving_workers(args.replicas, log_dir)
                 servers.extend(started)
-                spread = variant_deployment(deployment, f"x{args.replicas}", replicas=args.replicas)
+                changes = {"replicas": args.replicas}
+                suffix = f"x{args.replicas}"
+                if args.replica_threads:
+                    changes["threads"] = args.replica_threads
+                    suffix += f"-t{args.replica_threads}"
+                spread = variant_deployment(deployment, suffix, **changes)
                 hosts = sorted(r.worker for r in spread.replica_set.all())
                 print(f"{spread.name}: replicas on {', '.join(hosts)}", flush=True)
                 targets[name] = target(name, args.url, spread.name, auth)
