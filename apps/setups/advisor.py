@@ -76,9 +76,9 @@ class Fit:
     gpu_index: int | None  # where it runs: a GPU (the first of a split), None for the CPU
     needed_bytes: int
     free_bytes: int
-    # The device counted is the worker's RAM although it runs on a GPU (the layers left
-    # on the CPU, with a partial offload, are what does not fit).
-    ram_bound: bool = False
+    # The device counted when it runs on GPUs: "GPU <index>" (one of a split), or "RAM"
+    # for the layers a partial offload leaves on the CPU. Empty: its own GPU, or RAM.
+    device: str = ""
 
     @property
     def fits(self) -> bool:
@@ -86,8 +86,10 @@ class Fit:
 
     @property
     def where(self) -> str:
-        if self.ram_bound:
+        if self.device == "RAM":
             return f"{self.worker} (its RAM)"
+        if self.device:
+            return f"{self.worker} {self.device}"
         return self.worker + (f" GPU {self.gpu_index}" if self.gpu_index is not None else "")
 
     def as_dict(self) -> dict[str, Any]:
@@ -344,10 +346,12 @@ def fits_on(
     """Memory needed against free on each serving worker, as placement counts it: its
     roomiest way to run the setup (RAM less the headroom the box keeps, and the GPUs
     the setup offloads to), measured on the device with the least to spare."""
-    # An unsaved deployment with these settings: what placement weighs.
+    # An unsaved deployment with these settings: what placement weighs. The adapter comes
+    # as a version or, from Setup.settings_dict(), as its id.
+    adapter = settings.get("adapter")
     target = Deployment(
         model_version=version,
-        adapter_id=settings.get("adapter"),
+        adapter_id=getattr(adapter, "pk", adapter),
         **{name: settings[name] for name in RUNTIME_FIELDS if name in settings},
     )
     fits = []
@@ -362,8 +366,8 @@ def fits_on(
         short = [need for need in best.needs if need[1] > need[2]]
         gpus = [need for need in best.needs if need[0] is not None] or [best.needs[0]]
         index, needed, free = short[0] if short else min(gpus, key=lambda n: n[2] - n[1])
-        ram_bound = index is None and best.gpu_index is not None
-        fits.append(Fit(worker.hostname, best.gpu_index, needed, free, ram_bound))
+        device = "" if best.gpu_index is None else "RAM" if index is None else f"GPU {index}"
+        fits.append(Fit(worker.hostname, best.gpu_index, needed, free, device))
     return fits
 
 
