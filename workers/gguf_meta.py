@@ -11,7 +11,9 @@ skipped and only counted, numeric arrays kept as numpy arrays.
 
 from __future__ import annotations
 
+import math
 import mmap
+import re
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +57,8 @@ class TensorInfo:
     name: str
     shape: tuple[int, ...]  # in ggml's order: the fastest-varying dimension first
     ggml_type: int
+    # Bytes of its data in the file (whole quantisation blocks), as GGUFReader's n_bytes.
+    n_bytes: int = 0
 
     @property
     def n_elements(self) -> int:
@@ -161,28 +165,32 @@ def _parse(view: memoryview) -> GGUFHeader:
         shape = tuple(cursor.unpack("Q") for _ in range(n_dims))
         ggml_type = cursor.unpack("I")
         offsets.append(cursor.unpack("Q"))  # where its data starts, in the data section
-        header.tensors.append(TensorInfo(name, shape, ggml_type))
+        n_bytes = _data_bytes(name, math.prod(shape), ggml_type)
+        header.tensors.append(TensorInfo(name, shape, ggml_type, n_bytes))
     _data_check(header, offsets, cursor.offset, len(view))
     return header
+
+
+def _data_bytes(name: str, n_elements: int, ggml_type: int) -> int:
+    """The bytes a tensor's data takes: whole blocks of its quantisation type."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    except (ValueError, KeyError):
+        raise ValueError(f"tensor {name!r} has an unknown type {ggml_type}") from None
+    return n_elements // block * block_bytes
 
 
 def _data_check(header: GGUFHeader, offsets: list[int], header_end: int, size: int) -> None:
     """Every tensor's data lies inside the file (a truncated download or copy does not),
     as llama.cpp requires before it loads one."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
     alignment = int(header.fields.get("general.alignment", 32))
     if alignment <= 0 or alignment & (alignment - 1):
         raise ValueError(f"the alignment {alignment} is not a power of two")
     data_start = -(-header_end // alignment) * alignment
     for tensor, offset in zip(header.tensors, offsets, strict=True):
-        try:
-            block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(tensor.ggml_type)]
-        except (ValueError, KeyError):
-            raise ValueError(
-                f"tensor {tensor.name!r} has an unknown type {tensor.ggml_type}"
-            ) from None
-        if data_start + offset + tensor.n_elements // block * block_bytes > size:
+        if data_start + offset + tensor.n_bytes > size:
             raise ValueError(f"tensor {tensor.name!r} runs past the end of the file")
 
 
@@ -211,6 +219,10 @@ class GGUFMetadata:
     attention_heads_kv: int | None = None
     key_length: int | None = None
     value_length: int | None = None
+    # Where the tensors' bytes sit, for splitting a model between GPUs and RAM
+    # (``tensor_layout``): {"layers": [bytes of blk.0, blk.1, ...], "input", "output",
+    # "embedding", "output_tied"}. Empty in versions registered before it was recorded.
+    tensor_bytes: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -252,12 +264,54 @@ def read_metadata(path: Path) -> GGUFMetadata:
             attention_heads_kv=_largest_int(value(f"{arch}.attention.head_count_kv")),
             key_length=_largest_int(value(f"{arch}.attention.key_length")),
             value_length=_largest_int(value(f"{arch}.attention.value_length")),
+            tensor_bytes=tensor_layout(header.tensors, _int_or_none(value(f"{arch}.block_count"))),
         )
     except Exception as exc:  # noqa: BLE001 - the reader raises many kinds on bad input
         raise InvalidGGUF(f"Not a valid GGUF file: {exc}") from exc
     if not meta.architecture:
         raise InvalidGGUF("Not a valid GGUF file: it names no architecture.")
     return meta
+
+
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+# The output layer's own tensors (llama.cpp's LLM_TENSOR_OUTPUT and OUTPUT_NORM).
+_OUTPUT = ("output", "output_norm")
+_EMBEDDING = "token_embd.weight"
+
+
+def tensor_layout(tensors: list[TensorInfo], block_count: int | None) -> dict[str, Any]:
+    """The tensors' bytes by the part of the model llama.cpp places as one: each
+    repeating layer (``blk.<n>.*``), the output layer (``output``, ``output_norm``) and
+    the input layer (the token embedding, and whatever else is outside a block).
+
+    llama.cpp offloads whole layers: ``gpu_layers`` puts the last repeating layers and
+    then the output layer on a GPU and always keeps the input layer in RAM. A model
+    without an ``output.weight`` (Gemma ties it to the embedding) runs its output layer
+    from a copy of ``token_embd.weight``: ``output_tied`` says so, and ``embedding``
+    is what that copy costs on the GPU. ``layers``, ``input`` and ``output`` add up to
+    every tensor's bytes in the file.
+    """
+    layers = [0] * (block_count or 0)
+    layout = {"input": 0, "output": 0, "embedding": 0}
+    names = set()
+    for tensor in tensors:
+        names.add(tensor.name)
+        block = _BLOCK.match(tensor.name)
+        if block:
+            index = int(block.group(1))
+            layers.extend([0] * (index + 1 - len(layers)))
+            layers[index] += tensor.n_bytes
+        elif tensor.name.split(".")[0] in _OUTPUT:
+            layout["output"] += tensor.n_bytes
+        else:
+            layout["input"] += tensor.n_bytes
+        if tensor.name == _EMBEDDING:
+            layout["embedding"] = tensor.n_bytes
+    return {
+        "layers": layers,
+        **layout,
+        "output_tied": "output.weight" not in names and _EMBEDDING in names,
+    }
 
 
 _by_sha256: dict[str, GGUFMetadata] = {}

@@ -9,7 +9,7 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 
-from apps.deployments.models import KvCacheType, labels_validator
+from apps.deployments.models import KvCacheType, SplitMode, labels_validator
 from apps.registry.models import Format, ModelVersion
 from apps.registry.models import State as VersionState
 from apps.registry.services import model_version_deploy_check
@@ -71,9 +71,30 @@ def _check_labels(values: dict[str, Any]) -> None:
         )
 
 
+def _check_split(values: dict[str, Any]) -> None:
+    """Tensor split proportions only with a split over a worker's GPUs, and such a split
+    not pinned to one GPU."""
+    split_mode = values.get("split_mode", SplitMode.NONE)
+    if values.get("tensor_split") and split_mode == SplitMode.NONE:
+        raise ValidationError(
+            {
+                "tensor_split": "Proportions share a model out over a worker's GPUs: choose "
+                "the layer or row split mode, or leave them empty to run on one GPU."
+            }
+        )
+    if split_mode != SplitMode.NONE and values.get("placement_gpu") is not None:
+        raise ValidationError(
+            {
+                "placement_gpu": f"A {split_mode} split runs on all of a worker's GPUs: leave "
+                "the GPU empty, or choose split mode none to run on this GPU alone."
+            }
+        )
+
+
 def _check_settings(version: ModelVersion, values: dict[str, Any]) -> None:
     _check_adapter(version, values.get("adapter"))
     _check_labels(values)
+    _check_split(values)
     kv_type = values.get("kv_cache_type", KvCacheType.F16)
     if kv_type != KvCacheType.F16 and not values.get("flash_attention", True):
         raise ValidationError(
@@ -94,7 +115,8 @@ def _check_settings(version: ModelVersion, values: dict[str, Any]) -> None:
 
 def deployment_values_check(*, version: ModelVersion, values: dict[str, Any]) -> None:
     """Raise ValidationError unless these settings suit ``version`` (a fitting adapter, a
-    context the model takes, a KV cache type its attention supports)."""
+    context the model takes, a KV cache type its attention supports, a GPU split that
+    says where it goes)."""
     _check_settings(version, values)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 from django import forms
 from django.core.exceptions import ValidationError
 
-from apps.deployments.models import LABELS_MAX, Deployment, KvCacheType, ServingMode
+from apps.deployments.models import LABELS_MAX, Deployment, KvCacheType, ServingMode, SplitMode
 from apps.registry.models import Format, ModelVersion, State
 from workers.labels import labels_parse
 
@@ -65,6 +65,8 @@ class DeploymentForm(forms.ModelForm):
             "parallel_slots",
             "threads",
             "gpu_layers",
+            "split_mode",
+            "tensor_split",
             "batch_size",
             "embeddings",
             "kv_cache_type",
@@ -93,12 +95,17 @@ class DeploymentForm(forms.ModelForm):
         # Scripts that post the form from before KV cache types keep getting f16.
         self.fields["kv_cache_type"].required = False
         self.fields["serving_mode"].required = False
+        # Scripts that post the form from before GPU splits keep one GPU.
+        self.fields["split_mode"].required = False
 
     def clean_kv_cache_type(self) -> str:
         return self.cleaned_data.get("kv_cache_type") or KvCacheType.F16
 
     def clean_serving_mode(self) -> str:
         return self.cleaned_data.get("serving_mode") or ServingMode.IDENTICAL
+
+    def clean_split_mode(self) -> str:
+        return self.cleaned_data.get("split_mode") or SplitMode.NONE
 
     def clean_load_timeout_seconds(self) -> int:
         value = self.cleaned_data.get("load_timeout_seconds")

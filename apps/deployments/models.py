@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
@@ -86,6 +88,49 @@ SERVING_MODE_TRADEOFF = {
 }
 
 
+class SplitMode(models.TextChoices):
+    """How a replica spreads its offloaded layers over a worker's GPUs (llama.cpp's
+    ``LLAMA_SPLIT_MODE_*``)."""
+
+    NONE = "none", "One GPU"
+    LAYER = "layer", "Layers across the worker's GPUs"
+    ROW = "row", "Rows of each layer across the worker's GPUs"
+
+
+# llama.cpp's LLAMA_MAX_DEVICES: the most GPUs a tensor split can name.
+MAX_SPLIT_GPUS = 16
+
+
+def tensor_split_parse(value: str) -> list[float]:
+    """The proportions a tensor split gives each GPU, by index ("3,1": GPU 0 takes three
+    quarters of the offloaded layers, GPU 1 one quarter); an empty split gives []."""
+    if not value.strip():
+        return []
+    parts = [part.strip() for part in value.split(",")]
+    proportions = []
+    for part in parts:
+        try:
+            number = float(part)
+        except ValueError:
+            raise ValidationError(
+                f"'{part}' is not a number: give one proportion per GPU, separated by commas (3,1)."
+            ) from None
+        if not math.isfinite(number) or number < 0:
+            raise ValidationError(f"'{part}' is not a proportion: each must be 0 or more.")
+        proportions.append(number)
+    if len(proportions) > MAX_SPLIT_GPUS:
+        raise ValidationError(
+            f"The split names {len(proportions)} GPUs; llama.cpp takes at most {MAX_SPLIT_GPUS}."
+        )
+    if not any(proportions):
+        raise ValidationError("At least one GPU needs a proportion above 0.")
+    return proportions
+
+
+def tensor_split_validator(value: str) -> None:
+    tensor_split_parse(value)
+
+
 # Bytes per stored element of each KV cache type (q8_0 and q4_0 store 32 values in 34
 # and 18 bytes).
 KV_CACHE_BYTES: dict[str, float] = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
@@ -128,6 +173,21 @@ class RuntimeSettings(models.Model):
         default=1, validators=[MinValueValidator(1), MaxValueValidator(64)]
     )
     embeddings = models.BooleanField(default=False)
+    split_mode = models.CharField(
+        max_length=8,
+        choices=SplitMode.choices,
+        default=SplitMode.NONE,
+        help_text="With several GPUs on a worker: one GPU holds what is offloaded (none), "
+        "whole layers go to each GPU (layer), or each layer's matrices are split by rows "
+        "over them (row).",
+    )
+    tensor_split = models.CharField(
+        max_length=200,
+        blank=True,
+        validators=[tensor_split_validator],
+        help_text="With a layer or row split: each GPU's share, by GPU index (3,1: GPU 0 "
+        "takes three quarters). Empty: in proportion to each GPU's free memory.",
+    )
     kv_cache_type = models.CharField(
         "KV cache type", max_length=8, choices=KvCacheType.choices, default=KvCacheType.F16
     )
@@ -168,6 +228,8 @@ RUNTIME_FIELDS = (
     "batch_size",
     "threads",
     "gpu_layers",
+    "split_mode",
+    "tensor_split",
     "kv_cache_type",
     "flash_attention",
     "serving_mode",
@@ -329,11 +391,16 @@ class Replica(models.Model):
     )
     index = models.PositiveSmallIntegerField()
     worker = models.CharField(max_length=200)
+    # The GPU it runs on (None: the CPU); with a layer or row split over the worker's
+    # GPUs, the first that holds part of it.
     gpu_index = models.PositiveSmallIntegerField(null=True, blank=True)
     generation = models.PositiveIntegerField(default=1)
     state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
     state_reason = models.TextField(blank=True)
     memory_estimate_bytes = models.BigIntegerField(default=0)
+    # Where that memory goes on its worker, as memory.MemoryEstimate.where() gives it:
+    # {"ram": bytes, "gpus": {"<index>": bytes}}; empty in rows placed before it was kept.
+    memory_by_device = models.JSONField(default=dict, blank=True)
     updated_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -344,6 +411,13 @@ class Replica(models.Model):
 
     def __str__(self) -> str:
         return f"{self.deployment.name}#{self.index}@{self.worker}"
+
+    @property
+    def memory_places(self) -> list[tuple[str, int]]:
+        """Where its memory estimate goes, for the page: ("RAM", bytes), ("GPU 0", bytes)."""
+        where = self.memory_by_device or {}
+        places = [("RAM", where["ram"])] if "ram" in where else []
+        return places + [(f"GPU {index}", size) for index, size in where.get("gpus", {}).items()]
 
 
 class WorkerCredentialQuerySet(models.QuerySet):

@@ -1,8 +1,9 @@
 """Where a deployment's replicas run, and what their workers are told.
 
-Placement picks, for each replica, the online worker (and GPU) with the most free memory
-that fits the memory estimate; the replica's spec goes to that worker's own queue as a
-task sent by name (``protocol.REPLICA_LOAD`` and the others), so the control plane never
+Placement picks, for each replica, the online worker (and GPU, or GPUs for a split) with
+the most memory left once the replica's estimate is on it (``memory``: RAM and each GPU
+it uses, every one of them must fit); the replica's spec goes to that worker's own queue
+as a task sent by name (``protocol.REPLICA_LOAD`` and the others), so the control plane never
 imports the runtime in ``workers/inference``. The deployment's state is summed up here
 from its replicas.
 """
@@ -10,7 +11,6 @@ from its replicas.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,25 +21,25 @@ from django.utils import timezone
 
 from aibox.celery import app as celery_app
 from apps.deployments import selectors
+from apps.deployments.memory import (
+    HEADROOM_BYTES,
+    MIB,
+    MemoryEstimate,
+    Offload,
+    memory_estimate,
+)
 from apps.deployments.models import (
-    KV_CACHE_BYTES,
     Deployment,
-    KvCacheType,
     Replica,
     Revision,
+    SplitMode,
     State,
+    tensor_split_parse,
 )
 from apps.registry.artifacts import artifact_store
-from apps.registry.models import ModelVersion
 from workers.inference import protocol
 from workers.inference.protocol import ReplicaSpec
 from workers.labels import labels_match
-
-MIB = 1024 * 1024
-# llama.cpp's scratch buffers and runtime overhead beyond weights and KV cache.
-COMPUTE_OVERHEAD_BYTES = 48 * MIB
-# Keep this much of a worker's memory free for the OS and the worker itself.
-HEADROOM_BYTES = 256 * MIB
 
 
 class PlacementError(ValidationError):
@@ -51,73 +51,22 @@ class NoWorkerOnline(PlacementError):
     deployment can wait for one rather than fail."""
 
 
-@dataclass(frozen=True)
-class MemoryEstimate:
-    weights: int
-    kv_cache: int
-    compute: int
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.kv_cache + self.compute
-
-    def as_dict(self) -> dict[str, int]:
-        return {
-            "weights": self.weights,
-            "kv_cache": self.kv_cache,
-            "compute": self.compute,
-            "total": self.total,
-        }
-
-
-def memory_estimate(
-    *,
-    version: ModelVersion,
-    context_length: int,
-    parallel_slots: int,
-    batch_size: int,
-    kv_cache_type: str = KvCacheType.F16,
-) -> MemoryEstimate:
-    """Weights, plus a KV cache for every slot's full context, plus scratch buffers.
-
-    The KV cache is sized from the GGUF attention shape (grouped-query heads make it
-    smaller); a file that does not state it is sized as if every head had its own KV.
-    """
-    meta = version.metadata or {}
-    layers = version.layers or meta.get("layers") or 0
-    embedding = version.embedding_size or meta.get("embedding_size") or 0
-    heads = meta.get("attention_heads") or 0
-    kv_heads = meta.get("attention_heads_kv") or heads
-    head_dim = embedding // heads if heads else 0
-    key_len = meta.get("key_length") or head_dim
-    value_len = meta.get("value_length") or head_dim
-    elements = layers * kv_heads * (key_len + value_len) if kv_heads else layers * embedding * 2
-    per_token = elements * KV_CACHE_BYTES[kv_cache_type]
-    kv_cache = int(per_token * context_length * parallel_slots)
-    vocab = version.vocab_size or meta.get("vocab_size") or 0
-    compute = COMPUTE_OVERHEAD_BYTES + batch_size * (vocab + 4 * embedding) * 4
-    return MemoryEstimate(weights=version.size, kv_cache=kv_cache, compute=compute)
-
-
 def _mib(n: int) -> str:
     return f"{n / MIB:,.0f} MiB"
 
 
-def estimate_for(deployment: Deployment) -> MemoryEstimate:
-    estimate = memory_estimate(
+def estimate_for(deployment: Deployment, offload: Offload | None = None) -> MemoryEstimate:
+    """The memory one replica of ``deployment`` takes, all in RAM unless ``offload``
+    says what goes to a worker's GPUs. A LoRA adapter is loaded whole, beside the model."""
+    return memory_estimate(
         version=deployment.model_version,
         context_length=deployment.context_length,
         parallel_slots=deployment.parallel_slots,
         batch_size=deployment.batch_size,
         kv_cache_type=deployment.kv_cache_type,
+        adapter_bytes=deployment.adapter.size if deployment.adapter is not None else 0,
+        offload=offload,
     )
-    if deployment.adapter is not None:  # loaded whole, next to the model
-        estimate = dataclasses.replace(estimate, weights=estimate.weights + deployment.adapter.size)
-    return estimate
-
-
-def _uses_gpu(deployment: Deployment, worker: selectors.WorkerStatus) -> bool:
-    return bool(worker.gpus) and deployment.gpu_layers != 0
 
 
 def labels_wanted(deployment: Deployment) -> str:
@@ -130,15 +79,128 @@ def labels_wanted(deployment: Deployment) -> str:
     return " and ".join(parts)
 
 
-def _choose_worker(
+Reserved = dict[tuple[str, int | None], int]
+SPLIT_PINNED = (
+    "a layer or row split runs on all of a worker's GPUs, not on the one GPU the "
+    "deployment is pinned to (placement_gpu)"
+)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to run a replica on a worker: on its RAM, on one of its GPUs, or split
+    over its GPUs, with what each device needs and has (RAM less the headroom, a GPU's
+    free memory, both less what replicas still loading there were promised)."""
+
+    hostname: str
+    gpu_index: int | None  # the GPU, or the first of a split; None: the CPU
+    estimate: MemoryEstimate
+    # (GPU index, or None for RAM; bytes needed; bytes available), RAM first
+    needs: tuple[tuple[int | None, int, int], ...]
+
+    @property
+    def fits(self) -> bool:
+        return all(needed <= available for _, needed, available in self.needs)
+
+    @property
+    def room(self) -> int:
+        """What is left after loading it on the scarcest device it uses: the GPUs when
+        it uses any (the memory they lack is what refuses a model), else RAM."""
+        gpus = [available - needed for index, needed, available in self.needs if index is not None]
+        return min(gpus) if gpus else self.needs[0][2] - self.needs[0][1]
+
+    def shortfalls(self) -> str:
+        """What does not fit where, in words: "GPU 1 has 900 MiB available for its
+        1,200 MiB"."""
+        return " and ".join(
+            f"{_device(index)} has {_mib(max(available, 0))} available for its {_mib(needed)}"
+            for index, needed, available in self.needs
+            if needed > available
+        )
+
+
+def _device(index: int | None) -> str:
+    return "RAM" if index is None else f"GPU {index}"
+
+
+def _ram_free(worker: selectors.WorkerStatus, reserved: Reserved) -> int:
+    return (
+        worker.ram_available_mib * MIB - HEADROOM_BYTES - reserved.get((worker.hostname, None), 0)
+    )
+
+
+def _gpu_free(worker: selectors.WorkerStatus, gpu: dict[str, Any], reserved: Reserved) -> int:
+    return gpu["memory_free_mib"] * MIB - reserved.get((worker.hostname, gpu["index"]), 0)
+
+
+def _option(
     deployment: Deployment,
-    needed: int,
-    reserved: dict[tuple[str, int | None], int],
-    avoid: frozenset[str] = frozenset(),
-) -> tuple[str, int | None]:
-    """The online worker (and GPU) with the most free memory that fits ``needed`` bytes,
-    preferring one not in ``avoid`` (the workers that hold the deployment's other
-    replicas: spread over hosts, one dying takes one replica) when such a one fits.
+    worker: selectors.WorkerStatus,
+    reserved: Reserved,
+    offload: Offload | None,
+) -> Option:
+    estimate = estimate_for(deployment, offload)
+    gpus = {gpu["index"]: gpu for gpu in worker.gpus}
+    needs = [(None, estimate.ram, _ram_free(worker, reserved))]
+    needs += [
+        (index, size, _gpu_free(worker, gpus[index], reserved))
+        for index, size in estimate.gpus.items()
+    ]
+    return Option(worker.hostname, min(estimate.gpus, default=None), estimate, tuple(needs))
+
+
+def worker_options(
+    deployment: Deployment, worker: selectors.WorkerStatus, reserved: Reserved
+) -> tuple[list[Option], str]:
+    """The ways ``deployment`` (its settings; ``placement_gpu`` if it pins one) could run
+    on ``worker``, fitting or not, and why there is none when there is none.
+
+    No GPUs, or 0 GPU layers: its RAM. Split mode none: each of its GPUs alone (the one
+    pinned, if any), the layers that stay on the CPU in its RAM. A layer or row split:
+    all its GPUs at once, shared by the tensor split's proportions (GPUs it leaves out
+    take none), or when it gives none, by their free memory as llama.cpp shares them.
+    """
+    pinned = deployment.placement_gpu
+    if not worker.gpus or deployment.gpu_layers == 0:
+        if pinned is not None:
+            return [], f"{worker.hostname} has no GPU {pinned}"
+        return [_option(deployment, worker, reserved, None)], ""
+    gpus = sorted(worker.gpus, key=lambda gpu: gpu["index"])
+    indices = [gpu["index"] for gpu in gpus]
+    if deployment.split_mode == SplitMode.NONE:
+        if pinned is not None and pinned not in indices:
+            return [], f"{worker.hostname} has no GPU {pinned}"
+        return [
+            _option(deployment, worker, reserved, Offload(deployment.gpu_layers, ((index, 1.0),)))
+            for index in indices
+            if pinned is None or index == pinned
+        ], ""
+    if pinned is not None:
+        return [], SPLIT_PINNED
+    proportions = tensor_split_parse(deployment.tensor_split)
+    if len(proportions) > len(gpus):
+        return [], (
+            f"the tensor split {deployment.tensor_split} names {len(proportions)} GPUs and "
+            f"{worker.hostname} has {len(gpus)}"
+        )
+    if not proportions:
+        proportions = [max(_gpu_free(worker, gpu, reserved), 0) for gpu in gpus]
+        if not any(proportions):
+            proportions = [1.0] * len(gpus)
+    proportions += [0.0] * (len(gpus) - len(proportions))
+    offload = Offload(
+        deployment.gpu_layers, tuple(zip(indices, proportions, strict=True)), deployment.split_mode
+    )
+    return [_option(deployment, worker, reserved, offload)], ""
+
+
+def _choose_worker(
+    deployment: Deployment, reserved: Reserved, avoid: frozenset[str] = frozenset()
+) -> Option:
+    """The online worker (and GPU, or GPUs) with the most room left that fits the
+    replica on every device it uses, preferring one not in ``avoid`` (the workers that
+    hold the deployment's other replicas: spread over hosts, one dying takes one
+    replica) when such a one fits.
 
     Only workers with the deployment's ``placement_labels`` and none of its
     ``exclude_labels`` are considered; when none is online, NoWorkerOnline names them.
@@ -172,44 +234,59 @@ def _choose_worker(
             raise NoWorkerOnline(
                 f"Waiting for a worker with {wanted}: no online worker that serves models has them."
             )
-    options: list[tuple[int, str, int | None]] = []
+    options: list[Option] = []
+    unfit: list[str] = []
     for worker in workers:
-        if _uses_gpu(deployment, worker):
-            for gpu in worker.gpus:
-                if (
-                    deployment.placement_gpu is not None
-                    and gpu["index"] != deployment.placement_gpu
-                ):
-                    continue
-                free = gpu["memory_free_mib"] * MIB - reserved.get(
-                    (worker.hostname, gpu["index"]), 0
-                )
-                options.append((free, worker.hostname, gpu["index"]))
-        elif deployment.placement_gpu is None:
-            free = (
-                worker.ram_available_mib * MIB
-                - HEADROOM_BYTES
-                - reserved.get((worker.hostname, None), 0)
-            )
-            options.append((free, worker.hostname, None))
+        found, why = worker_options(deployment, worker, reserved)
+        options += found
+        if why:
+            unfit.append(why)
     if not options:
-        raise PlacementError(f"No online worker has GPU {deployment.placement_gpu}.")
-    apart = [option for option in options if option[1] not in avoid and option[0] >= needed]
-    free, hostname, gpu_index = max(apart or options)
-    if free < needed:
-        where = f"{hostname}" + (f" GPU {gpu_index}" if gpu_index is not None else "")
+        if deployment.placement_gpu is not None and deployment.split_mode == SplitMode.NONE:
+            raise PlacementError(f"No online worker has GPU {deployment.placement_gpu}.")
+        reasons = "; ".join(dict.fromkeys(unfit))
+        raise PlacementError(f"No online worker can run deployment '{deployment.name}': {reasons}.")
+    fitting = [option for option in options if option.fits]
+    apart = [option for option in fitting if option.hostname not in avoid]
+    if apart or fitting:
+        return max(apart or fitting, key=_roomiest)
+    roomiest = max(options, key=_roomiest)
+    estimate = roomiest.estimate
+    if not estimate.gpus:
+        _, needed, free = roomiest.needs[0]
         raise PlacementError(
             f"Deployment '{deployment.name}' needs about {_mib(needed)} per replica; the "
-            f"roomiest worker, {where}, has {_mib(max(free, 0))} available."
+            f"roomiest worker, {roomiest.hostname}, has {_mib(max(free, 0))} available."
         )
-    return hostname, gpu_index
+    where = ", ".join(f"{_device(index)} {_mib(needed)}" for index, needed, _ in roomiest.needs)
+    raise PlacementError(
+        f"Deployment '{deployment.name}' needs about {_mib(estimate.total)} per replica "
+        f"({where}); on the roomiest worker, {roomiest.hostname}, "
+        f"{roomiest.shortfalls()}."
+    )
 
 
-def _reserved_memory() -> dict[tuple[str, int | None], int]:
-    reserved: dict[tuple[str, int | None], int] = {}
+def _roomiest(option: Option) -> tuple[int, str, int]:
+    gpu = -1 if option.gpu_index is None else option.gpu_index
+    return option.room, option.hostname, gpu
+
+
+def _reserve(reserved: Reserved, hostname: str, where: dict[str, Any]) -> None:
+    """Count a replica's memory, by device (``MemoryEstimate.where``), as promised."""
+    reserved[(hostname, None)] = reserved.get((hostname, None), 0) + where["ram"]
+    for index, size in where["gpus"].items():
+        key = (hostname, int(index))
+        reserved[key] = reserved.get(key, 0) + size
+
+
+def _reserved_memory() -> Reserved:
+    reserved: Reserved = {}
     for replica in Replica.objects.filter(state__in=[State.PENDING, State.LOADING]):
-        key = (replica.worker, replica.gpu_index)
-        reserved[key] = reserved.get(key, 0) + replica.memory_estimate_bytes
+        if replica.memory_by_device:
+            _reserve(reserved, replica.worker, replica.memory_by_device)
+        else:  # placed before memory was kept by device: all of it on one
+            key = (replica.worker, replica.gpu_index)
+            reserved[key] = reserved.get(key, 0) + replica.memory_estimate_bytes
     return reserved
 
 
@@ -245,6 +322,10 @@ def replica_spec(replica: Replica) -> ReplicaSpec:
         threads=deployment.threads,
         gpu_layers=deployment.gpu_layers if replica.gpu_index is not None else 0,
         gpu_index=replica.gpu_index,
+        split_mode=deployment.split_mode if replica.gpu_index is not None else SplitMode.NONE,
+        tensor_split=tensor_split_parse(deployment.tensor_split)
+        if replica.gpu_index is not None
+        else [],
         batch_size=deployment.batch_size,
         parallel_slots=deployment.parallel_slots,
         embeddings=deployment.embeddings,
@@ -285,13 +366,19 @@ def replica_reload(replica: Replica) -> None:
     replica_load_send(replica)
 
 
+def _place(replica: Replica, option: Option) -> None:
+    replica.worker, replica.gpu_index = option.hostname, option.gpu_index
+    replica.memory_estimate_bytes = option.estimate.total
+    replica.memory_by_device = option.estimate.where()
+    replica_reload(replica)
+
+
 def replicas_place(deployment: Deployment, revision: Revision | None = None) -> list[Replica]:
     """Give each wanted replica of ``revision`` (the serving one unless given) a worker and
     send it a load; raise PlacementError if one does not fit. Already-placed replicas
     are reloaded where they are."""
     revision = revision or deployment.revision
     target = revised(deployment, revision)
-    estimate = estimate_for(target).total
     reserved = _reserved_memory()
     placed = []
     existing = {r.index: r for r in revision.replicas.select_for_update()}
@@ -300,14 +387,12 @@ def replicas_place(deployment: Deployment, revision: Revision | None = None) -> 
         replica = existing.get(index)
         if replica is not None and replica.state in (State.LOADING, State.READY):
             continue
-        hostname, gpu_index = _choose_worker(target, estimate, reserved, frozenset(taken))
-        reserved[(hostname, gpu_index)] = reserved.get((hostname, gpu_index), 0) + estimate
-        taken.add(hostname)
+        option = _choose_worker(target, reserved, frozenset(taken))
+        _reserve(reserved, option.hostname, option.estimate.where())
+        taken.add(option.hostname)
         if replica is None:
             replica = Replica(deployment=deployment, revision=revision, index=index, generation=0)
-        replica.worker, replica.gpu_index = hostname, gpu_index
-        replica.memory_estimate_bytes = estimate
-        replica_reload(replica)
+        _place(replica, option)
         placed.append(replica)
     return placed
 
@@ -318,16 +403,13 @@ def replica_place_again(replica: Replica) -> tuple[str, int | None]:
     replica unchanged) when none can hold it, or when the deployment is pinned to the
     worker that went away."""
     target = revised(replica.deployment, replica.revision)
-    estimate = estimate_for(target).total
     siblings = Replica.objects.filter(
         revision_id=replica.revision_id, state__in=(State.PENDING, State.LOADING, State.READY)
     ).exclude(pk=replica.pk)
     avoid = frozenset(siblings.values_list("worker", flat=True))
-    hostname, gpu_index = _choose_worker(target, estimate, _reserved_memory(), avoid)
-    replica.worker, replica.gpu_index = hostname, gpu_index
-    replica.memory_estimate_bytes = estimate
-    replica_reload(replica)
-    return hostname, gpu_index
+    option = _choose_worker(target, _reserved_memory(), avoid)
+    _place(replica, option)
+    return option.hostname, option.gpu_index
 
 
 def deployment_state_refresh(deployment: Deployment) -> None:

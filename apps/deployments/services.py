@@ -284,7 +284,10 @@ def deployment_switch(
     if unknown:
         raise ValidationError(f"Not a setup setting: {', '.join(sorted(unknown))}.")
     merged = {**_revision_values(deployment), "adapter": deployment.adapter, **values}
-    deployment_settings_check(version=model_version, values=merged)
+    # Where it runs stays the deployment's: a setup that splits over a worker's GPUs
+    # does not suit a deployment pinned to one.
+    pinned = {"placement_gpu": deployment.placement_gpu}
+    deployment_settings_check(version=model_version, values={**merged, **pinned})
     adapter = merged.pop("adapter")
     with transaction.atomic():
         deployment = Deployment.objects.select_for_update().get(pk=deployment.pk)

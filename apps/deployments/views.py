@@ -78,13 +78,7 @@ def deployment_list(request: HttpRequest) -> HttpResponse:
 def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
     deployment = _deployment_or_404(request, name)
     workers = selectors.worker_list()
-    estimate = placement.memory_estimate(
-        version=deployment.model_version,
-        context_length=deployment.context_length,
-        parallel_slots=deployment.parallel_slots,
-        batch_size=deployment.batch_size,
-        kv_cache_type=deployment.kv_cache_type,
-    )
+    estimate = placement.estimate_for(deployment)
     revisions = list(deployment.revisions.select_related("model_version__repo", "adapter__repo"))
     context = {
         "deployment": deployment,

@@ -21,8 +21,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from apps.deployments.models import KvCacheType, Preset, ServingMode
-from apps.deployments.placement import HEADROOM_BYTES, MIB, memory_estimate
+from apps.deployments.memory import MIB, memory_estimate
+from apps.deployments.models import (
+    RUNTIME_FIELDS,
+    Deployment,
+    KvCacheType,
+    Preset,
+    ServingMode,
+    SplitMode,
+)
+from apps.deployments.placement import worker_options
 from apps.deployments.selectors import WorkerStatus
 from apps.registry.models import ModelVersion
 from apps.setups.models import Experience, Trial, UseCase
@@ -61,10 +69,16 @@ FIRST_TOKEN_OVERHEAD_MS = 5.0
 
 @dataclass(frozen=True)
 class Fit:
+    """Whether a setup fits on a worker: the memory it needs against what is free on the
+    device with the least to spare (a GPU it offloads to, or the worker's RAM)."""
+
     worker: str
-    gpu_index: int | None
+    gpu_index: int | None  # where it runs: a GPU (the first of a split), None for the CPU
     needed_bytes: int
     free_bytes: int
+    # The device counted when it runs on GPUs: "GPU <index>" (one of a split), or "RAM"
+    # for the layers a partial offload leaves on the CPU. Empty: its own GPU, or RAM.
+    device: str = ""
 
     @property
     def fits(self) -> bool:
@@ -72,6 +86,10 @@ class Fit:
 
     @property
     def where(self) -> str:
+        if self.device == "RAM":
+            return f"{self.worker} (its RAM)"
+        if self.device:
+            return f"{self.worker} {self.device}"
         return self.worker + (f" GPU {self.gpu_index}" if self.gpu_index is not None else "")
 
     def as_dict(self) -> dict[str, Any]:
@@ -272,6 +290,10 @@ def _settings(version: ModelVersion, use_case: str, experience: str) -> tuple[di
         "batch_size": 512,
         "threads": None,
         "gpu_layers": -1,
+        # One GPU; a split over a worker's GPUs is an admin's choice for a model too big
+        # for one.
+        "split_mode": SplitMode.NONE,
+        "tensor_split": "",
         "kv_cache_type": kv,
         "flash_attention": True,
         # Identical answers whatever the traffic; "fastest" is an admin's explicit choice.
@@ -321,19 +343,31 @@ def needed_bytes(version: ModelVersion, settings: dict[str, Any]) -> int:
 def fits_on(
     version: ModelVersion, settings: dict[str, Any], workers: Iterable[WorkerStatus]
 ) -> list[Fit]:
-    """Memory needed against free on each serving worker (its roomiest GPU if it has one
-    and the setup offloads, else its RAM less the headroom the box keeps)."""
-    needed = needed_bytes(version, settings)
+    """Memory needed against free on each serving worker, as placement counts it: its
+    roomiest way to run the setup (RAM less the headroom the box keeps, and the GPUs
+    the setup offloads to), measured on the device with the least to spare."""
+    # An unsaved deployment with these settings: what placement weighs. The adapter comes
+    # as a version or, from Setup.settings_dict(), as its id.
+    adapter = settings.get("adapter")
+    target = Deployment(
+        model_version=version,
+        adapter_id=getattr(adapter, "pk", adapter),
+        **{name: settings[name] for name in RUNTIME_FIELDS if name in settings},
+    )
     fits = []
     for worker in workers:
         if not worker.serving:
             continue
-        if worker.gpus and settings["gpu_layers"] != 0:
-            gpu = max(worker.gpus, key=lambda g: g["memory_free_mib"])
-            fits.append(Fit(worker.hostname, gpu["index"], needed, gpu["memory_free_mib"] * MIB))
-        else:
-            free = worker.ram_available_mib * MIB - HEADROOM_BYTES
-            fits.append(Fit(worker.hostname, None, needed, free))
+        options, _ = worker_options(target, worker, {})
+        if not options:
+            continue
+        best = max(options, key=lambda option: option.room)
+        # What does not fit, if anything; else where the least is left (its GPUs, or RAM).
+        short = [need for need in best.needs if need[1] > need[2]]
+        gpus = [need for need in best.needs if need[0] is not None] or [best.needs[0]]
+        index, needed, free = short[0] if short else min(gpus, key=lambda n: n[2] - n[1])
+        device = "" if best.gpu_index is None else "RAM" if index is None else f"GPU {index}"
+        fits.append(Fit(worker.hostname, best.gpu_index, needed, free, device))
     return fits
 
 
@@ -358,6 +392,8 @@ def _same_shape(trial: Trial, version: ModelVersion, settings: dict[str, Any]) -
         and setup.kv_cache_type == settings["kv_cache_type"]
         and setup.flash_attention == settings["flash_attention"]
         and setup.serving_mode == settings["serving_mode"]
+        and setup.split_mode == settings["split_mode"]
+        and setup.tensor_split == settings["tensor_split"]
         and setup.threads == settings["threads"]
     )
 

@@ -15,7 +15,13 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 
-from apps.deployments.models import KvCacheType, Preset, ServingMode
+from apps.deployments.models import (
+    KvCacheType,
+    Preset,
+    ServingMode,
+    SplitMode,
+    tensor_split_parse,
+)
 from apps.setups.models import SETUP_NAME, SETUP_SETTINGS, Experience, UseCase
 from workers.hub import HubError, check_filename, check_repo_id, check_revision
 
@@ -34,7 +40,7 @@ MAX_DEPTH = 12
 RECIPE_SETTINGS = tuple(name for name in SETUP_SETTINGS if name not in ("adapter", "adapter_scale"))
 # Settings added after the first recipes were shared: a recipe without one gets the
 # setting's default (the behaviour those recipes were measured with).
-RECIPE_SETTINGS_ADDED = ("serving_mode",)
+RECIPE_SETTINGS_ADDED = ("serving_mode", "split_mode", "tensor_split")
 MODEL_KEYS = (
     "sha256",
     "file_name",
@@ -168,6 +174,10 @@ def _check_settings(settings: Any) -> None:
     _integer(settings, "batch_size", "settings", low=8, high=8192)
     _integer(settings, "threads", "settings", low=1, high=256, null=True)
     _integer(settings, "gpu_layers", "settings", low=-1)
+    if "split_mode" in settings:
+        _choice(settings, "split_mode", "settings", SplitMode.values)
+    if "tensor_split" in settings:
+        _tensor_split(settings)
     _choice(settings, "kv_cache_type", "settings", KvCacheType.values)
     _boolean(settings, "flash_attention", "settings")
     if "serving_mode" in settings:
@@ -183,6 +193,19 @@ def _check_settings(settings: Any) -> None:
         multiline=True,
         blank=True,
     )
+
+
+def _tensor_split(settings: dict[str, Any]) -> None:
+    """Proportions per GPU ("3,1"), only with a split over the GPUs, as a setup takes them."""
+    split = _string(settings, "tensor_split", "settings", max_chars=200, blank=True)
+    try:
+        tensor_split_parse(split)
+    except ValidationError as exc:
+        raise RecipeError("settings.tensor_split", exc.messages[0]) from None
+    if split.strip() and settings.get("split_mode", SplitMode.NONE) == SplitMode.NONE:
+        raise RecipeError(
+            "settings.tensor_split", "proportions need split_mode layer or row, not none"
+        )
 
 
 def _check_file(value: Any, path: str, keys: tuple[str, ...]) -> dict[str, Any]:

@@ -148,7 +148,7 @@ def fit_notes(*, user: User) -> list[FitNote]:
             if r.state in (State.LOADING, State.READY) and r.revision_id == deployment.revision_id
         }
         fits = [
-            advisor.Fit(f.worker, f.gpu_index, f.needed_bytes, f.free_bytes + needed)
+            advisor.Fit(f.worker, f.gpu_index, f.needed_bytes, f.free_bytes + needed, f.device)
             if f.worker in holding
             else f
             for f in advisor.fits_on(version, values, workers)

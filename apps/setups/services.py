@@ -27,7 +27,7 @@ from apps.audit.services import audit_record
 from apps.audit.signing import public_key
 from apps.deployments import selectors as deployment_selectors
 from apps.deployments.checks import deployment_settings_check, deployment_values_check
-from apps.deployments.models import Deployment, Revision
+from apps.deployments.models import Deployment, Revision, SplitMode, tensor_split_parse
 from apps.deployments.placement import worker_task_send
 from apps.deployments.services import deployment_create, deployment_switch
 from apps.registry.artifacts import artifact_store
@@ -190,6 +190,8 @@ def _trial_spec(trial: Trial, gpu_index: int | None) -> dict[str, Any]:
         threads=setup.threads,
         gpu_layers=setup.gpu_layers if gpu_index is not None else 0,
         gpu_index=gpu_index,
+        split_mode=setup.split_mode if gpu_index is not None else SplitMode.NONE,
+        tensor_split=tensor_split_parse(setup.tensor_split) if gpu_index is not None else [],
         batch_size=setup.batch_size,
         parallel_slots=setup.parallel_slots,
         kv_cache_type=setup.kv_cache_type,

@@ -46,6 +46,8 @@ def settings(**changes) -> dict:
         "batch_size": 512,
         "threads": None,
         "gpu_layers": -1,
+        "split_mode": "none",
+        "tensor_split": "",
         "kv_cache_type": "q8_0",
         "flash_attention": True,
         "serving_mode": "identical",
@@ -140,6 +142,46 @@ def resigned(doc: dict) -> bytes:
     top["signature"]["public_key"] = signing.public_key().base64
     top["signature"]["value"] = signing.sign(canonical_json(doc).encode("utf-8"))
     return yaml.safe_dump(top, sort_keys=False, allow_unicode=True).encode("utf-8")
+
+
+def test_a_gpu_split_travels_and_reads_back_as_written():
+    doc = document(settings=settings(split_mode="layer", tensor_split="3,1", gpu_layers=20))
+    recipe = load(recipe_dump(doc), (own_fingerprint(),))
+    assert recipe.document["settings"] == doc["settings"]
+    assert (
+        recipe.document["settings"]["split_mode"],
+        recipe.document["settings"]["tensor_split"],
+    ) == (
+        "layer",
+        "3,1",
+    )
+
+
+def test_a_recipe_from_before_gpu_splits_reads_as_one_gpu():
+    """Recipes shared before ``split_mode`` and ``tensor_split`` existed still load; the
+    setup made from them takes the defaults: one GPU, no proportions."""
+    doc = document()
+    del doc["settings"]["split_mode"], doc["settings"]["tensor_split"]
+    recipe = load(resigned(doc), (own_fingerprint(),))
+    assert {"split_mode", "tensor_split"}.isdisjoint(recipe.document["settings"])
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "message"),
+    [
+        ({"split_mode": "diagonal"}, "settings.split_mode", "'diagonal' is not one of none"),
+        ({"split_mode": "row", "tensor_split": "3,x"}, "settings.tensor_split", "not a number"),
+        ({"split_mode": "row", "tensor_split": "-1"}, "settings.tensor_split", "0 or more"),
+        ({"split_mode": "layer", "tensor_split": "0,0"}, "settings.tensor_split", "above 0"),
+        ({"split_mode": "layer", "tensor_split": 3}, "settings.tensor_split", "must be text"),
+        ({"tensor_split": "3,1"}, "settings.tensor_split", "need split_mode layer or row"),
+    ],
+)
+def test_a_bad_gpu_split_is_refused_naming_the_setting(changes, field, message):
+    doc = document()
+    doc["settings"].update(changes)
+    error = refused(resigned(doc))
+    assert error.field == field and message in str(error)
 
 
 # Writing ------------------------------------------------------------------------------

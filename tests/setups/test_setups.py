@@ -309,6 +309,43 @@ def test_a_recipe_round_trip_reproduces_the_setup(stack):
     assert imported.notes == "Four slots for a busy help desk."
 
 
+def test_a_recipe_round_trip_keeps_a_gpu_split(stack):
+    admin = client_for(stack.admin)
+    setup = _make_setup(stack, "split-helpdesk", split_mode="row", tensor_split="3,1")
+    exported = admin.get("/api/v1/setups/split-helpdesk/recipe")
+    document = yaml.safe_load(exported.content)
+    assert (document["settings"]["split_mode"], document["settings"]["tensor_split"]) == (
+        "row",
+        "3,1",
+    )
+    before = setup.settings_dict()
+    setup.delete()
+    answer = _import(admin, exported.content)
+    assert answer.status_code == 201, answer.content
+    imported = Setup.objects.get(name="split-helpdesk")
+    assert imported.settings_dict() == before
+    assert (imported.split_mode, imported.tensor_split) == ("row", "3,1")
+    page = admin.get("/setups/split-helpdesk/").content.decode()
+    assert "Rows of each layer across the worker&#x27;s GPUs in the proportions 3,1" in page
+
+
+def test_a_setup_with_a_bad_split_is_refused_naming_the_field(stack):
+    answer = client_for(stack.admin).post(
+        "/api/v1/setups/",
+        {
+            "name": "bad-split",
+            "use_case": "chat",
+            "experience": "fast",
+            "model_version": stack.version.pk,
+            "tensor_split": "3,1",
+        },
+        content_type="application/json",
+    )
+    assert answer.status_code == 400
+    assert "choose the layer or row split mode" in " ".join(answer.json()["tensor_split"])
+    assert not Setup.objects.filter(name="bad-split").exists()
+
+
 def test_a_changed_byte_is_refused(stack):
     admin = client_for(stack.admin)
     _make_setup(stack, "tamper-me")

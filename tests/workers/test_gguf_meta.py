@@ -33,7 +33,10 @@ def _reference(path: Path) -> tuple[dict, list]:
             fields[name] = ("numbers", [item.parts[i].tolist()[0] for i in item.data])
         else:
             fields[name] = ("value", item.contents())
-    tensors = [(t.name, tuple(int(d) for d in t.shape), int(t.tensor_type)) for t in reader.tensors]
+    tensors = [
+        (t.name, tuple(int(d) for d in t.shape), int(t.tensor_type), int(t.n_bytes))
+        for t in reader.tensors
+    ]
     return fields, tensors
 
 
@@ -47,7 +50,7 @@ def _ours(path: Path) -> tuple[dict, list]:
             fields[name] = ("numbers", value.tolist())
         else:
             fields[name] = ("value", value)
-    tensors = [(t.name, t.shape, t.ggml_type) for t in header.tensors]
+    tensors = [(t.name, t.shape, t.ggml_type, t.n_bytes) for t in header.tensors]
     return fields, tensors
 
 
@@ -101,7 +104,14 @@ def test_every_value_type_reads_as_ggufreader_reads_it(tmp_path):
     ours_fields, ours_tensors = _ours(path)
     their_fields, their_tensors = _reference(path)
     assert _approx(ours_fields) == _approx(their_fields)
-    assert ours_tensors == their_tensors == [("blk.0.w", (5, 3), 0), ("blk.0.b", (7,), 1)]
+    assert (
+        ours_tensors
+        == their_tensors
+        == [
+            ("blk.0.w", (5, 3), 0, 60),
+            ("blk.0.b", (7,), 1, 14),
+        ]
+    )
 
 
 @pytest.mark.parametrize(

@@ -69,6 +69,8 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals
 
+from workers.inference import protocol
+
 # llama.cpp's "pick a random seed" value.
 RANDOM_SEED = 0xFFFFFFFF
 # How many recent tokens repetition penalties look at (llama-cpp-python's default).
@@ -95,6 +97,47 @@ def model_params(gpu_layers: int, *, invariant: bool = True) -> llama_cpp.llama_
     # in a batch (module docstring). The plain kernels decode a lone stream as fast here.
     params.use_extra_bufts = not invariant
     return params
+
+
+# A replica's split mode (protocol.SPLIT_*) as llama.cpp names it.
+SPLIT_MODES = {
+    protocol.SPLIT_NONE: llama_cpp.LLAMA_SPLIT_MODE_NONE,
+    protocol.SPLIT_LAYER: llama_cpp.LLAMA_SPLIT_MODE_LAYER,
+    protocol.SPLIT_ROW: llama_cpp.LLAMA_SPLIT_MODE_ROW,
+}
+
+
+def gpu_split(
+    params: llama_cpp.llama_model_params,
+    *,
+    split_mode: str,
+    gpu_index: int,
+    tensor_split: list[float] | tuple[float, ...] = (),
+) -> ctypes.Array | None:
+    """Set how ``params`` spreads the offloaded layers over the GPUs: all on GPU
+    ``gpu_index`` (split mode "none"), or over every GPU in ``tensor_split``'s
+    proportions (by index; empty: llama.cpp shares them by free memory).
+
+    Returns the proportions as the C array ``params`` points to, or None. llama.cpp
+    reads it while the model loads, through a pointer ctypes does not own: the caller
+    keeps it (as long as the model, to be safe) or the load reads freed memory.
+    """
+    if split_mode not in SPLIT_MODES:
+        raise ValueError(f"unknown split mode {split_mode!r}")
+    params.split_mode = SPLIT_MODES[split_mode]
+    if split_mode == protocol.SPLIT_NONE:
+        params.main_gpu = gpu_index
+        return None
+    if not tensor_split:
+        return None
+    if len(tensor_split) > llama_cpp.LLAMA_MAX_DEVICES:
+        raise ValueError(
+            f"a tensor split of {len(tensor_split)} GPUs is more than llama.cpp's "
+            f"{llama_cpp.LLAMA_MAX_DEVICES}"
+        )
+    proportions = (ctypes.c_float * llama_cpp.LLAMA_MAX_DEVICES)(*tensor_split)
+    params.tensor_split = proportions
+    return proportions
 
 
 KV_CACHE_TYPES = {

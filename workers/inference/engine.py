@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import queue
 import threading
 import time
@@ -37,6 +38,11 @@ from workers.inference.batching import (
 from workers.inference.protocol import ReplicaSpec, RequestSpec
 
 log = logging.getLogger(__name__)
+
+# A replica's GPU index and tensor split name GPUs as the worker's heartbeat does
+# (nvidia-smi, in PCI bus order); CUDA numbers them fastest first unless told so before
+# it starts, which is at the first model load (importing llama_cpp does not start it).
+os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
 
 # How long an idle replica waits on its queue before looking at its stop flag again.
 IDLE_POLL_SECONDS = 0.5
@@ -129,6 +135,8 @@ class Replica:
         self._ctx: _internals.LlamaContext | None = None
         self._embed_ctx: _internals.LlamaContext | None = None
         self._adapter = None
+        # The tensor split's C array: llama.cpp holds a pointer to it (batching.gpu_split).
+        self._tensor_split = None
         self.template: templates.ChatTemplate | None = None
 
     # -- lifecycle -------------------------------------------------------------
@@ -158,8 +166,12 @@ class Replica:
         invariant = spec.serving_mode != protocol.FASTEST
         model_params = batching.model_params(spec.gpu_layers, invariant=invariant)
         if spec.gpu_index is not None and spec.gpu_layers != 0:
-            model_params.main_gpu = spec.gpu_index
-            model_params.split_mode = llama_cpp.LLAMA_SPLIT_MODE_NONE
+            self._tensor_split = batching.gpu_split(
+                model_params,
+                split_mode=spec.split_mode,
+                gpu_index=spec.gpu_index,
+                tensor_split=spec.tensor_split,
+            )
         self.model = _internals.LlamaModel(
             path_model=str(self._model_path), params=model_params, verbose=False
         )
@@ -218,6 +230,7 @@ class Replica:
         if self.model is not None:
             self.model.close()
             self.model = None
+        self._tensor_split = None
 
     def stop(self, reason: str = "The deployment was stopped.") -> None:
         """Stop serving: queued and running requests get a clean error at the next step."""

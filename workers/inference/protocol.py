@@ -32,6 +32,12 @@ REPLICA_REPORT = "deployments.replica_report"
 IDENTICAL = "identical"
 FASTEST = "fastest"
 
+# How a replica spreads its offloaded layers over the worker's GPUs (ReplicaSpec.split_mode;
+# the deployment's SplitMode): llama.cpp's LLAMA_SPLIT_MODE_NONE, _LAYER and _ROW.
+SPLIT_NONE = "none"
+SPLIT_LAYER = "layer"
+SPLIT_ROW = "row"
+
 
 @dataclass(frozen=True)
 class ReplicaSpec:
@@ -46,7 +52,12 @@ class ReplicaSpec:
     context_length: int
     threads: int | None = None
     gpu_layers: int = 0
+    # The GPU (split mode "none"), or for a "layer" or "row" split over all of the
+    # worker's GPUs, shared by ``tensor_split`` (a proportion per GPU index; empty: by
+    # their free memory), the first that holds part of the model.
     gpu_index: int | None = None
+    split_mode: str = SPLIT_NONE
+    tensor_split: list[float] = field(default_factory=list)
     batch_size: int = 512
     parallel_slots: int = 1
     embeddings: bool = False

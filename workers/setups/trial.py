@@ -153,7 +153,9 @@ def run_trial(
     on_gpu = setup.gpu_index is not None and setup.gpu_layers != 0
     # Both baselines are read now, before anything of the model is in memory.
     ram = _Peak(_rss_bytes, RSS_INTERVAL_SECONDS)
-    vram = _Peak(lambda: _vram_used(setup.gpu_index), VRAM_INTERVAL_SECONDS) if on_gpu else None
+    # A split over the worker's GPUs is measured on all of them together.
+    gpu = setup.gpu_index if setup.split_mode == protocol.SPLIT_NONE else None
+    vram = _Peak(lambda: _vram_used(gpu), VRAM_INTERVAL_SECONDS) if on_gpu else None
     replica: Replica | None = None
     try:
         progress(0, "fetching the model")
@@ -267,6 +269,8 @@ def run_trial(
             "serving_mode": setup.serving_mode,
             "gpu_layers": setup.gpu_layers,
             "gpu_index": setup.gpu_index,
+            "split_mode": setup.split_mode,
+            "tensor_split": setup.tensor_split,
             # Other work on the machine slows llama.cpp's threads many times over (they
             # spin while waiting for each other): a load near the core count before or
             # after marks figures that are not this setup's own.
@@ -450,11 +454,14 @@ def _load_average() -> float | None:
 
 
 def _vram_used(index: int | None) -> int | None:
-    """Memory in use on one GPU, by every process on it (nvidia-smi's total − free)."""
-    for gpu in nvidia_gpus():
-        if gpu.index == index:
-            return (gpu.memory_total_mib - gpu.memory_free_mib) * MIB
-    return None
+    """Memory in use on one GPU (None: on all of them together), by every process on it
+    (nvidia-smi's total − free)."""
+    used = [
+        (gpu.memory_total_mib - gpu.memory_free_mib) * MIB
+        for gpu in nvidia_gpus()
+        if index is None or gpu.index == index
+    ]
+    return sum(used) if used else None
 
 
 class _Peak:
