@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from rest_framework.test import APIClient
 
 from apps.accounts.models import Role
 from apps.registry.services import model_repo_create, model_version_approve
@@ -36,3 +37,10 @@ def deployment_form(version, **overrides) -> dict:
         "adapter_scale": 1.0,
     }
     return {**data, **overrides}
+
+
+def admin_api(users) -> APIClient:
+    """The REST API as a signed-in admin."""
+    client = APIClient()
+    client.force_login(users[Role.ADMIN])
+    return client

@@ -15,7 +15,6 @@ import pytest
 import redis
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from rest_framework.test import APIClient
 
 from apps.accounts.models import Role
 from apps.accounts.services import system_user
@@ -25,7 +24,7 @@ from apps.deployments.models import Deployment, Replica, SplitMode
 from apps.registry.bundled import model_register_bundled
 from apps.registry.models import ModelVersion
 from tests.conftest import client_for
-from tests.deployments.conftest import deployment_form
+from tests.deployments.conftest import admin_api, deployment_form
 from workers import redis_keys
 
 Worker = Callable[..., str]
@@ -261,12 +260,6 @@ def test_the_page_shows_where_each_replicas_memory_goes(users, gemma, worker):
     assert expected in page.content.decode()
 
 
-def _api(users) -> APIClient:
-    client = APIClient()
-    client.force_login(users[Role.ADMIN])
-    return client
-
-
 def test_the_api_takes_a_split_and_returns_it(users, version):
     body = {
         "name": "tiny-api",
@@ -275,9 +268,9 @@ def test_the_api_takes_a_split_and_returns_it(users, version):
         "split_mode": "layer",
         "tensor_split": "1,1",
     }
-    response = _api(users).post("/api/v1/deployments/", body, format="json")
+    response = admin_api(users).post("/api/v1/deployments/", body, format="json")
     assert response.status_code == 201, response.json()
-    listed = _api(users).get("/api/v1/deployments/tiny-api/").json()
+    listed = admin_api(users).get("/api/v1/deployments/tiny-api/").json()
     assert (listed["split_mode"], listed["tensor_split"]) == ("layer", "1,1")
     assert listed["revisions"][0]["settings"]["split_mode"] == "layer"
 
@@ -294,7 +287,7 @@ def test_the_api_takes_a_split_and_returns_it(users, version):
 )
 def test_the_api_refuses_a_bad_split_naming_the_field(users, version, values, field, message):
     body = {"name": "tiny-api", "model_version": version.pk, "context_length": 256, **values}
-    response = _api(users).post("/api/v1/deployments/", body, format="json")
+    response = admin_api(users).post("/api/v1/deployments/", body, format="json")
     assert response.status_code == 400
     assert message in " ".join(response.json()[field])
     assert not Deployment.objects.exists()

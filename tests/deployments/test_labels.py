@@ -12,13 +12,12 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 from django.conf import settings
-from rest_framework.test import APIClient
 
 from apps.accounts.models import Role
 from apps.deployments import lifecycle, selectors, services
 from apps.deployments.models import Deployment, State
 from tests.conftest import client_for
-from tests.deployments.conftest import deployment_form
+from tests.deployments.conftest import admin_api, deployment_form
 from workers import redis_keys
 from workers.inference.runtime import Heartbeat
 
@@ -192,12 +191,6 @@ def test_the_form_refuses_bad_labels_with_a_message(users, version, field, value
     assert not Deployment.objects.exists()
 
 
-def _api(users) -> APIClient:
-    client = APIClient()
-    client.force_login(users[Role.ADMIN])
-    return client
-
-
 def test_the_api_takes_label_lists_and_returns_them(users, version):
     body = {
         "name": "tiny-api",
@@ -206,18 +199,18 @@ def test_the_api_takes_label_lists_and_returns_them(users, version):
         "placement_labels": ["gpu=a100", "zone=b"],
         "exclude_labels": ["spot"],
     }
-    response = _api(users).post("/api/v1/deployments/", body, format="json")
+    response = admin_api(users).post("/api/v1/deployments/", body, format="json")
     assert response.status_code == 201, response.json()
     assert response.json()["placement_labels"] == ["gpu=a100", "zone=b"]
     assert response.json()["exclude_labels"] == ["spot"]
-    listed = _api(users).get("/api/v1/deployments/tiny-api/").json()
+    listed = admin_api(users).get("/api/v1/deployments/tiny-api/").json()
     assert (listed["placement_labels"], listed["exclude_labels"]) == (
         ["gpu=a100", "zone=b"],
         ["spot"],
     )
     plain = dict(body, name="tiny-plain")
     del plain["placement_labels"], plain["exclude_labels"]
-    response = _api(users).post("/api/v1/deployments/", plain, format="json")
+    response = admin_api(users).post("/api/v1/deployments/", plain, format="json")
     assert response.status_code == 201
     assert (response.json()["placement_labels"], response.json()["exclude_labels"]) == ([], [])
 
@@ -237,7 +230,7 @@ def test_the_api_takes_label_lists_and_returns_them(users, version):
 )
 def test_the_api_refuses_bad_labels_naming_the_field(users, version, labels, field, message):
     body = {"name": "tiny-api", "model_version": version.pk, "context_length": 256, **labels}
-    response = _api(users).post("/api/v1/deployments/", body, format="json")
+    response = admin_api(users).post("/api/v1/deployments/", body, format="json")
     assert response.status_code == 400
     assert message in " ".join(response.json()[field])
     assert message in response.json()["detail"]
@@ -248,7 +241,7 @@ def test_the_workers_page_and_api_show_each_workers_labels(users, beat):
     name = beat("shown", ["gpu=nvidia", "spot"])
     page = client_for(users[Role.DATA_SCIENTIST]).get("/deployments/workers/").content.decode()
     assert 'data-labels="gpu=nvidia,spot"' in page
-    workers = _api(users).get("/api/v1/workers/").json()
+    workers = admin_api(users).get("/api/v1/workers/").json()
     assert next(w for w in workers if w["hostname"] == name)["labels"] == ["gpu=nvidia", "spot"]
 
 
