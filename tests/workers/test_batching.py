@@ -344,6 +344,78 @@ def test_a_grammar_that_does_not_parse_is_refused_at_admission(scheduler):
     assert scheduler.free_slots == scheduler.n_slots
 
 
+# -- fastest mode --------------------------------------------------------------
+
+
+class CountingScheduler(batching.Scheduler):
+    """Counts the llama_decode calls (each reads the model's weights once)."""
+
+    decodes = 0
+
+    def _decode(self, pads):
+        self.decodes += 1
+        super()._decode(pads)
+
+
+@pytest.fixture
+def fastest(scheduler):
+    """A "fastest" context on the same weights: one cache for all streams, one
+    llama_decode per step."""
+    threads = default_threads(os.cpu_count() or 1)
+    params = batching.context_params(4, 1024, threads, invariant=False, prompt_budget=256)
+    ctx = _internals.LlamaContext(model=scheduler.model, params=params, verbose=False)
+    fast = CountingScheduler(
+        scheduler.model, ctx, context_length=1024, prompt_budget=256, invariant=False
+    )
+    yield fast
+    fast.close()
+    ctx.close()
+
+
+def test_fastest_mode_reads_a_burst_of_prompts_beside_running_streams_in_one_decode(fastest):
+    first = _sequence(fastest, "running", "Once upon a time, in a small village by the sea,", 24)
+    fastest.admit(first)
+    assert [o.sequence.key for o in fastest.step()] == ["running"] and fastest.decodes == 1
+
+    # Three requests arrive at once while the first one generates: the next step reads
+    # all three prompts and the running stream's next token in one llama_decode, and
+    # every one of the four has a token from it.
+    burst = [
+        _sequence(fastest, key, prompt, max_tokens, **sampling)
+        for key, prompt, max_tokens, sampling in REQUESTS[1:4]
+    ]
+    for sequence in burst:
+        fastest.admit(sequence)
+    outputs = fastest.step()
+    assert fastest.decodes == 2
+    assert sorted(o.sequence.key for o in outputs) == sorted(["running", *(s.key for s in burst)])
+
+    # From then on each step is one llama_decode with a row per stream, to the end.
+    finished = {o.sequence.key for o in outputs if o.finished}
+    while fastest.active:
+        before, rows = fastest.decodes, len(fastest.active)
+        outputs = fastest.step()
+        assert fastest.decodes == before + 1 and len(outputs) == rows
+        finished |= {o.sequence.key for o in outputs if o.finished}
+    assert finished == {"running", *(s.key for s in burst)}
+    assert all(s.produced for s in [first, *burst])
+
+
+def test_fastest_mode_keeps_a_prompt_longer_than_the_budget_for_the_next_steps(fastest):
+    long = _sequence(fastest, "long", LONG, 4, temperature=0)
+    fastest.admit(long)
+    outputs, steps = [], 0
+    while not outputs:
+        outputs = fastest.step()
+        steps += 1
+    # Read 256 tokens a step (the budget); the step that reads the last gives a token.
+    assert steps == math.ceil(len(long.prompt) / 256) > 1
+    assert [o.sequence.key for o in outputs] == ["long"] and fastest.decodes == steps
+    while fastest.active:
+        fastest.step()
+    assert long.produced >= 1
+
+
 # -- log-probabilities ---------------------------------------------------------
 
 

@@ -154,16 +154,20 @@ def context_params(
     *,
     kv_cache_type: str = "f16",
     flash_attention: bool = True,
+    invariant: bool = True,
+    prompt_budget: int = PROMPT_CHUNK,
 ) -> llama_cpp.llama_context_params:
     """Context parameters for a ``Scheduler``: one KV stream per slot.
 
     Each stream holds one request's context plus a cell for a pad row; a micro-batch
-    holds a prompt chunk or a row from every slot.
+    holds a prompt chunk or a row from every slot. Without ``invariant`` (a deployment's
+    "fastest" mode) the streams share one cache and a batch holds a row from every
+    generating slot and up to ``prompt_budget`` prompt tokens (``Scheduler.step``).
     """
     params = llama_cpp.llama_context_default_params()
     params.n_seq_max = slots
     params.n_ctx = (context_length + 1) * slots
-    params.kv_unified = False
+    params.kv_unified = not invariant
     # llama.cpp's "auto" leaves flash attention off on the CPU; on, a batch of streams
     # decodes about 20 % faster, and each query row's attention is still computed alone.
     params.flash_attn_type = (
@@ -172,7 +176,8 @@ def context_params(
         else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
     )
     params.type_k = params.type_v = KV_CACHE_TYPES[kv_cache_type]
-    params.n_batch = params.n_ubatch = max(PROMPT_CHUNK, slots)
+    together = 0 if invariant else max(PROMPT_CHUNK, prompt_budget) + slots
+    params.n_batch = params.n_ubatch = max(PROMPT_CHUNK, slots, together)
     params.n_threads = params.n_threads_batch = threads
     return params
 
@@ -381,7 +386,9 @@ class Scheduler:
         # Pad a long lone row (module docstring); off, a lone stream decodes alone.
         self.invariant = invariant
         self._memory = llama_cpp.llama_get_memory(ctx.ctx)
-        self._batch = llama_cpp.llama_batch_init(max(PROMPT_CHUNK, self.n_slots), 0, 1)
+        # As many rows as one llama_decode of this context takes (context_params).
+        self._capacity = max(PROMPT_CHUNK, self.n_slots, llama_cpp.llama_n_batch(ctx.ctx))
+        self._batch = llama_cpp.llama_batch_init(self._capacity, 0, 1)
         self._pad_token = max(0, model.token_bos())
         self._slots: list[Sequence | None] = [None] * self.n_slots
         # The tokens whose cells each idle slot's stream still holds, and when it was last
@@ -483,6 +490,8 @@ class Scheduler:
         Generating sequences go first so new prompts delay running streams by at most
         ``prompt_budget`` tokens per step; prompts are read in admission order.
         """
+        if not self.invariant:
+            return self._step_together()
         outputs = []
         generating = [s for s in self.active if not s.prefilling]
         if generating:
@@ -498,6 +507,45 @@ class Scheduler:
             if budget <= 0:
                 break
         return outputs
+
+    def _step_together(self) -> list[Output]:
+        """One ``llama_decode`` for the whole step, as llama.cpp's own server does ("fastest"
+        mode): the next token of every generating sequence, then prompt tokens of the
+        prefilling ones in admission order, up to ``prompt_budget`` (and what the
+        context's batch holds).
+
+        The weights are read once for all of them: a burst of new requests is read in
+        the step it arrives in, beside the running streams, instead of one
+        ``llama_decode`` per prompt chunk after them. Which rows share a batch changes
+        how llama.cpp's kernels round, which this mode allows; the streams share one
+        cache (``context_params``), so any slots can share a batch and no pad rows are
+        needed.
+        """
+        generating = [s for s in self.active if not s.prefilling]
+        self._batch.n_tokens = 0
+        for sequence in generating:
+            pos = len(sequence.prompt) + sequence.produced - 1
+            sequence._output = self._add(sequence.generated[-1], pos, sequence.slot, True)
+        budget = min(self.prompt_budget, self._capacity - len(generating))
+        read = []
+        for sequence in sorted((s for s in self.active if s.prefilling), key=lambda s: s.admitted):
+            if budget <= 0:
+                break
+            start = sequence.fed
+            end = min(len(sequence.prompt), start + budget)
+            for pos in range(start, end):
+                last = pos == len(sequence.prompt) - 1
+                index = self._add(sequence.prompt[pos], pos, sequence.slot, last)
+                if last:
+                    sequence._output = index
+                    read.append(sequence)
+            sequence.fed = end
+            budget -= end - start
+        if not self._batch.n_tokens:
+            return []
+        self._decode([])
+        # Sampled in batch order: every row's logits are there until the next decode.
+        return [self._sample(sequence) for sequence in generating + read]
 
     def _decode_next_tokens(self, generating: list[Sequence]) -> None:
         """One micro-batch: a row per slot from the first generating one to the last."""

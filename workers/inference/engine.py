@@ -181,6 +181,8 @@ class Replica:
             self._threads,
             kv_cache_type=spec.kv_cache_type,
             flash_attention=spec.flash_attention,
+            invariant=invariant,
+            prompt_budget=spec.batch_size,
         )
         self._ctx = _internals.LlamaContext(model=self.model, params=params, verbose=False)
         if self._adapter_path is not None:
