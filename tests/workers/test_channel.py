@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from workers.finetune import channel
+from workers import control_plane
 from workers.finetune.channel import ChannelError, RemoteChannel
 
 
@@ -65,7 +65,7 @@ def plane() -> Iterator[Plane]:
 
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch) -> None:
-    monkeypatch.setattr(channel, "RETRY_SECONDS", 0.05)
+    monkeypatch.setattr(control_plane, "RETRY_SECONDS", 0.05)
 
 
 def test_a_restarting_control_plane_is_waited_for_and_the_upload_sent_whole_again(plane, tmp_path):
