@@ -5,7 +5,7 @@ from apps.accounts import api as accounts_api
 from apps.datasets import api as datasets_api
 from apps.deployments import api as deployments_api
 from apps.deployments import internal as deployments_internal
-from apps.deployments import internal_training
+from apps.deployments import internal_optimise, internal_training
 from apps.finetune import api as finetune_api
 from apps.inference import api as inference_api
 from apps.inference import views as inference_views
@@ -261,6 +261,27 @@ urlpatterns = [
         "internal/v1/finetune/<int:job_id>/attempts/<int:attempt>/finish",
         internal_training.finetune_finish,
         name="internal_finetune_finish",
+    ),
+    # And quantise, export and evaluation jobs (no database access either).
+    path(
+        "internal/v1/optimise/<str:kind>/<int:job_id>/claim",
+        internal_optimise.optimise_claim,
+        name="internal_optimise_claim",
+    ),
+    path(
+        "internal/v1/optimise/<str:kind>/<int:job_id>/progress",
+        internal_optimise.optimise_progress,
+        name="internal_optimise_progress",
+    ),
+    path(
+        "internal/v1/optimise/jobs/<int:job_id>/files/<str:name>",
+        internal_optimise.optimise_file,
+        name="internal_optimise_file",
+    ),
+    path(
+        "internal/v1/optimise/<str:kind>/<int:job_id>/finish",
+        internal_optimise.optimise_finish,
+        name="internal_optimise_finish",
     ),
 ]
 

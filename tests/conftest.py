@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -269,6 +271,88 @@ def training_worker(live_worker, tmp_path_factory) -> Iterator[TrainingWorker]:
         yield worker
     finally:
         stop_processes([worker.process])
+
+
+@dataclass
+class ControlPlane:
+    url: str
+    token: str
+    name: str
+
+
+@pytest.fixture
+def control_plane(users, live_worker, tmp_path) -> Iterator[ControlPlane]:
+    """A uvicorn of the stack (on the live worker's artifact store) and a worker
+    credential, for a worker on "another host" to reach it."""
+    from apps.deployments.credentials import worker_credential_issue, worker_credential_revoke
+    from tests.live import process_env, start_web_server, stop_processes
+
+    name = f"trainer-{uuid.uuid4().hex[:6]}@otherhost"
+    issued = worker_credential_issue(actor=users[Role.ADMIN], name=name)
+    process, url = start_web_server(
+        env=process_env(AIBOX_ARTIFACT_ROOT=str(live_worker.artifact_root)),
+        log=tmp_path / "web.log",
+    )
+    try:
+        yield ControlPlane(url=url, token=issued.secret, name=name)
+    finally:
+        stop_processes([process])
+        worker_credential_revoke(actor=users[Role.ADMIN], credential=issued.credential)
+
+
+@dataclass
+class RemoteTrainer:
+    name: str
+    cache: Path
+    work: Path
+    log: Path
+
+
+@contextmanager
+def remote_trainer_running(
+    control_plane: ControlPlane, training_worker: TrainingWorker, folder: Path, *, queues: str
+) -> Iterator[RemoteTrainer]:
+    """A training worker on "another host" taking ``queues``: no database (its
+    DATABASE_URL reaches nothing), an empty artifact root, its own model cache and secret
+    key, and ``AIBOX_CONTROL_PLANE_URL`` with the credential. The session's training
+    worker is stopped meanwhile, so the jobs can only go to this one, and started again
+    afterwards. (It shares the machine's cache of converted checkpoints,
+    ``CONVERT_CACHE``, only so a test does not convert the GGUF again.)"""
+    from tests.live import process_env, start_celery_worker, stop_processes
+
+    other_host = folder / "otherhost"
+    cache, work, store = other_host / "model-cache", other_host / "work", other_host / "store"
+    for path in (cache, work, store):
+        path.mkdir(parents=True)
+    trainer = RemoteTrainer(
+        name=control_plane.name, cache=cache, work=work, log=folder / "trainer.log"
+    )
+    env = {
+        **process_env(),
+        "DATABASE_URL": "postgres://nobody@127.0.0.1:1/none",
+        "AIBOX_SECRET_KEY": secrets.token_hex(24),
+        "AIBOX_ARTIFACT_ROOT": str(store),
+        "AIBOX_MODEL_CACHE_DIR": str(cache),
+        "AIBOX_FINETUNE_WORK_DIR": str(work),
+        "AIBOX_FINETUNE_CACHE_DIR": str(CONVERT_CACHE),
+        "AIBOX_FINETUNE_DEVICE": "cpu",
+        "AIBOX_FINETUNE_HEARTBEAT_TTL": HEARTBEAT_TTL,
+        "AIBOX_WORKER_SERVING": "false",
+        "AIBOX_CONTROL_PLANE_URL": control_plane.url,
+        "AIBOX_WORKER_TOKEN": control_plane.token,
+    }
+    stop_processes([training_worker.process])
+    process = None
+    try:
+        process = start_celery_worker(
+            env=env, name=trainer.name, log=trainer.log, pool="solo", concurrency=1, queues=queues
+        )
+        yield trainer
+    finally:
+        if process is not None:
+            stop_processes([process])
+        training_worker.start()
+    assert control_plane.token not in trainer.log.read_text(errors="replace"), "token logged"
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from django.core.exceptions import PermissionDenied, ValidationError
@@ -234,24 +233,6 @@ def reading_options(version: DatasetVersion, *, tokenize: bool = True) -> data.V
         tokenize=counter,
         max_tokens=version.max_tokens if counter else None,
         max_errors_kept=MAX_ERRORS_SHOWN,
-    )
-
-
-def dataset_version_canonical(
-    version: DatasetVersion, work_dir: Path, *, name: str = "rows"
-) -> Path:
-    """The version's valid rows as canonical JSON Lines in ``work_dir`` (``<name>.jsonl``).
-
-    Every shape and format becomes the same JSON Lines a worker reads (fine-tunes,
-    evaluations), from the verified stored file. An existing file is reused, so a
-    resumed job does not convert again.
-    """
-    target = work_dir / f"{name}.jsonl"
-    if target.exists():
-        return target
-    path = artifact_store().verify(version.sha256)
-    return data.canonical(
-        path, data.FileFormat(version.format), reading_options(version, tokenize=False), target
     )
 
 

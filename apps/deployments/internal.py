@@ -1,5 +1,6 @@
 """The internal artifact endpoint: workers on other hosts pull model files here (and
-training workers the dataset files of the fine-tunes they run).
+training workers the dataset files of the fine-tunes, evaluations and importance
+matrices they run).
 
 ``GET``/``HEAD /internal/v1/artifacts/<sha256>``, authenticated only by a worker
 credential (``Authorization: Bearer aibw_…``, ``credentials.py``): not a session, not an
@@ -35,6 +36,8 @@ from apps.deployments.credentials import (
 )
 from apps.deployments.models import WorkerCredential
 from apps.finetune.models import FineTuneJob, JobState
+from apps.optimise.models import ACTIVE_STATES as OPTIMISE_ACTIVE
+from apps.optimise.models import Evaluation, ModelJob
 from apps.registry.artifacts import artifact_store
 from apps.registry.models import ModelVersion
 
@@ -66,7 +69,7 @@ def _artifact_for(sha256: str) -> _Artifact:
         raise _Refused(
             404,
             f"No registered model version, nor dataset of a waiting or running fine-tune, "
-            f"has the sha256 {sha256}.",
+            f"evaluation or quantisation, has the sha256 {sha256}.",
         )
     if version.artifact.integrity_failed_at is not None:
         raise _Refused(404, f"The artifact {sha256[:12]}… failed verification; it is not served.")
@@ -79,12 +82,22 @@ def _artifact_for(sha256: str) -> _Artifact:
 
 
 def _training_data(sha256: str) -> DatasetVersion | None:
-    """A dataset version that a queued or running fine-tune trains or validates on: a
-    training worker pulls those, and no other dataset."""
-    wanted = FineTuneJob.objects.filter(state__in=(JobState.QUEUED, JobState.RUNNING)).filter(
-        Q(dataset_version__artifact_id=sha256) | Q(validation_version__artifact_id=sha256)
+    """A dataset version that a queued or running fine-tune trains or validates on, that a
+    queued or running evaluation measures on, or whose text weighs a queued or running
+    quantisation (its importance matrix): a training worker pulls those, and no other
+    dataset."""
+    wanted = (
+        FineTuneJob.objects.filter(state__in=(JobState.QUEUED, JobState.RUNNING))
+        .filter(Q(dataset_version__artifact_id=sha256) | Q(validation_version__artifact_id=sha256))
+        .exists()
+        or Evaluation.objects.filter(
+            state__in=OPTIMISE_ACTIVE, dataset_version__artifact_id=sha256
+        ).exists()
+        or ModelJob.objects.filter(
+            state__in=OPTIMISE_ACTIVE, imatrix_dataset__artifact_id=sha256
+        ).exists()
     )
-    if not wanted.exists():
+    if not wanted:
         return None
     return DatasetVersion.objects.select_related("artifact").filter(artifact_id=sha256).first()
 

@@ -45,19 +45,20 @@ from workers.finetune.channel import GGUF_ADAPTER, OUTPUT_FILES, PEFT_WEIGHTS
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1024 * 1024
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 ENDED = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 REASON_MAX_CHARS = 4000
 
 
-def _refusal(status: int, message: str) -> JsonResponse:
+def refusal(status: int, message: str) -> JsonResponse:
+    """The answer a worker's line reports as the reason of its refusal."""
     response = JsonResponse({"detail": message}, status=status)
     if status == 401:
         response["WWW-Authenticate"] = 'Bearer realm="aibox-worker"'
     return response
 
 
-def _worker_endpoint(*methods: str) -> Callable:
+def worker_endpoint(*methods: str) -> Callable:
     """A view for workers: the method checked, then the worker credential."""
 
     def decorate(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
@@ -65,7 +66,7 @@ def _worker_endpoint(*methods: str) -> Callable:
         @wraps(view)
         def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
             if request.method not in methods:
-                response = _refusal(405, f"Use {' or '.join(methods)}.")
+                response = refusal(405, f"Use {' or '.join(methods)}.")
                 response["Allow"] = ", ".join(methods)
                 return response
             try:
@@ -73,7 +74,7 @@ def _worker_endpoint(*methods: str) -> Callable:
                     authorization=request.headers.get("Authorization", "")
                 )
             except CredentialRejected as exc:
-                return _refusal(401, str(exc))
+                return refusal(401, str(exc))
             return view(request, *args, **kwargs)
 
         return wrapped
@@ -81,18 +82,19 @@ def _worker_endpoint(*methods: str) -> Callable:
     return decorate
 
 
-def _json_body(request: HttpRequest) -> dict[str, Any]:
+def json_body(request: HttpRequest) -> dict[str, Any]:
+    """The request's JSON object; BadRequest (its message the answer) for anything else."""
     try:
         body = json.loads(request.body or b"{}")
     except (ValueError, UnicodeDecodeError):
-        raise _BadRequest("The body must be a JSON object.") from None
+        raise BadRequest("The body must be a JSON object.") from None
     if not isinstance(body, dict):
-        raise _BadRequest("The body must be a JSON object.")
+        raise BadRequest("The body must be a JSON object.")
     return body
 
 
-class _BadRequest(Exception):
-    pass
+class BadRequest(Exception):
+    """A worker's request that cannot be read; the message says what to send."""
 
 
 def _staged_path(job_id: int, attempt: int, name: str) -> Path:
@@ -103,9 +105,9 @@ def _current_attempt(job_id: int, attempt: int) -> JsonResponse | None:
     """None when attempt is the job's running one; else the refusal to send."""
     job = FineTuneJob.objects.filter(pk=job_id).only("state", "attempts").first()
     if job is None:
-        return _refusal(404, f"No fine-tune job {job_id}.")
+        return refusal(404, f"No fine-tune job {job_id}.")
     if job.state != JobState.RUNNING or job.attempts != attempt:
-        return _refusal(
+        return refusal(
             409,
             f"Attempt {attempt} of fine-tune job {job_id} is no longer running (the job is "
             f"{job.state}, attempt {job.attempts}); its results are not taken.",
@@ -113,24 +115,24 @@ def _current_attempt(job_id: int, attempt: int) -> JsonResponse | None:
     return None
 
 
-@_worker_endpoint("POST")
+@worker_endpoint("POST")
 def finetune_claim(request: HttpRequest, job_id: int) -> HttpResponse:
     try:
-        worker = str(_json_body(request).get("worker", "")).strip()[:200]
-    except _BadRequest as exc:
-        return _refusal(400, str(exc))
+        worker = str(json_body(request).get("worker", "")).strip()[:200]
+    except BadRequest as exc:
+        return refusal(400, str(exc))
     if not worker:
-        return _refusal(400, 'Say which worker claims the job: {"worker": "<hostname>"}.')
+        return refusal(400, 'Say which worker claims the job: {"worker": "<hostname>"}.')
     job = runs.finetune_job_claim(job_id=job_id, worker=worker)
     if job is None:
-        return _refusal(409, f"Fine-tune job {job_id} is not waiting to run.")
+        return refusal(409, f"Fine-tune job {job_id} is not waiting to run.")
     job = FineTuneJob.objects.select_related(
         "base_model__repo", "dataset_version__dataset", "validation_version__dataset"
     ).get(pk=job.pk)
     return JsonResponse({"order": runs.training_order(job).as_dict()})
 
 
-@_worker_endpoint("GET")
+@worker_endpoint("GET")
 def finetune_status(request: HttpRequest, job_id: int) -> HttpResponse:
     job = (
         FineTuneJob.objects.filter(pk=job_id)
@@ -138,17 +140,17 @@ def finetune_status(request: HttpRequest, job_id: int) -> HttpResponse:
         .first()
     )
     if job is None:
-        return _refusal(404, f"No fine-tune job {job_id}.")
+        return refusal(404, f"No fine-tune job {job_id}.")
     return JsonResponse(job)
 
 
-@_worker_endpoint("PUT")
+@worker_endpoint("PUT")
 def finetune_file(request: HttpRequest, job_id: int, attempt: int, name: str) -> HttpResponse:
     if name not in OUTPUT_FILES:
-        return _refusal(404, f"A run sends back {' and '.join(OUTPUT_FILES)}, not {name!r}.")
+        return refusal(404, f"A run sends back {' and '.join(OUTPUT_FILES)}, not {name!r}.")
     expected = request.headers.get("X-Content-SHA256", "").strip().lower()
-    if not _SHA256.match(expected):
-        return _refusal(400, "Send the file's sha256 (64 hex digits) in X-Content-SHA256.")
+    if not SHA256.match(expected):
+        return refusal(400, "Send the file's sha256 (64 hex digits) in X-Content-SHA256.")
     refused = _current_attempt(job_id, attempt)
     if refused is not None:
         return refused
@@ -158,10 +160,10 @@ def finetune_file(request: HttpRequest, job_id: int, attempt: int, name: str) ->
             iter(lambda: request.read(CHUNK_BYTES), b""), max_bytes=settings.UPLOAD_MAX_BYTES
         )
     except TooLarge as exc:
-        return _refusal(413, str(exc))
+        return refusal(413, str(exc))
     if staged.sha256 != expected:
         staged.discard()
-        return _refusal(
+        return refusal(
             400,
             f"{name} arrived with the sha256 {staged.sha256[:12]}…, not {expected[:12]}…; "
             "send it again.",
@@ -173,18 +175,18 @@ def finetune_file(request: HttpRequest, job_id: int, attempt: int, name: str) ->
 finetune_file.body_limit = "upload"  # aibox/limits.py: adapters can be gigabytes
 
 
-@_worker_endpoint("POST")
+@worker_endpoint("POST")
 def finetune_finish(request: HttpRequest, job_id: int, attempt: int) -> HttpResponse:
     try:
-        outcome = _json_body(request)
-    except _BadRequest as exc:
-        return _refusal(400, str(exc))
+        outcome = json_body(request)
+    except BadRequest as exc:
+        return refusal(400, str(exc))
     state = outcome.get("state")
     if state not in ENDED:
-        return _refusal(400, f"state must be one of {', '.join(ENDED)}, not {state!r}.")
+        return refusal(400, f"state must be one of {', '.join(ENDED)}, not {state!r}.")
     result = outcome.get("result") or {}
     if not isinstance(result, dict):
-        return _refusal(400, "result must be a JSON object.")
+        return refusal(400, "result must be a JSON object.")
     refused = _current_attempt(job_id, attempt)
     if refused is not None:
         return refused
@@ -215,12 +217,12 @@ def _adapter_files(outcome: dict[str, Any], paths: dict[str, Path]) -> Any:
     files = outcome.get("files")
     config = outcome.get("peft_config")
     if not isinstance(files, dict) or not isinstance(config, dict):
-        return _refusal(400, "A succeeded run names its files and sends its peft_config.")
+        return refusal(400, "A succeeded run names its files and sends its peft_config.")
     for name, path in paths.items():
         if not path.is_file():
-            return _refusal(400, f"Upload {name} before reporting the run as succeeded.")
+            return refusal(400, f"Upload {name} before reporting the run as succeeded.")
         if file_sha256(path) != files.get(name):
-            return _refusal(400, f"The uploaded {name} is not the file the outcome names.")
+            return refusal(400, f"The uploaded {name} is not the file the outcome names.")
     return runs.AdapterFiles(
         gguf=paths[GGUF_ADAPTER], safetensors=paths[PEFT_WEIGHTS], peft_config=config, staged=True
     )

@@ -324,7 +324,8 @@ def _register_outputs(
     return gguf, peft
 
 
-def _data_ref(version: DatasetVersion) -> DataRef:
+def dataset_ref(version: DatasetVersion) -> DataRef:
+    """How a worker reads a dataset version, as plain values (``workers.finetune.order``)."""
     return DataRef(
         sha256=version.sha256,
         format=version.format,
@@ -342,8 +343,8 @@ def training_order(job: FineTuneJob) -> TrainingOrder:
         attempt=job.attempts,
         base_sha256=job.base_model.sha256,
         base_label=str(job.base_model),
-        train=_data_ref(job.dataset_version),
-        validation=_data_ref(job.validation_version) if job.validation_version else None,
+        train=dataset_ref(job.dataset_version),
+        validation=dataset_ref(job.validation_version) if job.validation_version else None,
         shape=job.dataset_version.shape,
         chat_template=job.chat_template or None,
         params=dict(job.params),

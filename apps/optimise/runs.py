@@ -1,23 +1,22 @@
-"""Optimisation jobs as a training worker runs them: claim the job, keep its heartbeat,
-run the ``workers.optimise`` function on verified files, and end it. A quantise or export
-job adds a draft version to the registry with its provenance; an evaluation stores its
-figures; every outcome is audited. Beat fails jobs whose worker went silent.
+"""Optimisation jobs as the control plane keeps them: a worker claims a job and gets its
+order (inputs by sha256, plain parameters; ``workers.optimise.order``), reports progress
+and a heartbeat, and ends it. A quantise or export job adds a draft version to the
+registry with its provenance; an evaluation stores its figures; every outcome is
+audited. Beat fails jobs whose worker went silent.
 
-The requests that create these jobs are checked in ``services``. The ``workers.optimise``
-functions are imported inside the functions that call them: they load torch and
-llama.cpp, which the control-plane processes that import this module never need.
+The worker is the running one's alone: a report or an end is taken only while the job
+runs, on the worker that claimed it (the fence), so a job reaped and requested again is
+not ended by the silent worker that comes back. A worker with the database calls these
+functions in process; one on another host calls them through the internal endpoints
+(``apps/deployments/internal_optimise.py``). The job itself runs in ``tasks``.
 
-Over 400 lines on purpose: quantise, export and evaluation share one frame (claim,
-heartbeat, work directory, finish), which reads best next to its three users.
+The requests that create these jobs are checked in ``services``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import shutil
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from django.utils import timezone
 from apps.accounts.services import system_user
 from apps.audit.models import Outcome
 from apps.audit.services import audit_record
-from apps.datasets.services import dataset_version_canonical
+from apps.finetune.runs import dataset_ref
 from apps.optimise.models import (
     Evaluation,
     Job,
@@ -44,12 +43,17 @@ from apps.registry.services import (
     model_version_ingest,
     model_version_verify,
 )
+from workers.artifacts import ArtifactError
+from workers.control_plane import ControlPlaneError
+from workers.datasets import DatasetError
+from workers.optimise.order import FIGURES, EvaluationOrder, ModelJobOrder
 
 log = logging.getLogger(__name__)
 
 # A running job touches its heartbeat this often; beat fails one silent for SILENT_AFTER.
 HEARTBEAT_SECONDS = 15
 SILENT_AFTER = timedelta(minutes=3)
+REASON_MAX_CHARS = 4000
 
 
 def _claim(model: type[Job], pk: int, worker: str) -> bool:
@@ -61,51 +65,83 @@ def _claim(model: type[Job], pk: int, worker: str) -> bool:
     )
 
 
-@contextmanager
-def _heartbeat(model: type[Job], pk: int) -> Iterator[None]:
-    """Touch the job's heartbeat while the work runs (native calls give no callbacks)."""
-    from django.db import connection
-
-    stop = threading.Event()
-
-    def beat() -> None:
-        try:
-            while not stop.wait(HEARTBEAT_SECONDS):
-                model.objects.filter(pk=pk, state=JobState.RUNNING).update(
-                    heartbeat_at=timezone.now()
-                )
-        finally:
-            connection.close()  # this thread's own connection
-
-    thread = threading.Thread(target=beat, name=f"heartbeat-{pk}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=HEARTBEAT_SECONDS + 5)
+def _running(model: type[Job], pk: int, worker: str):
+    """The job, while it runs on ``worker``: what the fence lets through."""
+    return model.objects.filter(pk=pk, state=JobState.RUNNING, worker=worker)
 
 
-def _progress_writer(model: type[Job], pk: int) -> Callable[[int, int, str], None]:
-    """A progress callback that writes at most once a second (and always the end)."""
-    last = {"at": 0.0}
+def model_job_claim(*, job_id: int, worker: str) -> ModelJobOrder | None:
+    """Take a queued quantise or export job for ``worker``; its order, or None when
+    another delivery has it or it was given up."""
+    if not _claim(ModelJob, job_id, worker):
+        return None
+    job = ModelJob.objects.select_related("source", "imatrix_dataset__dataset").get(pk=job_id)
+    return ModelJobOrder(
+        job_id=job.pk,
+        operation=job.operation,
+        source_sha256=job.source.sha256,
+        source_label=str(job.source),
+        source_quantization=job.source.quantization,
+        source_parameter_count=job.source.parameter_count or 0,
+        params=dict(job.params),
+        adapter_sha256=job.adapter.sha256 if job.adapter_id else None,
+        imatrix=dataset_ref(job.imatrix_dataset) if job.imatrix_dataset_id else None,
+    )
 
-    def write(done: int, total: int, message: str) -> None:
-        now = timezone.now().timestamp()
-        if done < total and now - last["at"] < 1.0:
-            return
-        last["at"] = now
-        percent = min(100, done * 100 // total) if total else 0
-        model.objects.filter(pk=pk, state=JobState.RUNNING).update(
-            progress=percent, progress_message=message[:300], heartbeat_at=timezone.now()
-        )
 
-    return write
+def evaluation_claim(*, evaluation_id: int, worker: str) -> EvaluationOrder | None:
+    """Take a queued evaluation for ``worker``; its order, or None as for a job."""
+    if not _claim(Evaluation, evaluation_id, worker):
+        return None
+    evaluation = Evaluation.objects.select_related(
+        "model_version", "adapter", "reference", "dataset_version__dataset"
+    ).get(pk=evaluation_id)
+    dataset = evaluation.dataset_version
+    return EvaluationOrder(
+        job_id=evaluation.pk,
+        model_sha256=evaluation.model_version.sha256,
+        model_label=str(evaluation.model_version),
+        architecture=evaluation.model_version.architecture,
+        # The sha256 copied at request time: the fetch checks the bytes against it, so
+        # the figures hold for exactly the content the evaluation asked for.
+        dataset=dataclasses.replace(dataset_ref(dataset), sha256=evaluation.dataset_sha256),
+        shape=dataset.shape,
+        params=dict(evaluation.params),
+        adapter_sha256=evaluation.adapter.sha256 if evaluation.adapter_id else None,
+        reference_sha256=evaluation.reference.sha256 if evaluation.reference_id else None,
+    )
 
 
-def _finish(job: Job, *, state: JobState, reason: str = "", action: str, details: dict) -> None:
-    model = type(job)
-    updated = model.objects.filter(pk=job.pk, state=JobState.RUNNING).update(
+def input_verified(sha256: str) -> Path:
+    """A job's input in the shared store, re-hashed where it is (never copied). A model
+    file that changed on disk is refused and recorded against its version, as before it
+    is served."""
+    version = ModelVersion.objects.filter(artifact_id=sha256).first()
+    if version is not None:
+        return model_version_verify(actor=system_user(), version=version)
+    return artifact_store().verify(sha256)
+
+
+def job_report(
+    *,
+    model: type[Job],
+    pk: int,
+    worker: str,
+    percent: int | None = None,
+    message: str = "",
+) -> bool:
+    """Touch the running job's heartbeat, with its progress when given; False when it no
+    longer runs on ``worker`` (reaped, or ended)."""
+    fields: dict[str, Any] = {"heartbeat_at": timezone.now()}
+    if percent is not None:
+        fields |= {"progress": max(0, min(100, percent)), "progress_message": message[:300]}
+    return bool(_running(model, pk, worker).update(**fields))
+
+
+def _finish(
+    job: Job, *, worker: str, state: JobState, reason: str = "", action: str, details: dict
+) -> None:
+    updated = _running(type(job), job.pk, worker).update(
         state=state,
         reason=reason,
         finished_at=timezone.now(),
@@ -123,132 +159,103 @@ def _finish(job: Job, *, state: JobState, reason: str = "", action: str, details
     )
 
 
-def _work_dir(kind: str, pk: int) -> Path:
-    # Inside the artifact store's tmp/, so a finished file is staged by a rename.
-    path = artifact_store().tmp / f"optimise-{kind}-{pk}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _failure(exc: BaseException) -> str:
+def failure_reason(exc: BaseException) -> str:
+    """What a job's failure says to the user: the worker's own message for the errors it
+    explains, a pointer to the worker log for any other."""
     if isinstance(exc, ValidationError):
         return " ".join(exc.messages)
-    known = (
-        "QuantizeError",
-        "MergeError",
-        "EvaluationError",
-        "ImatrixError",
-        "IntegrityError",
-        "DataError",
-    )
+    if isinstance(exc, ArtifactError | DatasetError | ControlPlaneError):
+        return str(exc)
+    # By name: the control plane never imports the llama.cpp and torch behind these.
+    known = ("QuantizeError", "MergeError", "EvaluationError", "ImatrixError", "DataError")
     if type(exc).__name__ in known:
         return str(exc)
     return f"The job failed unexpectedly ({type(exc).__name__}: {exc}); see the worker log."
 
 
-def _run(job: Job, *, action: str, work: Callable[[Path], tuple[dict, dict]]) -> None:
-    """Do a claimed job's ``work`` in a folder of its own, with a heartbeat while it runs.
-
-    ``work`` returns the fields to save on the job and the details of its audit event;
-    the job then ends succeeded, or failed with the reason if ``work`` raised.
-    """
-    model = type(job)
-    folder = _work_dir(model._meta.model_name, job.pk)
-    try:
-        with _heartbeat(model, job.pk):
-            fields, details = work(folder)
-    except Exception as exc:
-        log.exception("%s failed", job)
-        _finish(
-            job, state=JobState.FAILED, reason=_failure(exc), action=f"{action}.failed", details={}
-        )
-        return
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    with transaction.atomic():
-        model.objects.filter(pk=job.pk).update(**fields)
-        _finish(job, state=JobState.SUCCEEDED, action=f"{action}.succeeded", details=details)
-
-
-def model_job_run(*, job_id: int, worker: str) -> ModelJob | None:
-    """Run a quantise or export job on this worker and register what it made."""
-    if not _claim(ModelJob, job_id, worker):
-        return None  # another delivery has it, or it was reaped
+def model_job_finish(
+    *,
+    job_id: int,
+    worker: str,
+    reason: str = "",
+    result: dict[str, Any] | None = None,
+    output: Path | None = None,
+) -> ModelJob:
+    """End a quantise or export job that runs on ``worker``: failed with ``reason``, or
+    succeeded with ``output`` (the new GGUF file, moved into the store) registered as a
+    draft version with its provenance. A registration that fails fails the job."""
     job = ModelJob.objects.select_related(
         "source__repo", "adapter__repo", "finetune_job", "imatrix_dataset__dataset"
     ).get(pk=job_id)
-
-    def work(folder: Path) -> tuple[dict, dict]:
-        output, result = _make_file(job, folder)
-        version = _register(job, output, result)
-        audited = {"output_version": version.pk, "sha256": version.sha256, **result}
-        return {"output_version": version, "result": result}, audited
-
-    _run(job, action=f"optimise.{job.operation}", work=work)
+    action = f"optimise.{job.operation}"
+    if not _running(ModelJob, job_id, worker).exists():
+        log.warning("%s ended after it was given up", job)
+        return job
+    if output is None:
+        reason = reason or "The worker sent no file."
+    if not reason and output is not None:
+        result = result or {}
+        try:
+            version = _register(job, output, result)
+        except Exception as exc:
+            log.exception("%s: registering its file failed", job)
+            reason = failure_reason(exc)
+        else:
+            with transaction.atomic():
+                ModelJob.objects.filter(pk=job_id).update(output_version=version, result=result)
+                _finish(
+                    job,
+                    worker=worker,
+                    state=JobState.SUCCEEDED,
+                    action=f"{action}.succeeded",
+                    details={"output_version": version.pk, "sha256": version.sha256, **result},
+                )
+            return ModelJob.objects.get(pk=job_id)
+    _finish(
+        job,
+        worker=worker,
+        state=JobState.FAILED,
+        reason=reason[:REASON_MAX_CHARS],
+        action=f"{action}.failed",
+        details={},
+    )
     return ModelJob.objects.get(pk=job_id)
 
 
-def _make_file(job: ModelJob, work: Path) -> tuple[Path, dict[str, Any]]:
-    from workers.optimise.quantize import llama_cpp_build, quantize
-
-    progress = _progress_writer(ModelJob, job.pk)
-    actor = system_user()
-    source_path = model_version_verify(actor=actor, version=job.source)
-    out = work / "model.gguf"
-    imatrix = None
-    if job.operation == Operation.QUANTIZE:
-        if job.imatrix_dataset is not None:
-            imatrix = _importance(job, source_path, work, progress)
-            reading = progress
-
-            def progress(done: int, total: int, message: str) -> None:
-                reading(total + done, 2 * total, message)  # the bar's second half
-
-        done = quantize(
-            source_path,
-            out,
-            quant_type=job.params["quant_type"],
-            source_file_type=job.source.quantization,
-            parameter_count=job.source.parameter_count or 0,
-            allow_requantize=job.params.get("allow_requantize", False),
-            imatrix=imatrix.matrix if imatrix else None,
-            progress=progress,
+def evaluation_finish(
+    *,
+    evaluation_id: int,
+    worker: str,
+    reason: str = "",
+    figures: dict[str, float | None] | None = None,
+    result: dict[str, Any] | None = None,
+) -> Evaluation:
+    """End an evaluation that runs on ``worker``: failed with ``reason``, or succeeded
+    with its figures (``FIGURES`` only) and the rest of its result."""
+    evaluation = Evaluation.objects.get(pk=evaluation_id)
+    if reason:
+        _finish(
+            evaluation,
+            worker=worker,
+            state=JobState.FAILED,
+            reason=reason[:REASON_MAX_CHARS],
+            action="optimise.evaluation.failed",
+            details={},
         )
-    else:
-        from workers.optimise.merge import export_model
-
-        adapter_path = (
-            model_version_verify(actor=actor, version=job.adapter) if job.adapter else None
-        )
-        done = export_model(
-            source_path,
-            out,
-            adapter_path=adapter_path,
-            adapter_scale=job.params.get("adapter_scale") or 1.0,
-            out_type=job.params["out_type"],
-            progress=progress,
-        )
-    result = {**done.as_dict(), "llama_cpp": llama_cpp_build()}
-    result.pop("out_path", None)
-    if imatrix is not None:
-        result["imatrix"] = imatrix.summary()
-    return out, result
-
-
-def _importance(job: ModelJob, source_path: Path, work: Path, progress):
-    """The importance matrix of the job's source on its text (the first half of the bar)."""
-    from workers.finetune.data import read_rows
-    from workers.optimise.evaluate import text_of
-    from workers.optimise.imatrix import compute_imatrix
-
-    rows = dataset_version_canonical(job.imatrix_dataset, work, name="imatrix")
-    return compute_imatrix(
-        source_path,
-        text_of(row for _, row in read_rows(rows)),
-        n_ctx=job.params["imatrix_n_ctx"],
-        max_chunks=job.params["imatrix_chunks"],
-        progress=lambda done, total, message: progress(done, 2 * total, message),
-    )
+        return Evaluation.objects.get(pk=evaluation_id)
+    figures = {name: value for name, value in (figures or {}).items() if name in FIGURES}
+    with transaction.atomic():
+        if _running(Evaluation, evaluation_id, worker).update(result=result or {}, **figures):
+            _finish(
+                evaluation,
+                worker=worker,
+                state=JobState.SUCCEEDED,
+                action="optimise.evaluation.succeeded",
+                details={"dataset_sha256": evaluation.dataset_sha256, **figures},
+            )
+        else:
+            log.warning("%s ended after it was given up", evaluation)
+    return Evaluation.objects.get(pk=evaluation_id)
 
 
 def _register(job: ModelJob, output: Path, result: dict[str, Any]) -> ModelVersion:
@@ -323,88 +330,6 @@ def provenance_of(job: ModelJob, result: dict[str, Any]) -> dict[str, Any]:
             if d is not None
         ]
     return data
-
-
-def evaluation_run(*, evaluation_id: int, worker: str) -> Evaluation | None:
-    """Run an evaluation on this worker and store its figures."""
-    if not _claim(Evaluation, evaluation_id, worker):
-        return None
-    evaluation = Evaluation.objects.select_related(
-        "model_version", "adapter", "reference", "dataset_version__dataset"
-    ).get(pk=evaluation_id)
-
-    def work(folder: Path) -> tuple[dict, dict]:
-        figures, result = _evaluate(evaluation, folder)
-        return {"result": result, **figures}, {
-            "dataset_sha256": evaluation.dataset_sha256,
-            **figures,
-        }
-
-    _run(evaluation, action="optimise.evaluation", work=work)
-    return Evaluation.objects.get(pk=evaluation_id)
-
-
-def _evaluate(evaluation: Evaluation, work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    from workers.finetune.data import read_rows
-    from workers.optimise import evaluate as ev
-    from workers.setups.trial import fingerprint
-
-    actor = system_user()
-    progress = _progress_writer(Evaluation, evaluation.pk)
-    model_path = model_version_verify(actor=actor, version=evaluation.model_version)
-    adapter_path = (
-        model_version_verify(actor=actor, version=evaluation.adapter)
-        if evaluation.adapter
-        else None
-    )
-    dataset = evaluation.dataset_version
-    if dataset.sha256 != evaluation.dataset_sha256:  # immutable, so never; but say so
-        raise ValidationError("The dataset version's content is not the one evaluation asked for.")
-    rows_path = dataset_version_canonical(dataset, work)
-    rows = [row for _, row in read_rows(rows_path)]
-    params = evaluation.params
-    if params["metric"] == "perplexity":
-        reference_path = (
-            model_version_verify(actor=actor, version=evaluation.reference)
-            if evaluation.reference
-            else None
-        )
-        done = ev.perplexity(
-            model_path,
-            ev.text_of(rows),
-            n_ctx=params["n_ctx"],
-            adapter_path=adapter_path,
-            reference_path=reference_path,
-            max_chunks=params["max_chunks"],
-            progress=progress,
-        )
-        data = done.as_dict()
-        figures = {
-            "perplexity": data.get("perplexity"),
-            "perplexity_uncertainty": data.get("uncertainty"),
-            "kl_divergence": data.get("kl_divergence"),
-            "kl_uncertainty": data.get("kl_divergence_uncertainty"),
-            "top_token_agreement": data.get("same_top"),
-            "tokens_per_s": data.get("tokens_per_s"),
-        }
-    else:
-        items = ev.task_items(rows[: params["max_items"]], dataset.shape)
-        done = ev.task_score(
-            model_path,
-            items,
-            template=None,
-            architecture=evaluation.model_version.architecture,
-            adapter_path=adapter_path,
-            progress=progress,
-        )
-        data = done.as_dict()
-        seconds = data.get("seconds") or 0
-        figures = {
-            "exact_match": data.get("exact"),
-            "contains": data.get("contains"),
-            "tokens_per_s": data["generated_tokens"] / seconds if seconds else None,
-        }
-    return figures, {**data, "hardware": fingerprint(), "rows": len(rows)}
 
 
 def jobs_reap() -> list[str]:

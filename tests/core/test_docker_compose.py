@@ -232,8 +232,8 @@ def remote() -> dict[str, Any]:
 
 def test_remote_worker_runs_a_serving_worker_against_the_first_host(remote):
     """deploy/compose/remote-worker.yml: checked like the services above; its Redis and
-    web server are the first host's, and its workers (serving, and training over HTTP)
-    have no database URL and no shared store."""
+    web server are the first host's, and its workers (serving, and training and optimising
+    over HTTP) have no database URL and no shared store."""
     workers = remote["services"]
     assert workers, "remote-worker.yml has no services"
     for name, service in workers.items():
@@ -284,8 +284,8 @@ def test_remote_worker_runs_a_serving_worker_against_the_first_host(remote):
         assert set(volume_mounts(service)) == own, f"{name}: mounts a shared store"
         assert own <= set(remote["volumes"]), f"{name}: mounts volumes not declared here"
         if name == "worker-train":
-            # Optimise jobs need the database: they stay on the first host.
-            assert queues == {"training"}, f"{name}: takes the queues {queues}"
+            # Fine-tunes and optimise jobs: neither needs the database any more.
+            assert queues == {"training", "optimise"}, f"{name}: takes the queues {queues}"
         assert volume_mounts(service)["model-cache"] == env["AIBOX_MODEL_CACHE_DIR"]
     assert "driver_opts" not in str(remote["volumes"]), "remote-worker.yml mounts over the network"
 

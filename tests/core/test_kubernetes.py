@@ -83,12 +83,10 @@ WRITES = {
         "AIBOX_FINETUNE_WORK_DIR",
         "AIBOX_FINETUNE_CACHE_DIR",
     ),
-    # Optimise jobs still open model files in the store.
-    "aibox-worker-optimise": ("AIBOX_ARTIFACT_ROOT",),
     "aibox-beat": (),
 }
 # Serving workers reach only Redis and the web (issue 21): no database, no shared claim;
-# so do training workers, which run fine-tunes over HTTP.
+# so do training workers, which run fine-tunes and optimise jobs over HTTP.
 SERVING_WORKERS = ("aibox-worker-cpu", "aibox-worker-gpu")
 REMOTE_WORKERS = (*SERVING_WORKERS, "aibox-worker-train")
 SERVING_REQUIRED_ENV = (
@@ -447,7 +445,7 @@ def test_example_secrets_hold_placeholders_that_fit_together(secrets, workloads)
 def test_settings_accept_the_configuration(aibox, config_maps, secrets):
     """aibox/settings.py starts with the ConfigMap and the example Secrets (it checks
     booleans, the single sign-on combination, the database engine...)."""
-    for name in ("aibox-web", "aibox-worker-jobs", "aibox-worker-optimise", *REMOTE_WORKERS):
+    for name in ("aibox-web", "aibox-worker-jobs", *REMOTE_WORKERS):
         env = environment(main_container(aibox[name]), config_maps, secrets)
         clean = {"PATH": os.environ["PATH"], **{k: v for k, (_, v) in env.items()}}
         result = subprocess.run(
@@ -707,8 +705,8 @@ def test_serving_and_training_workers_reach_only_redis_and_the_web(
             queues = {q for v in option_values(argv, "-Q", "--queues") for q in v.split(",")}
             assert default_queue not in queues, f"{name}: takes the default queue"
             if name == "aibox-worker-train":
-                # Optimise jobs need the database: they are aibox-worker-optimise's.
-                assert queues == {"training"}, f"{name}: takes {sorted(queues)}"
+                # Fine-tunes and optimise jobs: neither needs the database any more.
+                assert queues == {"training", "optimise"}, f"{name}: takes {sorted(queues)}"
         labels = labels_parse(env["AIBOX_WORKER_LABELS"][1])
         assert labels, f"{name}: declares no labels"
     gpu = environment(main_container(aibox["aibox-worker-gpu"]), config_maps, secrets)

@@ -2,11 +2,10 @@
 
 The worker is one more Celery process on the ``training`` queue whose DATABASE_URL
 reaches nothing, whose artifact root is empty, whose model cache starts empty, with its
-own secret key and ``AIBOX_CONTROL_PLANE_URL`` pointing at a uvicorn of the stack. It
-claims the job, pulls the base model and the dataset over HTTP, trains, and sends the
-adapters back; the control plane registers them. (It shares the machine's cache of
-converted checkpoints, ``CONVERT_CACHE``, only so the test does not convert the GGUF
-again: that cache is the worker's own on a real host.)
+own secret key and ``AIBOX_CONTROL_PLANE_URL`` pointing at a uvicorn of the stack
+(``tests/conftest.py``, ``remote_trainer_running``). It claims the job, pulls the base
+model and the dataset over HTTP, trains, and sends the adapters back; the control plane
+registers them.
 
 The session's training worker is stopped for the test, so the job can only go to the
 remote one, and started again afterwards.
@@ -15,10 +14,7 @@ remote one, and started again afterwards.
 from __future__ import annotations
 
 import hashlib
-import secrets
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -26,87 +22,19 @@ import pytest
 
 from apps.accounts.models import Role
 from apps.audit.models import AuditEvent
-from apps.deployments.credentials import worker_credential_issue, worker_credential_revoke
 from apps.finetune.models import FineTuneJob, JobState
-from tests.conftest import CONVERT_CACHE, HEARTBEAT_TTL
+from tests.conftest import RemoteTrainer, remote_trainer_running
 from tests.finetune.test_jobs import launch, wait_for
-from tests.live import process_env, start_celery_worker, start_web_server, stop_processes
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@dataclass
-class ControlPlane:
-    url: str
-    token: str
-    name: str
-
-
-@pytest.fixture
-def control_plane(users, live_worker, tmp_path) -> Iterator[ControlPlane]:
-    """A uvicorn of the stack (on the live worker's artifact store) and a credential."""
-    name = f"trainer-{uuid.uuid4().hex[:6]}@otherhost"
-    issued = worker_credential_issue(actor=users[Role.ADMIN], name=name)
-    process, url = start_web_server(
-        env=process_env(AIBOX_ARTIFACT_ROOT=str(live_worker.artifact_root)),
-        log=tmp_path / "web.log",
-    )
-    try:
-        yield ControlPlane(url=url, token=issued.secret, name=name)
-    finally:
-        stop_processes([process])
-        worker_credential_revoke(actor=users[Role.ADMIN], credential=issued.credential)
-
-
-@dataclass
-class RemoteTrainer:
-    name: str
-    cache: Path
-    work: Path
-    log: Path
-
-
 @pytest.fixture
 def remote_trainer(control_plane, training_worker, tmp_path) -> Iterator[RemoteTrainer]:
-    other_host = tmp_path / "otherhost"
-    cache, work, store = other_host / "model-cache", other_host / "work", other_host / "store"
-    for folder in (cache, work, store):
-        folder.mkdir(parents=True)
-    trainer = RemoteTrainer(
-        name=control_plane.name, cache=cache, work=work, log=tmp_path / "trainer.log"
-    )
-    env = {
-        **process_env(),
-        # Nothing answers there: a training worker needs no database.
-        "DATABASE_URL": "postgres://nobody@127.0.0.1:1/none",
-        "AIBOX_SECRET_KEY": secrets.token_hex(24),
-        "AIBOX_ARTIFACT_ROOT": str(store),
-        "AIBOX_MODEL_CACHE_DIR": str(cache),
-        "AIBOX_FINETUNE_WORK_DIR": str(work),
-        "AIBOX_FINETUNE_CACHE_DIR": str(CONVERT_CACHE),
-        "AIBOX_FINETUNE_DEVICE": "cpu",
-        "AIBOX_FINETUNE_HEARTBEAT_TTL": HEARTBEAT_TTL,
-        "AIBOX_WORKER_SERVING": "false",
-        "AIBOX_CONTROL_PLANE_URL": control_plane.url,
-        "AIBOX_WORKER_TOKEN": control_plane.token,
-    }
-    stop_processes([training_worker.process])
-    process = None
-    try:
-        process = start_celery_worker(
-            env=env,
-            name=trainer.name,
-            log=trainer.log,
-            pool="solo",
-            concurrency=1,
-            queues="training",
-        )
+    with remote_trainer_running(
+        control_plane, training_worker, tmp_path, queues="training"
+    ) as trainer:
         yield trainer
-    finally:
-        if process is not None:
-            stop_processes([process])
-        training_worker.start()
-    assert control_plane.token not in trainer.log.read_text(errors="replace"), "token logged"
 
 
 def _sha256(path: Path) -> str:

@@ -1,7 +1,8 @@
-"""The training worker's HTTP line to the control plane (workers/finetune/channel.py),
-against a small real HTTP server that answers as told: a restarting control plane is
-waited for, a refusal is reported with its reason, and an upload that is retried sends
-the whole file again."""
+"""The training worker's HTTP lines to the control plane (workers/finetune/channel.py and
+workers/optimise/channel.py, on workers/control_plane.py), against a small real HTTP
+server that answers as told: a restarting control plane is waited for, a refusal is
+reported with its reason, an upload that is retried sends the whole file again, and a
+progress report is tried once."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from workers.finetune import channel
+from workers import control_plane
 from workers.finetune.channel import ChannelError, RemoteChannel
 
 
@@ -65,7 +66,7 @@ def plane() -> Iterator[Plane]:
 
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch) -> None:
-    monkeypatch.setattr(channel, "RETRY_SECONDS", 0.05)
+    monkeypatch.setattr(control_plane, "RETRY_SECONDS", 0.05)
 
 
 def test_a_restarting_control_plane_is_waited_for_and_the_upload_sent_whole_again(plane, tmp_path):
@@ -164,3 +165,41 @@ def test_send_outcome_uploads_both_adapters_before_it_reports(plane, tmp_path):
         "adapter_model.safetensors": hashlib.sha256(b"weights").hexdigest(),
     }
     assert outcome["peft_config"] == {"r": 4} and outcome["result"]["steps"] == 2
+
+
+def test_an_optimise_report_is_tried_once_and_never_stops_the_work(plane, caplog):
+    from workers.optimise.channel import RemoteChannel as OptimiseChannel
+
+    plane.answers = [(503, {}), (409, {"detail": "The optimise job 4 is not running on w."})]
+    line = OptimiseChannel(plane.url, "aibw_secret", wait=30)
+    line.report("jobs", 4, "w@host", 40, "Quantising")  # a restart: not waited for
+    line.report("jobs", 4, "w@host")  # reaped meanwhile: logged, the job's end says so
+    assert len(plane.seen) == 2
+    assert json.loads(plane.seen[0][3]) == {
+        "worker": "w@host",
+        "percent": 40,
+        "message": "Quantising",
+    }
+    assert json.loads(plane.seen[1][3]) == {"worker": "w@host"}  # only the heartbeat
+    assert "not running on w" in caplog.text
+
+
+def test_an_optimise_claim_is_the_order_of_its_kind(plane):
+    from workers.optimise.channel import RemoteChannel as OptimiseChannel
+    from workers.optimise.order import EvaluationOrder
+
+    order = {
+        "job_id": 9,
+        "model_sha256": "a" * 64,
+        "model_label": "gemma v2",
+        "architecture": "gemma3",
+        "dataset": {"sha256": "b" * 64, "format": "jsonl", "label": "prose v1"},
+        "shape": "text",
+        "params": {"metric": "perplexity"},
+        "reference_sha256": "c" * 64,
+    }
+    plane.answers = [(200, {"order": order})]
+    won = OptimiseChannel(plane.url, "aibw_secret").claim("evaluations", 9, "w@host")
+    assert isinstance(won, EvaluationOrder)
+    assert won.inputs == {"a" * 64, "b" * 64, "c" * 64}
+    assert plane.seen[0][1] == "/internal/v1/optimise/evaluations/9/claim"
