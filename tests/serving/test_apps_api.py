@@ -257,17 +257,21 @@ def test_json_mode_answers_with_a_json_object(client):
     answer = _ask(
         client, "Describe a cat in JSON.", response_format={"type": "json_object"}, max_tokens=400
     )
-    assert isinstance(json.loads(answer.choices[0].message.content), dict)
+    content = answer.choices[0].message.content
+    assert answer.choices[0].finish_reason == "stop" and isinstance(json.loads(content), dict)
+    # Streamed, the same request gives the same object, chunk by chunk. (Another prompt
+    # may run past max_tokens: how long the small model's object grows depends on the
+    # CPU's rounding, since llama.cpp is built for the machine it runs on.)
     text, finish = _streamed_text(
         _ask(
             client,
-            "Describe a dog in JSON.",
+            "Describe a cat in JSON.",
             stream=True,
             response_format={"type": "json_object"},
             max_tokens=400,
         )
     )
-    assert finish == "stop" and isinstance(json.loads(text), dict)
+    assert finish == "stop" and text == content
 
 
 def test_twenty_json_schemas_give_output_that_validates(client):
