@@ -81,10 +81,13 @@ class ServingMode(models.TextChoices):
 # What each serving mode costs or gains, as measured (docs/serving.md), for the
 # deployment page.
 SERVING_MODE_TRADEOFF = {
-    ServingMode.IDENTICAL: "measured on a 2-core CPU (bench/batching.py), as fast as "
-    "fastest mode for one stream, 16 % faster at 8 streams and 3 % slower at 16",
-    ServingMode.FASTEST: "measured on a 2-core CPU (bench/batching.py), no faster than "
-    "identical answers for one stream, 14 % slower at 8 streams and 3 % faster at 16",
+    ServingMode.IDENTICAL: "measured over HTTP on a 2-core CPU (bench/concurrency.py), as "
+    "fast as fastest mode for one client, 7 % fewer tokens/s at 8 clients and 10 % fewer "
+    "at 16, with twice fastest mode's median time to first token at 8",
+    ServingMode.FASTEST: "measured over HTTP on a 2-core CPU (bench/concurrency.py), as "
+    "fast as identical answers for one client, 1.07x its tokens/s at 8 clients and 1.11x "
+    "at 16, half its median time to first token at 8 (a burst of requests is read in one "
+    "llama.cpp call)",
 }
 
 
