@@ -22,7 +22,6 @@ is read from the control plane (the job's row) while Redis is away.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from workers.datasets import DatasetError
 from workers.finetune import channel
 from workers.finetune.order import TrainingOrder, prepare
 from workers.finetune.spec import TrainResult
-from workers.inference.cache import ModelCache, RemoteSource
+from workers.inference.cache import RemoteSource, pull_by_sha256
 
 log = logging.getLogger(__name__)
 
@@ -133,16 +132,12 @@ class RemoteChannel(channel.RemoteChannel):
         inputs = {order.base_sha256, order.train.sha256}
         if order.validation is not None:
             inputs.add(order.validation.sha256)
-        # The host's model cache (serving workers there keep models in it too, by sha256).
-        # Its size limit evicts the least recently used files but this job's inputs; a
-        # replica that loaded an evicted file keeps it open, and a later load pulls again.
-        cache = ModelCache(
+        return pull_by_sha256(
             settings.MODEL_CACHE_DIR,
-            remote=RemoteSource(self.url, self.token),
+            RemoteSource(self.url, self.token),
             max_bytes=settings.MODEL_CACHE_MAX_BYTES,
-            in_use=lambda: inputs,
+            keep=inputs,
         )
-        return lambda sha256: cache.fetch(sha256, Path(os.devnull))
 
     def cancel_requested(self, job_id: int) -> bool:
         try:

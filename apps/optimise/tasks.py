@@ -17,7 +17,6 @@ hands back the new GGUF file or the figures, which the control plane records.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import threading
 import time
@@ -33,7 +32,7 @@ from django.conf import settings
 from apps.optimise import runs
 from apps.optimise.models import Evaluation, ModelJob
 from apps.registry.artifacts import artifact_store
-from workers.inference.cache import ModelCache, RemoteSource
+from workers.inference.cache import RemoteSource, pull_by_sha256
 from workers.optimise import channel
 from workers.optimise.order import (
     EVALUATIONS,
@@ -127,16 +126,12 @@ class RemoteChannel(channel.RemoteChannel):
     into its cache; the new file, the figures and the outcome are sent back over HTTP."""
 
     def fetch(self, order: ModelJobOrder | EvaluationOrder) -> Fetch:
-        inputs = order.inputs
-        # The host's model cache, shared with serving workers and fine-tunes there; its
-        # size limit evicts the least recently used files but this job's inputs.
-        cache = ModelCache(
+        return pull_by_sha256(
             settings.MODEL_CACHE_DIR,
-            remote=RemoteSource(self.url, self.token),
+            RemoteSource(self.url, self.token),
             max_bytes=settings.MODEL_CACHE_MAX_BYTES,
-            in_use=lambda: inputs,
+            keep=order.inputs,
         )
-        return lambda sha256: cache.fetch(sha256, Path(os.devnull))
 
     def work_dir(self, name: str) -> Path:
         return Path(settings.FINETUNE_WORK_DIR) / name

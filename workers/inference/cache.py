@@ -356,3 +356,16 @@ class ModelCache:
         # The access time orders eviction (least recently used first); the modification
         # time stays, as verification is keyed on it.
         os.utime(local, ns=(time.time_ns(), stat.st_mtime_ns))
+
+
+def pull_by_sha256(
+    root: str | os.PathLike[str], remote: RemoteSource, *, max_bytes: int, keep: Iterable[str]
+) -> Callable[[str], Path]:
+    """The fetch of a job's inputs on a worker with no shared store: each sha256 pulled
+    from the control plane into the cache at ``root`` and verified. That is the host's
+    model cache, which serving workers there use too; its size limit evicts the least
+    recently used files but ``keep`` (the job's inputs), and a replica that loaded an
+    evicted file keeps it open, a later load pulling it again."""
+    kept = frozenset(keep)
+    cache = ModelCache(root, remote=remote, max_bytes=max_bytes, in_use=lambda: kept)
+    return lambda sha256: cache.fetch(sha256, Path(os.devnull))
