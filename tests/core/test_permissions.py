@@ -7,7 +7,7 @@ from django.conf import settings
 from django.test import Client
 from rest_framework.test import APIClient
 
-from apps.accounts.models import ApiKey, Role
+from apps.accounts.models import ApiKey, Role, Scope
 from apps.accounts.services import api_key_create
 from apps.datasets.models import DatasetImport
 from apps.datasets.services import dataset_create
@@ -390,3 +390,51 @@ def test_docs_table_matches_this_matrix():
         for label, _, _, expected in MATRIX.values()
     }
     assert documented == tested
+
+
+# The workers' internal routes (/internal/v1/…): a worker credential opens them, and
+# nothing else does, whatever the role of a signed-in session or the scopes of a key.
+INTERNAL_ROUTES = {
+    "internal_artifact": ("get", "/internal/v1/artifacts/" + "0" * 64),
+    "internal_finetune_status": ("get", "/internal/v1/finetune/999999"),
+    "internal_finetune_claim": ("post", "/internal/v1/finetune/999999/claim"),
+    "internal_finetune_file": ("put", "/internal/v1/finetune/999999/attempts/1/files/adapter.gguf"),
+    "internal_finetune_finish": ("post", "/internal/v1/finetune/999999/attempts/1/finish"),
+    "internal_optimise_claim": ("post", "/internal/v1/optimise/jobs/999999/claim"),
+    "internal_optimise_progress": ("post", "/internal/v1/optimise/evaluations/999999/progress"),
+    "internal_optimise_file": ("put", "/internal/v1/optimise/jobs/999999/files/model.gguf"),
+    "internal_optimise_finish": ("post", "/internal/v1/optimise/jobs/999999/finish"),
+}
+
+
+def test_every_internal_route_is_in_the_table():
+    from django.urls import get_resolver
+
+    names = {n for n in get_resolver().reverse_dict if isinstance(n, str)}
+    assert {n for n in names if n.startswith("internal_")} == set(INTERNAL_ROUTES)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("name", sorted(INTERNAL_ROUTES))
+def test_internal_routes_take_only_a_worker_credential(name):
+    from apps.deployments.credentials import worker_credential_issue
+
+    method, path = INTERNAL_ROUTES[name]
+    admin = make_user(ADMIN, username="internal-admin")
+
+    def call(client: Client, **headers):
+        return client.generic(
+            method.upper(), path, b"{}", content_type="application/json", **headers
+        )
+
+    for role in ROLES:
+        client = Client()
+        client.force_login(admin if role == ADMIN else make_user(role))
+        assert call(client).status_code == 401, f"{name}: a {role} session was let in"
+    scopes = [scope.value for scope in Scope]
+    key = api_key_create(actor=admin, owner=admin, name="all", scopes=scopes).secret
+    assert call(Client(), HTTP_AUTHORIZATION=f"Bearer {key}").status_code == 401, name
+    secret = worker_credential_issue(actor=admin, name="permission-check").secret
+    opened = call(Client(), HTTP_AUTHORIZATION=f"Bearer {secret}")
+    # Let in: the job or file does not exist (404), or the body is not enough (400).
+    assert opened.status_code in (400, 404), f"{name}: {opened.status_code} {opened.content!r}"
