@@ -25,27 +25,26 @@ queued and running evaluations and importance matrices (``internal._artifact_for
 
 from __future__ import annotations
 
-import os
 from functools import wraps
 from pathlib import Path
 from typing import Any
 
-from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from apps.deployments.internal_training import (
-    CHUNK_BYTES,
+    NO_SHA256,
     REASON_MAX_CHARS,
-    SHA256,
     BadRequest,
+    declared_sha256,
     json_body,
+    receive_file,
     refusal,
     worker_endpoint,
 )
 from apps.optimise import runs
 from apps.optimise.models import Evaluation, Job, JobState, ModelJob
 from apps.registry.artifacts import artifact_store
-from workers.artifacts import TooLarge, file_sha256
+from workers.artifacts import file_sha256
 from workers.optimise.channel import WORKER_HEADER
 from workers.optimise.order import EVALUATIONS, FIGURES, JOBS, OUTPUT_FILE
 
@@ -149,26 +148,12 @@ def optimise_progress(request: HttpRequest, kind: str, job_id: int) -> HttpRespo
 def optimise_file(request: HttpRequest, job_id: int, name: str) -> HttpResponse:
     if name != OUTPUT_FILE:
         raise _Refused(404, f"A quantise or export job sends back {OUTPUT_FILE}, not {name!r}.")
-    expected = request.headers.get("X-Content-SHA256", "").strip().lower()
-    if not SHA256.match(expected):
-        raise BadRequest("Send the file's sha256 (64 hex digits) in X-Content-SHA256.")
+    expected = declared_sha256(request)
+    if expected is None:
+        raise BadRequest(NO_SHA256)
     worker = _worker({"worker": request.headers.get(WORKER_HEADER, "")})
     _running_on(ModelJob, job_id, worker)
-    store = artifact_store()
-    try:
-        staged = store.stage_chunks(
-            iter(lambda: request.read(CHUNK_BYTES), b""), max_bytes=settings.UPLOAD_MAX_BYTES
-        )
-    except TooLarge as exc:
-        raise _Refused(413, str(exc)) from None
-    if staged.sha256 != expected:
-        staged.discard()
-        raise BadRequest(
-            f"{name} arrived with the sha256 {staged.sha256[:12]}…, not {expected[:12]}…; "
-            "send it again."
-        )
-    os.replace(staged.path, _staged_path(job_id))
-    return JsonResponse({"sha256": staged.sha256, "size": staged.size}, status=201)
+    return receive_file(request, name, expected, _staged_path(job_id))
 
 
 optimise_file.body_limit = "upload"  # aibox/limits.py: a quantised 70B is tens of GB

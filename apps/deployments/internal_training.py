@@ -144,19 +144,20 @@ def finetune_status(request: HttpRequest, job_id: int) -> HttpResponse:
     return JsonResponse(job)
 
 
-@worker_endpoint("PUT")
-def finetune_file(request: HttpRequest, job_id: int, attempt: int, name: str) -> HttpResponse:
-    if name not in OUTPUT_FILES:
-        return refusal(404, f"A run sends back {' and '.join(OUTPUT_FILES)}, not {name!r}.")
+def declared_sha256(request: HttpRequest) -> str | None:
+    """The ``X-Content-SHA256`` an upload declares, or None when it is not a sha256."""
     expected = request.headers.get("X-Content-SHA256", "").strip().lower()
-    if not SHA256.match(expected):
-        return refusal(400, "Send the file's sha256 (64 hex digits) in X-Content-SHA256.")
-    refused = _current_attempt(job_id, attempt)
-    if refused is not None:
-        return refused
-    store = artifact_store()
+    return expected if SHA256.match(expected) else None
+
+
+NO_SHA256 = "Send the file's sha256 (64 hex digits) in X-Content-SHA256."
+
+
+def receive_file(request: HttpRequest, name: str, expected: str, target: Path) -> JsonResponse:
+    """Stream an uploaded output into the artifact store's staging folder, hashing it as
+    it arrives; keep it at ``target`` only if it hashes to ``expected``."""
     try:
-        staged = store.stage_chunks(
+        staged = artifact_store().stage_chunks(
             iter(lambda: request.read(CHUNK_BYTES), b""), max_bytes=settings.UPLOAD_MAX_BYTES
         )
     except TooLarge as exc:
@@ -168,8 +169,21 @@ def finetune_file(request: HttpRequest, job_id: int, attempt: int, name: str) ->
             f"{name} arrived with the sha256 {staged.sha256[:12]}…, not {expected[:12]}…; "
             "send it again.",
         )
-    os.replace(staged.path, _staged_path(job_id, attempt, name))
+    os.replace(staged.path, target)
     return JsonResponse({"sha256": staged.sha256, "size": staged.size}, status=201)
+
+
+@worker_endpoint("PUT")
+def finetune_file(request: HttpRequest, job_id: int, attempt: int, name: str) -> HttpResponse:
+    if name not in OUTPUT_FILES:
+        return refusal(404, f"A run sends back {' and '.join(OUTPUT_FILES)}, not {name!r}.")
+    expected = declared_sha256(request)
+    if expected is None:
+        return refusal(400, NO_SHA256)
+    refused = _current_attempt(job_id, attempt)
+    if refused is not None:
+        return refused
+    return receive_file(request, name, expected, _staged_path(job_id, attempt, name))
 
 
 finetune_file.body_limit = "upload"  # aibox/limits.py: adapters can be gigabytes

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -25,6 +24,7 @@ from apps.audit.models import AuditEvent
 from apps.finetune.models import FineTuneJob, JobState
 from tests.conftest import RemoteTrainer, remote_trainer_running
 from tests.finetune.test_jobs import launch, wait_for
+from workers.artifacts import file_sha256
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -35,10 +35,6 @@ def remote_trainer(control_plane, training_worker, tmp_path) -> Iterator[RemoteT
         control_plane, training_worker, tmp_path, queues="training"
     ) as trainer:
         yield trainer
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_a_training_worker_without_database_access_trains_and_its_adapter_lands(
@@ -64,7 +60,7 @@ def test_a_training_worker_without_database_access_trains_and_its_adapter_lands(
     # with the bytes that hash to it; each pull is audited under the worker's name.
     for sha256 in (gemma.sha256, train_version.sha256):
         cached = remote_trainer.cache / sha256[:2] / sha256
-        assert cached.is_file() and _sha256(cached) == sha256
+        assert cached.is_file() and file_sha256(cached) == sha256
     pulls = AuditEvent.objects.filter(
         action="artifact.pulled", actor_label=f"worker:{remote_trainer.name}"
     )

@@ -30,6 +30,7 @@ from apps.registry.models import ModelVersion, SourceKind
 from tests.conftest import RemoteTrainer, remote_trainer_running
 from tests.datasets.conftest import jsonl, upload, wait_validated
 from tests.optimise.conftest import TEXT_ROWS, run_evaluation, run_job
+from workers.artifacts import file_sha256
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -58,10 +59,6 @@ def remote_optimiser(control_plane, training_worker, tmp_path) -> Iterator[Remot
         control_plane, training_worker, tmp_path, queues="optimise"
     ) as trainer:
         yield trainer
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_a_worker_without_database_access_quantises_and_evaluates(
@@ -118,7 +115,7 @@ def test_a_worker_without_database_access_quantises_and_evaluates(
     inputs = {gemma.sha256, prose.sha256, q8.sha256}
     for sha256 in inputs:
         cached = remote_optimiser.cache / sha256[:2] / sha256
-        assert cached.is_file() and _sha256(cached) == sha256
+        assert cached.is_file() and file_sha256(cached) == sha256
     pulls = AuditEvent.objects.filter(
         action="artifact.pulled", actor_label=f"worker:{remote_optimiser.name}"
     )
